@@ -1,0 +1,1 @@
+"""Keras -> ONNX export, derivative rules, C weight files, bundles."""

@@ -1,0 +1,5 @@
+import sys
+
+from nnpartials.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""Exception types. Every error nnpartials raises on purpose derives from :class:`NNPartialsError`."""
+
+
+class NNPartialsError(Exception):
+    """Base class of all nnpartials errors."""
+
+
+class InputError(NNPartialsError, ValueError):
+    """An input array has the wrong rank, width, values (NaN/Inf) or is otherwise unusable."""
+
+
+class InputTypeError(NNPartialsError, TypeError):
+    """An input has a type or dtype that cannot be converted to a numeric array."""
+
+
+class BundleError(NNPartialsError, ValueError):
+    """A bundle is missing a file, has a changed file (hash mismatch), or holds an unusable graph."""
+
+
+class ExportError(NNPartialsError, ValueError):
+    """A model cannot be exported (unsupported op, wrong inputs, validation failure)."""
+
+
+class UnsupportedOpError(ExportError):
+    """The forward graph holds an op that has no derivative rule."""
+
+    def __init__(self, op_type: str, node_name: str, detail: str = ""):
+        self.op_type = op_type
+        self.node_name = node_name
+        msg = f"no derivative rule for ONNX op {op_type!r} (node {node_name!r})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg)
+
+
+class ValidationError(ExportError):
+    """The exported Jacobian disagrees with TensorFlow's GradientTape beyond tolerance."""
+
+
+class WeightFileError(NNPartialsError, ValueError):
+    """A C weight file (model.nnp) was rejected by the C core's parser."""
+
+    def __init__(self, message: str, code: int = 0):
+        self.code = code
+        super().__init__(message)
+
+
+class NotLowerableError(NNPartialsError, ValueError):
+    """The forward graph is outside the subset the C core evaluates (dense layers + activations)."""

@@ -1,0 +1,41 @@
+"""Named tolerances, in one place. Tests, export-time validation and `nnpartials check` all read them here.
+
+All float32 comparisons use the form ``|a - b| <= atol_scale * max(1, max|reference|)`` over a batch, i.e. an
+absolute error scaled by the magnitude of the reference values (never below 1).
+"""
+
+#: float32 Jacobian (ONNX companion graph or C core) against TensorFlow's GradientTape, per model and batch.
+JACOBIAN_F32 = 1e-5
+
+#: float32 forward pass (C core) against onnxruntime, per model and batch.
+FORWARD_F32 = 1e-5
+
+#: Export fails when the companion graph's Jacobian differs from GradientTape by more than this (scaled as above).
+EXPORT_VALIDATION = 1e-5
+
+#: float64 finite-difference Jacobian against the analytic Jacobian, relative to max(1, max|J|), smooth activations.
+FD_F64_REL = 1e-6
+
+#: float32 finite differences against the analytic Jacobian (the float32 path is limited by rounding).
+FD_F32_REL = 2e-3
+
+#: Central finite differences for single-node derivative-rule tests, in float64.
+RULE_FD_F64 = 1e-6
+
+
+def scaled_error(a, b):
+    """Return (max_abs, max_rel, scale) for arrays a (tested) against b (reference).
+
+    ``scale = max(1, max|b|)``; ``max_rel = max_abs / scale``. Empty arrays give zeros.
+    """
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return 0.0, 0.0, 1.0
+    max_abs = float(np.max(np.abs(a - b)))
+    scale = max(1.0, float(np.max(np.abs(b))))
+    return max_abs, max_abs / scale, scale

@@ -1,0 +1,1 @@
+"""onnxruntime serving, the C core wrapper, cross-checks, identifiability diagnostics."""
