@@ -1,0 +1,161 @@
+"""A small builder for adding nodes to an ONNX graph, with static-shape tracking.
+
+Shapes are tuples whose entries are ints or ``None`` (unknown, in practice the batch dimension)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+
+# Elementwise ops whose output shape is the broadcast of the input shapes.
+_BROADCAST_OPS = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Where", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
+    "And", "Or", "Not", "Xor", "Max", "Min", "Sum", "Mean",
+}
+_UNARY_OPS = {
+    "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Tanh", "Sigmoid", "Erf", "Sign", "Cast", "Relu",
+    "Softplus", "Softsign", "Identity", "Cos", "Sin", "Floor", "Ceil", "Round", "IsNaN", "IsInf",
+}
+
+
+def broadcast_shapes(*shapes):
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        known = [d for d in dims if d is not None and d != 1]
+        if any(d is None for d in dims):
+            out.append(None if not known else known[0])
+        elif known:
+            out.append(known[0])
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+class GraphBuilder:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.names = set()
+        for n in self.graph.node:
+            self.names.update(n.input)
+            self.names.update(n.output)
+        for t in list(self.graph.input) + list(self.graph.output) + list(self.graph.initializer):
+            self.names.add(t.name)
+        self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, int] = {}
+        self.const_values: dict[str, np.ndarray] = {}
+        self.new_nodes: list = []
+        self.new_inits: list = []
+        self._const_cache: dict = {}
+        self._counter = 0
+        self._read_graph()
+
+    # ----- reading -----------------------------------------------------------------------------------------
+    def _read_graph(self):
+        inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+            tt = vi.type.tensor_type
+            if not tt.HasField("shape"):
+                continue
+            self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            self.dtypes[vi.name] = tt.elem_type
+        for init in self.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            self.const_values[init.name] = arr
+            self.shapes[init.name] = tuple(arr.shape)
+            self.dtypes[init.name] = init.data_type
+        for node in self.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        arr = numpy_helper.to_array(attr.t)
+                        self.const_values[node.output[0]] = arr
+                        self.shapes[node.output[0]] = tuple(arr.shape)
+                        self.dtypes[node.output[0]] = attr.t.data_type
+
+    def shape(self, name):
+        return self.shapes.get(name)
+
+    def rank(self, name):
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def is_float(self, name):
+        return self.dtypes.get(name, TensorProto.FLOAT) in FLOAT_TYPES
+
+    def value(self, name):
+        """The numpy value of a constant tensor (initializer or Constant node), else None."""
+        return self.const_values.get(name)
+
+    # ----- writing -----------------------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        while True:
+            self._counter += 1
+            name = f"nnp_{hint}_{self._counter}"
+            if name not in self.names:
+                self.names.add(name)
+                return name
+
+    def const(self, value, dtype=np.float32, hint="c") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key in self._const_cache:
+            return self._const_cache[key]
+        name = self.fresh(hint)
+        self.new_inits.append(numpy_helper.from_array(arr, name))
+        self.shapes[name] = tuple(arr.shape)
+        self.dtypes[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        self.const_values[name] = arr
+        self._const_cache[key] = name
+        return name
+
+    def op(self, op_type: str, inputs, shape=None, hint=None, dtype=TensorProto.FLOAT, **attrs) -> str:
+        """Add one single-output node. Python numbers among the inputs become float32 constants."""
+        ins = [self.const(i) if isinstance(i, (int, float, np.floating)) else i for i in inputs]
+        out = self.fresh(hint or op_type.lower())
+        self.new_nodes.append(helper.make_node(op_type, ins, [out], name=out, **attrs))
+        if shape is None:
+            if op_type in _BROADCAST_OPS:
+                known = [self.shapes.get(i) for i in ins if i]
+                shape = broadcast_shapes(*known) if all(k is not None for k in known) else None
+            elif op_type in _UNARY_OPS:
+                shape = self.shapes.get(ins[0])
+        if shape is not None:
+            self.shapes[out] = tuple(shape)
+        if op_type in ("Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "And", "Or", "Not", "Xor"):
+            dtype = TensorProto.BOOL
+        if op_type == "Cast":
+            dtype = attrs.get("to", dtype)
+        self.dtypes[out] = dtype
+        return out
+
+    # convenience wrappers
+    def add(self, a, b):
+        return self.op("Add", [a, b])
+
+    def sub(self, a, b):
+        return self.op("Sub", [a, b])
+
+    def mul(self, a, b):
+        return self.op("Mul", [a, b])
+
+    def div(self, a, b):
+        return self.op("Div", [a, b])
+
+    def where(self, cond, a, b):
+        return self.op("Where", [cond, a, b])
+
+    def cast_float(self, x):
+        return self.op("Cast", [x], to=TensorProto.FLOAT)
+
+    def unsqueeze(self, x, axes, shape=None):
+        return self.op("Unsqueeze", [x, self.const(axes, np.int64)], shape=shape)
+
+    def reshape(self, x, target, shape=None):
+        return self.op("Reshape", [x, self.const(target, np.int64)], shape=shape)

@@ -1,0 +1,293 @@
+"""Forward ONNX graph -> companion Jacobian graph (outputs ``y`` and ``dy_dx``).
+
+Every derivative tensor has the layout ``[K, batch, *shape of the forward tensor]``: K directions first, so
+a forward-graph scale ``s`` of shape ``[batch, ...]`` broadcasts against it without reshaping and a dense
+layer's derivative is one large ``MatMul``. In forward mode K = n_in (tangents, one per input feature); in
+reverse mode K = n_out (cotangents, one per output). The graph then transposes the result to the public
+layout ``dy_dx[b, i, j] = d y[b, i] / d x[b, j]``.
+
+Forward mode costs about n_in times a forward pass, reverse mode about n_out times; ``mode="auto"`` picks
+reverse when ``n_out < n_in`` and forward otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from nnpartials.errors import ExportError, UnsupportedOpError
+from nnpartials.exporter.graph import GraphBuilder, broadcast_shapes
+from nnpartials.exporter.rules import RULES, Linear, MatMulW, RuleContext, Scale
+
+MODES = ("auto", "forward", "reverse")
+
+
+def jacobian_output_names(input_names):
+    """Names of the Jacobian outputs: ``dy_dx`` for one input, ``dy_dx__<name>`` for each of several."""
+    if len(input_names) == 1:
+        return ["dy_dx"]
+    return [f"dy_dx__{n}" for n in input_names]
+
+
+def choose_mode(n_in: int, n_out: int, mode: str = "auto") -> str:
+    if mode not in MODES:
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "reverse" if n_out < n_in else "forward"
+
+
+class _Engine:
+    def __init__(self, model: onnx.ModelProto, mode: str):
+        self.model = copy.deepcopy(model)
+        self.b = GraphBuilder(self.model)
+        g = self.model.graph
+        self.inputs = [i.name for i in g.input if i.name not in {t.name for t in g.initializer}]
+        self.outputs = [o.name for o in g.output]
+        self.in_widths = [self._width(n, "input") for n in self.inputs]
+        self.out_widths = [self._width(n, "output") for n in self.outputs]
+        self.n_in, self.n_out = sum(self.in_widths), sum(self.out_widths)
+        self.mode = choose_mode(self.n_in, self.n_out, mode)
+        self.K = self.n_in if self.mode == "forward" else self.n_out
+        self.var = self._variable_tensors()
+        self.full = set()  # derivative tensors known to have a real batch axis (not broadcast size 1)
+
+    def _width(self, name, kind):
+        s = self.b.shape(name)
+        if s is None or len(s) < 1 or any(d is None for d in s[1:]):
+            raise ExportError(f"graph {kind} {name!r} has shape {s}; expected [batch, static dims...]")
+        return int(np.prod(s[1:], dtype=np.int64)) if len(s) > 1 else 1
+
+    def _variable_tensors(self):
+        var = set(self.inputs)
+        for node in self.model.graph.node:
+            if any(i in var for i in node.input if i):
+                for o in node.output:
+                    if o and self.b.is_float(o):
+                        var.add(o)
+        return var
+
+    def _rule(self, node):
+        fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if fn is None:
+            raise UnsupportedOpError(node.op_type, node.name or node.output[0],
+                                     "add a rule in nnpartials/exporter/rules.py" if not node.domain
+                                     else f"custom domain {node.domain!r}")
+        terms = fn(RuleContext(self.b, node, self.var, self.K))
+        return terms if isinstance(terms, dict) else {0: terms}
+
+    def _dshape(self, name):
+        s = self.b.shape(name)
+        return None if s is None else (self.K,) + tuple(s)
+
+    # ----- term application ---------------------------------------------------------------------------------
+    def _scale_tensor(self, s):
+        return self.b.const(float(s)) if isinstance(s, (int, float)) else s
+
+    def _is_batched(self, name):
+        s = self.b.shape(name)
+        return s is not None and len(s) > 0 and s[0] is None
+
+    def _fwd(self, term, d, x, y):
+        b = self.b
+        if isinstance(term, Scale):
+            full = d in self.full
+            if isinstance(term.s, (int, float)) and float(term.s) == 1.0:
+                r = d
+            else:
+                s = self._scale_tensor(term.s)
+                r = b.op("Mul", [d, s], shape=broadcast_shapes(self._dshape(x) or (), b.shape(s) or ()))
+                full = full or (self._is_batched(s) and len(b.shape(s)) == len(b.shape(y)))
+            ys, rs = self._dshape(y), b.shape(r)
+            if ys is not None and rs is not None and tuple(rs[2:]) != tuple(ys[2:]):
+                r = b.op("Expand", [r, b.const([1, 1] + list(ys[2:]), np.int64)], shape=ys)
+            if full:
+                self.full.add(r)
+            return r
+        if isinstance(term, MatMulW):
+            r = b.op("MatMul", [d, b.const(term.w)], shape=self._dshape(y))
+        elif isinstance(term, Linear):
+            r = term.fwd(b, d)
+            b.shapes.setdefault(r, self._dshape(y))
+        else:  # pragma: no cover
+            raise TypeError(term)
+        if d in self.full:
+            self.full.add(r)
+        return r
+
+    def _rev(self, term, g, x, y):
+        b = self.b
+        xs = b.shape(x)
+        if isinstance(term, Scale):
+            full = g in self.full
+            if isinstance(term.s, (int, float)) and float(term.s) == 1.0:
+                r = g
+            else:
+                s = self._scale_tensor(term.s)
+                r = b.op("Mul", [g, s], shape=broadcast_shapes(b.shape(g) or (), b.shape(s) or ()))
+                full = full or (self._is_batched(s) and len(b.shape(s)) == len(b.shape(y)))
+            rs = b.shape(r)
+            if xs is None or rs is None:
+                raise ExportError(f"unknown shape while differentiating {x!r}")
+            if len(xs) + 1 != len(rs):
+                raise ExportError(f"tensor {x!r} of shape {xs} is broadcast to {rs[1:]} across the batch axis")
+            axes = [i + 1 for i in range(1, len(xs)) if xs[i] == 1 and rs[i + 1] != 1]
+            if axes:
+                r = b.op("ReduceSum", [r, b.const(axes, np.int64)], keepdims=1, shape=self._dshape(x))
+            if full:
+                self.full.add(r)
+            return r
+        if isinstance(term, MatMulW):
+            r = b.op("MatMul", [g, b.const(np.ascontiguousarray(term.w.T))], shape=self._dshape(x))
+        elif isinstance(term, Linear):
+            r = term.rev(b, g)
+            b.shapes.setdefault(r, self._dshape(x))
+        else:  # pragma: no cover
+            raise TypeError(term)
+        if g in self.full:
+            self.full.add(r)
+        return r
+
+    def _sum(self, parts):
+        r = parts[0]
+        full = r in self.full
+        for p in parts[1:]:
+            r = self.b.op("Add", [r, p])
+            full = full or p in self.full
+        if full:
+            self.full.add(r)
+        return r
+
+    # ----- the two modes ------------------------------------------------------------------------------------
+    def forward_mode(self):
+        b, D = self.b, {}
+        off = 0
+        for name, w in zip(self.inputs, self.in_widths):
+            seed = np.zeros((self.K, 1, w), np.float32)
+            seed[off:off + w, 0, :] = np.eye(w, dtype=np.float32)
+            D[name] = b.const(seed, hint="seed")
+            off += w
+        for node in self.model.graph.node:
+            if not any(i in D for i in node.input if i):
+                continue
+            if not any(o and o in self.var for o in node.output):
+                continue
+            for k, terms in self._rule(node).items():
+                y = node.output[k]
+                parts = [self._fwd(t, D[x], x, y) for t, x in zip(terms, node.input) if t is not None and x in D]
+                if parts:
+                    D[y] = self._sum(parts)
+        return [D.get(o) for o in self.outputs]
+
+    def reverse_mode(self):
+        b = self.b
+        contrib: dict[str, list] = {}
+        off = 0
+        for name, w in zip(self.outputs, self.out_widths):
+            tail = b.shape(name)[1:]
+            seed = np.zeros((self.K, 1, w), np.float32)
+            seed[off:off + w, 0, :] = np.eye(w, dtype=np.float32)
+            contrib.setdefault(name, []).append(b.const(seed.reshape((self.K, 1) + tuple(tail)), hint="seed"))
+            off += w
+        for node in reversed(self.model.graph.node):
+            outs = [o for o in node.output if o in contrib]
+            if not outs or not any(i in self.var for i in node.input if i):
+                continue
+            for k, terms in self._rule(node).items():
+                y = node.output[k]
+                if y not in contrib:
+                    continue
+                g = self._sum(contrib[y])
+                for t, x in zip(terms, node.input):
+                    if t is not None and x in self.var:
+                        contrib.setdefault(x, []).append(self._rev(t, g, x, y))
+        return [self._sum(contrib[i]) if i in contrib else None for i in self.inputs]
+
+    # ----- assembly -----------------------------------------------------------------------------------------
+    def _batch_expand(self, d, tail):
+        """Give a derivative tensor [K, 1|B, *tail] a real batch axis (only where it may lack one)."""
+        b = self.b
+        if d in self.full:
+            return d
+        bdim = b.op("Shape", [self.inputs[0]], start=0, end=1, dtype=TensorProto.INT64, shape=(1,))
+        shp = b.op("Concat", [b.const([self.K], np.int64), bdim, b.const(list(tail), np.int64)], axis=0,
+                   dtype=TensorProto.INT64, shape=(2 + len(tail),))
+        return b.op("Expand", [d, shp], shape=(self.K, None) + tuple(tail))
+
+    def _zeros(self, tail):
+        return self._batch_expand(self.b.const(np.zeros((self.K, 1) + tuple(tail), np.float32)), tail)
+
+    def build(self) -> onnx.ModelProto:
+        b = self.b
+        jac_names = jacobian_output_names(self.inputs)
+        # y: every output flattened to [B, m] and concatenated
+        if len(self.outputs) == 1 and len(b.shape(self.outputs[0])) == 2:
+            y = b.op("Identity", [self.outputs[0]])
+        else:
+            flat = [b.reshape(o, [-1, w]) for o, w in zip(self.outputs, self.out_widths)]
+            y = flat[0] if len(flat) == 1 else b.op("Concat", flat, axis=1)
+        outs = [(y, "y", ["batch", self.n_out])]
+        if self.mode == "forward":
+            ds = []
+            for o, d, w in zip(self.outputs, self.forward_mode(), self.out_widths):
+                d = self._zeros([w]) if d is None else b.reshape(d, [self.K, -1, w])
+                ds.append(d)
+            full = all(d in self.full for d in ds)
+            d = ds[0] if len(ds) == 1 else b.op("Concat", ds, axis=2)
+            if full:
+                self.full.add(d)
+            d = self._batch_expand(d, [self.n_out])
+            jt = b.op("Transpose", [d], perm=[1, 2, 0])  # [B, n_out, n_in]
+            if len(self.inputs) == 1:
+                outs.append((jt, jac_names[0], ["batch", self.n_out, self.n_in]))
+            else:
+                off = 0
+                for name, w in zip(jac_names, self.in_widths):
+                    part = b.op("Slice", [jt, b.const([off], np.int64), b.const([off + w], np.int64),
+                                          b.const([2], np.int64)])
+                    outs.append((part, name, ["batch", self.n_out, w]))
+                    off += w
+        else:
+            for name, d, w in zip(jac_names, self.reverse_mode(), self.in_widths):
+                d = self._zeros([w]) if d is None else self._batch_expand(d, [w])
+                if self.K == 1:
+                    jt = b.reshape(d, [-1, 1, w])
+                else:
+                    jt = b.op("Transpose", [d], perm=[1, 0, 2])
+                outs.append((jt, name, ["batch", self.n_out, w]))
+        # final graph: forward nodes + derivative nodes, outputs renamed through Identity
+        g = self.model.graph
+        for src, name, dims in outs:
+            b.new_nodes.append(helper.make_node("Identity", [src], [name], name=f"nnp_out_{name}"))
+        g.node.extend(b.new_nodes)
+        g.initializer.extend(b.new_inits)
+        del g.output[:]
+        for _, name, dims in outs:
+            g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+        del g.value_info[:]
+        g.name = (g.name or "model") + "_jacobian"
+        self.model.doc_string = (f"nnpartials companion Jacobian graph ({self.mode} mode): y [batch, n_out], "
+                                 f"dy_dx[b, i, j] = d y[b, i] / d x[b, j]")
+        return self.model
+
+
+def build_jacobian_model(model: onnx.ModelProto, mode: str = "auto") -> tuple[onnx.ModelProto, dict]:
+    """Return ``(jacobian_model, info)``; info has the chosen mode, n_in, n_out, input/output names."""
+    eng = _Engine(model, mode)
+    jm = eng.build()
+    try:
+        onnx.checker.check_model(jm, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"the generated Jacobian graph fails onnx.checker: {exc}") from exc
+    info = {
+        "mode": eng.mode,
+        "n_in": eng.n_in,
+        "n_out": eng.n_out,
+        "inputs": [{"name": n, "width": w} for n, w in zip(eng.inputs, eng.in_widths)],
+        "outputs": [{"name": n, "width": w} for n, w in zip(eng.outputs, eng.out_widths)],
+        "jacobian_outputs": jacobian_output_names(eng.inputs),
+    }
+    return jm, info

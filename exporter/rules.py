@@ -1,0 +1,517 @@
+"""Derivative rules, one per ONNX op (or op family), registered by op type.
+
+A rule receives a :class:`RuleContext` for one forward node and returns, for each input of the node, the
+*linear term* that maps a derivative of that input to a derivative of the (first) output, or ``None`` for an
+input that is constant or not differentiable. Rules for multi-output ops return ``{output_index: [terms]}``.
+
+Terms (applied by :mod:`nnpartials.exporter.jacobian` in forward or reverse mode):
+
+* :class:`Scale` — ``dy = s * dx`` elementwise with broadcasting (``s`` a tensor name or a number);
+* :class:`MatMulW` — ``dy = dx @ W`` with ``W`` a constant matrix;
+* :class:`Linear` — any other linear map given as a forward function and its transpose (shape ops).
+
+Derivatives are written in terms of forward outputs where that is cheaper (tanh' = 1 - y², sigmoid' =
+y(1 - y), exp' = y). Kinks follow TensorFlow's gradients: relu'(0) = 0, leaky_relu'(0) = alpha, clip is
+differentiable only strictly inside its range, max/min send the derivative to the first maximal input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from nnpartials.errors import UnsupportedOpError
+
+
+@dataclass
+class Scale:
+    s: object  # tensor name or python number
+
+
+@dataclass
+class MatMulW:
+    w: np.ndarray  # constant [k, m]
+
+
+@dataclass
+class Linear:
+    fwd: Callable  # (builder, D_in) -> D_out
+    rev: Callable  # (builder, C_out) -> C_in
+
+
+ONE = Scale(1.0)
+
+RULES: dict[str, Callable] = {}
+
+
+def rule(*op_types):
+    def deco(fn):
+        for op in op_types:
+            RULES[op] = fn
+        return fn
+
+    return deco
+
+
+class RuleContext:
+    """What a rule may use: the builder, the node, which inputs need a derivative, shapes, constants."""
+
+    def __init__(self, builder, node, var_inputs, K):
+        self.b = builder
+        self.node = node
+        self.var_inputs = var_inputs
+        self.K = K  # number of tangent/cotangent directions (leading axis of every derivative tensor)
+
+    @property
+    def x(self):
+        return self.node.input[0]
+
+    @property
+    def y(self):
+        return self.node.output[0]
+
+    def need(self, i: int) -> bool:
+        return i < len(self.node.input) and self.node.input[i] in self.var_inputs
+
+    def attr(self, name, default=None):
+        for a in self.node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def const(self, i: int, what: str = "input"):
+        """The constant value of input i, or an UnsupportedOpError if it is computed at run time."""
+        if i >= len(self.node.input) or not self.node.input[i]:
+            return None
+        v = self.b.value(self.node.input[i])
+        if v is None:
+            self.unsupported(f"{what} {i} ({self.node.input[i]!r}) must be a constant")
+        return v
+
+    def shape(self, name):
+        s = self.b.shape(name)
+        if s is None:
+            self.unsupported(f"static shape of {name!r} unknown")
+        return s
+
+    def unsupported(self, detail):
+        raise UnsupportedOpError(self.node.op_type, self.node.name or self.node.output[0], detail)
+
+    # expression helpers for rules
+    def positive_mask(self, x):
+        return self.b.op("Greater", [x, self.b.const(0.0)])
+
+
+# ----- linear ops ------------------------------------------------------------------------------------------
+@rule("Identity", "Dropout")
+def _identity(c):
+    return [ONE]
+
+
+@rule("Cast")
+def _cast(c):
+    if c.attr("to") not in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+        return [None]
+    return [ONE]
+
+
+@rule("Add", "Sum")
+def _add(c):
+    return [ONE] * len(c.node.input)
+
+
+@rule("Mean")
+def _mean(c):
+    return [Scale(1.0 / len(c.node.input))] * len(c.node.input)
+
+
+@rule("Sub")
+def _sub(c):
+    return [ONE, Scale(-1.0)]
+
+
+@rule("Neg")
+def _neg(c):
+    return [Scale(-1.0)]
+
+
+@rule("Mul")
+def _mul(c):
+    a, b = c.node.input
+    return [Scale(b) if c.need(0) else None, Scale(a) if c.need(1) else None]
+
+
+@rule("Div")
+def _div(c):
+    a, b = c.node.input
+    ta = Scale(c.b.op("Reciprocal", [b])) if c.need(0) else None
+    tb = Scale(c.b.op("Neg", [c.b.div(c.y, b)])) if c.need(1) else None
+    return [ta, tb]
+
+
+@rule("MatMul")
+def _matmul(c):
+    if c.need(1):
+        c.unsupported("the right operand depends on the input; only x @ W with a constant W is supported")
+    w = c.const(1, "weight")
+    if w.ndim != 2:
+        c.unsupported(f"weight of rank {w.ndim}; expected a matrix")
+    return [MatMulW(np.asarray(w, dtype=np.float32)), None]
+
+
+@rule("Gemm")
+def _gemm(c):
+    alpha, beta = c.attr("alpha", 1.0), c.attr("beta", 1.0)
+    if c.need(1):
+        c.unsupported("operand B depends on the input; only A @ B with a constant B is supported")
+    terms = [None, None, None]
+    if c.need(0):
+        if c.attr("transA", 0):
+            c.unsupported("transA=1 on an input-dependent operand moves the batch axis")
+        w = np.asarray(c.const(1, "B"), dtype=np.float32)
+        if c.attr("transB", 0):
+            w = w.T
+        terms[0] = MatMulW(np.ascontiguousarray(alpha * w))
+    if c.need(2):
+        terms[2] = Scale(float(beta))
+    return terms
+
+
+@rule("BatchNormalization")
+def _batchnorm(c):
+    if any(c.need(i) for i in range(1, 5)):
+        c.unsupported("only inference-mode batch normalization with constant statistics is supported")
+    scale, var = c.const(1), c.const(4)
+    eps = c.attr("epsilon", 1e-5)
+    k = (np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)).astype(np.float32)
+    rank = len(c.shape(c.x))
+    k = k.reshape((-1,) + (1,) * max(rank - 2, 0))
+    return [Scale(c.b.const(k))]
+
+
+# ----- elementwise nonlinearities -------------------------------------------------------------------------
+@rule("Relu")
+def _relu(c):
+    return [Scale(c.b.cast_float(c.positive_mask(c.x)))]
+
+
+@rule("LeakyRelu")
+def _leaky_relu(c):
+    alpha = c.attr("alpha", 0.01)
+    return [Scale(c.b.where(c.positive_mask(c.x), 1.0, float(alpha)))]
+
+
+@rule("PRelu")
+def _prelu(c):
+    x, slope = c.node.input
+    pos = c.positive_mask(x)
+    tx = Scale(c.b.where(pos, c.b.const(1.0), slope)) if c.need(0) else None
+    ts = Scale(c.b.where(pos, c.b.const(0.0), x)) if c.need(1) else None
+    return [tx, ts]
+
+
+@rule("Elu")
+def _elu(c):
+    alpha = float(c.attr("alpha", 1.0))
+    return [Scale(c.b.where(c.positive_mask(c.x), 1.0, c.b.add(c.y, alpha)))]
+
+
+@rule("Selu")
+def _selu(c):
+    alpha, gamma = float(c.attr("alpha", 1.67326319217681884765625)), float(c.attr("gamma", 1.05070102214813232421875))
+    return [Scale(c.b.where(c.positive_mask(c.x), gamma, c.b.add(c.y, alpha * gamma)))]
+
+
+@rule("Tanh")
+def _tanh(c):
+    return [Scale(c.b.sub(1.0, c.b.mul(c.y, c.y)))]
+
+
+@rule("Sigmoid")
+def _sigmoid(c):
+    return [Scale(c.b.sub(c.y, c.b.mul(c.y, c.y)))]
+
+
+@rule("HardSigmoid")
+def _hard_sigmoid(c):
+    alpha, beta = float(c.attr("alpha", 0.2)), float(c.attr("beta", 0.5))
+    v = c.b.add(c.b.mul(c.x, alpha), beta)
+    inside = c.b.op("And", [c.b.op("Greater", [v, c.b.const(0.0)]), c.b.op("Less", [v, c.b.const(1.0)])])
+    return [Scale(c.b.where(inside, alpha, 0.0))]
+
+
+@rule("HardSwish")
+def _hard_swish(c):
+    # y = x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, x/3 + 1/2 between.
+    lo = c.b.op("Less", [c.x, c.b.const(-3.0)])
+    hi = c.b.op("Greater", [c.x, c.b.const(3.0)])
+    mid = c.b.add(c.b.mul(c.x, 1.0 / 3.0), 0.5)
+    return [Scale(c.b.where(lo, 0.0, c.b.where(hi, 1.0, mid)))]
+
+
+@rule("Softplus")
+def _softplus(c):
+    return [Scale(c.b.op("Sigmoid", [c.x]))]
+
+
+@rule("Softsign")
+def _softsign(c):
+    d = c.b.add(c.b.op("Abs", [c.x]), 1.0)
+    return [Scale(c.b.op("Reciprocal", [c.b.mul(d, d)]))]
+
+
+@rule("Exp")
+def _exp(c):
+    return [Scale(c.y)]
+
+
+@rule("Log")
+def _log(c):
+    return [Scale(c.b.op("Reciprocal", [c.x]))]
+
+
+@rule("Sqrt")
+def _sqrt(c):
+    return [Scale(c.b.div(0.5, c.y))]
+
+
+@rule("Reciprocal")
+def _reciprocal(c):
+    return [Scale(c.b.op("Neg", [c.b.mul(c.y, c.y)]))]
+
+
+@rule("Abs")
+def _abs(c):
+    return [Scale(c.b.op("Sign", [c.x]))]
+
+
+@rule("Sin")
+def _sin(c):
+    return [Scale(c.b.op("Cos", [c.x]))]
+
+
+@rule("Cos")
+def _cos(c):
+    return [Scale(c.b.op("Neg", [c.b.op("Sin", [c.x])]))]
+
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+@rule("Erf")
+def _erf(c):
+    return [Scale(c.b.mul(c.b.op("Exp", [c.b.op("Neg", [c.b.mul(c.x, c.x)])]), _TWO_OVER_SQRT_PI))]
+
+
+@rule("Erfc")
+def _erfc(c):
+    return [Scale(c.b.mul(c.b.op("Exp", [c.b.op("Neg", [c.b.mul(c.x, c.x)])]), -_TWO_OVER_SQRT_PI))]
+
+
+@rule("Pow")
+def _pow(c):
+    a, p = c.node.input
+    ta = tp = None
+    if c.need(0):
+        pv = c.b.value(p)
+        if pv is not None and pv.size == 1:
+            pf = float(pv.reshape(-1)[0])
+            if pf == 2.0:
+                ta = Scale(c.b.mul(a, 2.0))
+            elif pf == 1.0:
+                ta = ONE
+            else:
+                ta = Scale(c.b.mul(c.b.op("Pow", [a, c.b.const(pf - 1.0)]), pf))
+        else:
+            ta = Scale(c.b.mul(p, c.b.op("Pow", [a, c.b.sub(p, 1.0)])))
+    if c.need(1):
+        tp = Scale(c.b.mul(c.y, c.b.op("Log", [a])))
+    return [ta, tp]
+
+
+@rule("Clip")
+def _clip(c):
+    if c.need(1) or c.need(2):
+        c.unsupported("clip bounds must be constants")
+    lo = c.const(1) if len(c.node.input) > 1 else None
+    hi = c.const(2) if len(c.node.input) > 2 else None
+    if c.b.opset < 11:
+        lo, hi = c.attr("min"), c.attr("max")
+    mask = None
+    if lo is not None:
+        mask = c.b.op("Greater", [c.x, c.b.const(float(np.asarray(lo).reshape(-1)[0]))])
+    if hi is not None:
+        m2 = c.b.op("Less", [c.x, c.b.const(float(np.asarray(hi).reshape(-1)[0]))])
+        mask = m2 if mask is None else c.b.op("And", [mask, m2])
+    if mask is None:
+        return [ONE] + [None] * (len(c.node.input) - 1)
+    return [Scale(c.b.cast_float(mask))] + [None] * (len(c.node.input) - 1)
+
+
+@rule("Max", "Min")
+def _max_min(c):
+    # The derivative goes to the first input equal to the result (TensorFlow sends ties to the first operand).
+    terms, taken = [], None
+    for i, name in enumerate(c.node.input):
+        eq = c.b.op("Equal", [name, c.y])
+        sel = eq if taken is None else c.b.op("And", [eq, c.b.op("Not", [taken])])
+        taken = eq if taken is None else c.b.op("Or", [taken, eq])
+        terms.append(Scale(c.b.cast_float(sel)) if c.need(i) else None)
+    return terms
+
+
+@rule("Where")
+def _where(c):
+    cond = c.node.input[0]
+    ta = Scale(c.b.cast_float(cond)) if c.need(1) else None
+    tb = Scale(c.b.cast_float(c.b.op("Not", [cond]))) if c.need(2) else None
+    return [None, ta, tb]
+
+
+# ----- shape ops (linear maps on the layout; derivative tensors are [K, batch, ...]) -------------------------
+def _static_tail(c, name):
+    s = c.shape(name)
+    if len(s) == 0 or any(d is None for d in s[1:]):
+        c.unsupported(f"tensor {name!r} has shape {s}; need [batch, static dims...]")
+    return list(s[1:])
+
+
+def _reshape_like(c):
+    xt, yt = _static_tail(c, c.x), _static_tail(c, c.y)
+    K = c.K
+    if int(np.prod(xt, dtype=np.int64)) != int(np.prod(yt, dtype=np.int64)):
+        c.unsupported(f"reshape {c.shape(c.x)} -> {c.shape(c.y)} mixes the batch axis with the others")
+    ys = (K, None) + tuple(yt)
+    xs = (K, None) + tuple(xt)
+    return [Linear(fwd=lambda b, d: b.reshape(d, [K, -1] + yt, shape=ys),
+                   rev=lambda b, g: b.reshape(g, [K, -1] + xt, shape=xs))] + [None] * (len(c.node.input) - 1)
+
+
+@rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def _reshape(c):
+    return _reshape_like(c)
+
+
+@rule("Transpose")
+def _transpose(c):
+    perm = list(c.attr("perm") or reversed(range(len(c.shape(c.x)))))
+    if perm[0] != 0:
+        c.unsupported(f"perm {perm} moves the batch axis")
+    fperm = [0] + [p + 1 for p in perm]
+    inv = [0] * len(fperm)
+    for i, p in enumerate(fperm):
+        inv[p] = i
+    return [Linear(fwd=lambda b, d: b.op("Transpose", [d], perm=fperm),
+                   rev=lambda b, g: b.op("Transpose", [g], perm=inv))]
+
+
+def _pad_axis(b, g, axis, before, after, rank):
+    pads = [0] * (2 * rank)
+    pads[axis] = before
+    pads[rank + axis] = after
+    return b.op("Pad", [g, b.const(pads, np.int64)], mode="constant")
+
+
+def _slice_term(c, axis, start, stop, in_len):
+    """Linear term for taking [start, stop) along ``axis`` (of the forward tensor) of a length-in_len axis."""
+    rank = len(c.shape(c.x)) + 1
+    da = axis + 1
+    return Linear(fwd=lambda b, d: b.op("Slice", [d, b.const([start], np.int64), b.const([stop], np.int64),
+                                                  b.const([da], np.int64)]),
+                  rev=lambda b, g: _pad_axis(b, g, da, start, in_len - stop, rank))
+
+
+@rule("Concat")
+def _concat(c):
+    rank = len(c.shape(c.y))
+    axis = c.attr("axis") % rank
+    if axis == 0:
+        c.unsupported("concatenation along the batch axis")
+    sizes = [c.shape(n)[axis] for n in c.node.input]
+    if any(s is None for s in sizes):
+        c.unsupported("concatenated sizes are not static")
+    total, terms, off = sum(sizes), [], 0
+    da = axis + 1
+    for i, size in enumerate(sizes):
+        if c.need(i):
+            o = off
+            terms.append(Linear(
+                fwd=lambda b, d, o=o, size=size: _pad_axis(b, d, da, o, total - o - size, rank + 1),
+                rev=lambda b, g, o=o, size=size: b.op("Slice", [g, b.const([o], np.int64),
+                                                             b.const([o + size], np.int64), b.const([da], np.int64)])))
+        else:
+            terms.append(None)
+        off += size
+    return terms
+
+
+@rule("Slice")
+def _slice(c):
+    if any(c.need(i) for i in range(1, len(c.node.input))):
+        c.unsupported("slice bounds must be constants")
+    xs = c.shape(c.x)
+    starts = c.const(1).reshape(-1)
+    ends = c.const(2).reshape(-1)
+    axes = c.const(3).reshape(-1) if len(c.node.input) > 3 and c.node.input[3] else np.arange(len(starts))
+    steps = c.const(4).reshape(-1) if len(c.node.input) > 4 and c.node.input[4] else np.ones(len(starts), np.int64)
+    if len(starts) != 1 or int(steps[0]) != 1:
+        c.unsupported("only single-axis, unit-step slices are supported")
+    axis = int(axes[0]) % len(xs)
+    if axis == 0 or xs[axis] is None:
+        c.unsupported("slices along the batch axis or a dynamic axis")
+    n = xs[axis]
+    start, stop = int(starts[0]), int(ends[0])
+    start = max(0, min(n, start + n if start < 0 else start))
+    stop = max(0, min(n, stop + n if stop < 0 else stop))
+    return [_slice_term(c, axis, start, max(start, stop), n)] + [None] * (len(c.node.input) - 1)
+
+
+@rule("Split")
+def _split(c):
+    xs = c.shape(c.x)
+    axis = c.attr("axis", 0) % len(xs)
+    if axis == 0 or xs[axis] is None:
+        c.unsupported("split along the batch axis or a dynamic axis")
+    if len(c.node.input) > 1 and c.node.input[1]:
+        sizes = [int(s) for s in c.const(1).reshape(-1)]
+    elif c.attr("split") is not None:
+        sizes = list(c.attr("split"))
+    else:
+        sizes = [c.shape(o)[axis] for o in c.node.output]
+    out, off = {}, 0
+    for k, size in enumerate(sizes):
+        out[k] = [_slice_term(c, axis, off, off + size, xs[axis])] + [None] * (len(c.node.input) - 1)
+        off += size
+    return out
+
+
+@rule("ReduceSum", "ReduceMean")
+def _reduce(c):
+    xs = c.shape(c.x)
+    if len(c.node.input) > 1 and c.node.input[1]:
+        axes = [int(a) for a in c.const(1).reshape(-1)]
+    else:
+        axes = list(c.attr("axes") or range(len(xs)))
+    axes = sorted(a % len(xs) for a in axes)
+    if 0 in axes or any(xs[a] is None for a in axes):
+        c.unsupported("reduction over the batch axis or a dynamic axis")
+    keep = c.attr("keepdims", 1)
+    scale = 1.0 / float(np.prod([xs[a] for a in axes])) if c.node.op_type == "ReduceMean" else 1.0
+    daxes = [a + 1 for a in axes]
+    xt = (c.K, 1) + tuple(xs[1:])
+
+    def fwd(b, d):
+        r = b.op("ReduceSum", [d, b.const(daxes, np.int64)], keepdims=keep)
+        return b.mul(r, scale) if scale != 1.0 else r
+
+    def rev(b, g):
+        if not keep:
+            g = b.unsqueeze(g, daxes)
+        g = b.op("Expand", [g, b.const(list(xt), np.int64)])
+        return b.mul(g, scale) if scale != 1.0 else g
+
+    return [Linear(fwd=fwd, rev=rev)] + [None] * (len(c.node.input) - 1)
