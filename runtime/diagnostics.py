@@ -1,0 +1,684 @@
+"""Identifiability diagnostics: which partial derivatives can the training data support?
+
+A network's partials ``dy/dx_j`` are exact functions of its weights, but the weights only encode what the
+training data showed them. If the training inputs vary along a few directions only (in the extreme, they all
+lie on one line), the data fix the derivative along those directions and nothing else: every other part of
+the gradient is whatever the initial weights and the optimiser left there. This module measures that.
+
+* **Global**: singular values of the (centred) training inputs in the model's own normalised coordinates,
+  the effective rank, and the directions along which the data carry no information, in input units.
+* **Local**, at each query point: the distance to the nearest training point, the rank of the neighbourhood
+  of its ``neighbors`` nearest training points (local PCA), the directions supported there, and a flag per
+  partial: ``dy/dx_j`` is *identified* at a point only when the point lies inside the data and the unit vector
+  ``e_j`` lies (numerically) in the span of the locally supported directions.
+* **Ensemble** (optional): the spread of partials across networks trained with different seeds, an
+  empirical uncertainty that is large exactly where the data do not pin the partials down.
+
+Coordinates and units
+---------------------
+The model sees ``z = (x - mean) / std`` (a Keras ``Normalization`` layer, taken from the bundle's manifest,
+or the training data's own standardisation when there is none), so "how much the data vary along a direction"
+is measured in ``z``. A direction ``v`` in ``z`` corresponds to the input-space direction ``std * v``
+(element-wise); every direction this module returns is converted back to input units and scaled to unit
+length, with its largest component positive. Because the normalisation is diagonal, the coordinate axes are
+the same in both systems, so the test "is ``e_j`` in the supported span" does not depend on the choice.
+Null directions are the complement of the supported ones in ``z`` (what the model never saw vary), mapped to
+input units.
+
+Thresholds (all named parameters of :func:`diagnose`, defaults below)
+-------------------------------------------------------------------
+``rank_rtol``
+    relative singular-value tolerance: a principal direction counts as supported when its singular value is
+    at least ``rank_rtol`` times the largest one. The effective rank is the number of such directions.
+``local_rtol``
+    the same tolerance for the local PCA of each query point's neighbourhood.
+``span_tol``
+    ``dy/dx_j`` is identified where ``|e_j - P e_j| <= span_tol``, with ``P`` the orthogonal projector onto the
+    supported directions in ``z`` (the sine of the angle between ``e_j`` and the supported subspace).
+``far_factor``
+    a query point is *outside* the data when its nearest training point is farther than ``far_factor`` times
+    the typical neighbourhood radius (median distance from a training point to its ``neighbors``-th nearest
+    other training point). Nothing is identified outside the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from nnpartials.errors import InputError, InputTypeError
+
+from .validate import as_batch
+
+#: Relative singular-value tolerance of the global rank (singular values below rank_rtol * s_max are "no information").
+DEFAULT_RANK_RTOL = 0.05
+#: Relative singular-value tolerance of each query point's local PCA.
+DEFAULT_LOCAL_RTOL = 0.05
+#: Largest sine of the angle between e_j and the supported subspace for which dy/dx_j counts as identified.
+DEFAULT_SPAN_TOL = 0.1
+#: A query point is outside the data beyond this many typical neighbourhood radii from its nearest training point.
+DEFAULT_FAR_FACTOR = 2.0
+#: Default neighbourhood size of the local PCA (raised to 3 * n_in + 1 for wide inputs, capped at the data size).
+DEFAULT_NEIGHBORS = 16
+#: At most this many training points are used to estimate the typical neighbourhood radius.
+RADIUS_PROBES = 2000
+
+_STD_FLOOR = 1e-12  # a feature whose std is below this is treated as constant (std 1, so it normalises to 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# normalisation
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Normalization:
+    """The affine map ``z = (x - mean) / std`` the diagnostics measure in."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    source: str
+
+    def to_z(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.std
+
+    def direction_to_input(self, v: np.ndarray) -> np.ndarray:
+        """Map directions (rows of ``v``, z units) to unit-length input-unit directions, largest component > 0."""
+        d = np.atleast_2d(v) * self.std
+        return _canonical_rows(d)
+
+
+def _canonical_rows(d: np.ndarray) -> np.ndarray:
+    d = np.array(d, dtype=np.float64, copy=True)
+    if d.size == 0:
+        return d
+    norms = np.linalg.norm(d, axis=-1, keepdims=True)
+    d = np.divide(d, norms, out=np.zeros_like(d), where=norms > 0)
+    idx = np.argmax(np.abs(d), axis=-1)
+    signs = np.sign(np.take_along_axis(d, idx[..., None], axis=-1))
+    signs[signs == 0] = 1.0
+    return d * signs
+
+
+def _read_manifest(bundle) -> Optional[dict]:
+    if bundle is None:
+        return None
+    manifest = getattr(bundle, "manifest", None)
+    if isinstance(manifest, dict):
+        return manifest
+    path = getattr(bundle, "path", bundle)
+    if isinstance(path, (str, os.PathLike)):
+        p = Path(path)
+        mpath = p / "manifest.json" if p.is_dir() else p
+        if not mpath.is_file():
+            from nnpartials.errors import BundleError
+
+            raise BundleError(f"{p}: not a bundle folder (no manifest.json)")
+        with open(mpath, encoding="utf-8") as fh:
+            return json.load(fh)
+    raise InputTypeError(f"bundle: expected a Bundle or a bundle folder path, got {type(bundle).__name__}")
+
+
+def _manifest_n_in(manifest: dict) -> Optional[int]:
+    try:
+        shape = manifest["inputs"][0]["shape"]
+        n = shape[-1]
+        return int(n) if n is not None and int(n) > 0 else None
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _resolve_normalization(normalization, manifest, x: np.ndarray) -> Normalization:
+    n_in = x.shape[1]
+
+    def from_data(source):
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        return Normalization(mean, np.where(std > _STD_FLOOR, std, 1.0), source)
+
+    if normalization is None or (isinstance(normalization, str) and normalization == "auto"):
+        if manifest is not None and manifest.get("input_normalization"):
+            normalization = manifest["input_normalization"]
+            src = "the model's Normalization layer (bundle manifest)"
+        else:
+            return from_data("standardised with the training data's mean and std"
+                             + (" (the model has no Normalization layer)" if manifest is not None else ""))
+    elif isinstance(normalization, str):
+        if normalization == "data":
+            return from_data("standardised with the training data's mean and std")
+        if normalization in ("none", "identity"):
+            return Normalization(np.zeros(n_in), np.ones(n_in), "raw input units (no normalisation)")
+        raise InputError(f"normalization: expected None, 'auto', 'data', 'none', a dict with 'mean' and 'std', "
+                         f"or a bundle; got {normalization!r}")
+    else:
+        src = "given mean and std"
+        if not isinstance(normalization, dict):
+            m = _read_manifest(normalization)
+            normalization = m.get("input_normalization")
+            if not normalization:
+                return from_data("standardised with the training data's mean and std "
+                                 "(the model has no Normalization layer)")
+            src = "the model's Normalization layer (bundle manifest)"
+    try:
+        mean = np.asarray(normalization["mean"], dtype=np.float64).reshape(-1)
+        if "std" in normalization:
+            std = np.asarray(normalization["std"], dtype=np.float64).reshape(-1)
+        else:
+            std = np.sqrt(np.asarray(normalization["variance"], dtype=np.float64).reshape(-1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"normalization: expected 'mean' and 'std' (or 'variance') per input feature: {exc}") from None
+    if mean.size == 1 and n_in > 1:
+        mean = np.full(n_in, mean[0])
+    if std.size == 1 and n_in > 1:
+        std = np.full(n_in, std[0])
+    if mean.shape != (n_in,) or std.shape != (n_in,):
+        raise InputError(f"normalization: expected {n_in} means and stds (one per input feature), "
+                         f"got {mean.size} and {std.size}")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
+        raise InputError("normalization: mean and std must be finite and std non-negative")
+    return Normalization(mean, np.where(std > _STD_FLOOR, std, 1.0), src)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class GlobalDiagnosis:
+    """Global picture of the training inputs (in the model's normalised coordinates)."""
+
+    singular_values: np.ndarray  # [n_in] std of the normalised data along each principal direction, descending
+    relative: np.ndarray  # [n_in] singular_values / singular_values[0]
+    rank_rtol: float
+    effective_rank: int
+    directions_z: np.ndarray  # [n_in, n_in] principal directions (rows) in normalised coordinates
+    supported_directions: np.ndarray  # [rank, n_in] unit rows, input units
+    null_directions: np.ndarray  # [n_in - rank, n_in] unit rows, input units
+    span_residual: np.ndarray  # [n_in] |e_j - P e_j| against the globally supported span
+    identified: np.ndarray  # [n_in] bool
+
+    @property
+    def full_rank(self) -> bool:
+        return self.effective_rank == self.singular_values.shape[0]
+
+
+@dataclass
+class LocalDiagnosis:
+    """Per query point (arrays over the query batch Q)."""
+
+    nn_distance: np.ndarray  # [Q] distance to the nearest training point, normalised units
+    typical_radius: float  # median distance of a training point to its neighbors-th neighbour, normalised units
+    outside: np.ndarray  # [Q] bool, nn_distance > far_factor * typical_radius
+    singular_values: np.ndarray  # [Q, n_in] local PCA singular values (std along each direction, normalised)
+    relative: np.ndarray  # [Q, n_in]
+    local_rank: np.ndarray  # [Q] int
+    directions_z: np.ndarray  # [Q, n_in, n_in] local principal directions (rows), normalised coordinates
+    directions: np.ndarray  # [Q, n_in, n_in] the same in input units (unit rows); the first local_rank are supported
+    span_residual: np.ndarray  # [Q, n_in]
+    identified: np.ndarray  # [Q, n_in] bool
+
+    def supported(self, i: int) -> np.ndarray:
+        """The directions (unit rows, input units) supported at query point ``i``; empty outside the data."""
+        if self.outside[i]:
+            return self.directions[i, :0]
+        return self.directions[i, : int(self.local_rank[i])]
+
+
+@dataclass
+class Diagnosis:
+    """What :func:`diagnose` found. ``global_`` always; ``local`` when query points were given; ``partials``
+    (``[Q, n_out, n_in]``) when a model (bundle) or a Jacobian was given; ``ensemble_std`` with an ensemble."""
+
+    n_train: int
+    n_in: int
+    input_names: list
+    normalization: Normalization
+    global_: GlobalDiagnosis
+    neighbors: int
+    local_rtol: float
+    span_tol: float
+    far_factor: float
+    query: Optional[np.ndarray] = None
+    local: Optional[LocalDiagnosis] = None
+    partials: Optional[np.ndarray] = None
+    ensemble_mean: Optional[np.ndarray] = None
+    ensemble_std: Optional[np.ndarray] = None
+    ensemble_size: int = 0
+    output_names: list = field(default_factory=list)
+
+    # ---- derived views ---------------------------------------------------------------------------------------
+    @property
+    def identified(self) -> np.ndarray:
+        """``[Q, n_in]`` per query point and input (local), or ``[n_in]`` (global) without query points."""
+        return self.local.identified if self.local is not None else self.global_.identified
+
+    def masked_partials(self, partials: Optional[np.ndarray] = None) -> np.ndarray:
+        """Partials ``[Q, n_out, n_in]`` with NaN wherever ``dy/dx_j`` is not identified at the point."""
+        J = self._need_partials(partials)
+        mask = self.identified if self.local is not None else np.broadcast_to(self.global_.identified,
+                                                                             (J.shape[0], self.n_in))
+        return np.where(mask[:, None, :], J, np.nan)
+
+    def directional_derivatives(self, partials: Optional[np.ndarray] = None):
+        """Derivatives along the supported directions: ``(D [Q, n_out, n_in], dirs [Q, n_in, n_in])`` where
+        ``D[q, :, k] = J[q] @ dirs[q, k]`` for the ``k < local_rank`` supported unit directions (input units) and
+        NaN beyond (and everywhere at points outside the data). These are what the data identify."""
+        J = self._need_partials(partials)
+        if self.local is None:
+            raise InputError("directional_derivatives needs query points (diagnose(..., query=...))")
+        dirs = self.local.directions
+        D = np.einsum("qoj,qkj->qok", J, dirs)
+        k = np.arange(self.n_in)[None, :]
+        ok = (k < self.local.local_rank[:, None]) & ~self.local.outside[:, None]
+        return np.where(ok[:, None, :], D, np.nan), dirs
+
+    def _need_partials(self, partials):
+        J = self.partials if partials is None else np.asarray(partials, dtype=np.float64)
+        if J is None:
+            raise InputError("no partials: pass a bundle or jacobian= to diagnose(), or partials= here")
+        if self.query is not None and (J.ndim != 3 or J.shape[0] != self.query.shape[0] or J.shape[2] != self.n_in):
+            raise InputError(f"partials: expected shape [{self.query.shape[0]}, n_out, {self.n_in}], "
+                             f"got {tuple(J.shape)}")
+        return J
+
+    # ---- reporting ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        g = self.global_
+        out: dict[str, Any] = {
+            "n_train": self.n_train,
+            "inputs": self.input_names,
+            "normalization": {"mean": self.normalization.mean.tolist(), "std": self.normalization.std.tolist(),
+                              "source": self.normalization.source},
+            "global": {
+                "singular_values": g.singular_values.tolist(),
+                "relative_singular_values": g.relative.tolist(),
+                "rank_rtol": g.rank_rtol,
+                "effective_rank": g.effective_rank,
+                "supported_directions": g.supported_directions.tolist(),
+                "null_directions": g.null_directions.tolist(),
+                "partial_identified": g.identified.tolist(),
+            },
+            "thresholds": {"local_rtol": self.local_rtol, "span_tol": self.span_tol, "far_factor": self.far_factor,
+                           "neighbors": self.neighbors},
+        }
+        if self.local is not None:
+            loc = self.local
+            out["local"] = {
+                "n_points": int(loc.nn_distance.shape[0]),
+                "typical_radius": loc.typical_radius,
+                "nn_distance": loc.nn_distance.tolist(),
+                "outside": loc.outside.tolist(),
+                "local_rank": loc.local_rank.tolist(),
+                "identified": loc.identified.tolist(),
+                "supported_directions": [loc.supported(i).tolist() for i in range(loc.nn_distance.shape[0])],
+            }
+        if self.partials is not None:
+            out["partials"] = self.partials.tolist()
+        if self.ensemble_std is not None:
+            out["ensemble"] = {"size": self.ensemble_size, "mean": self.ensemble_mean.tolist(),
+                               "std": self.ensemble_std.tolist()}
+        return out
+
+    def counts(self) -> dict:
+        """Per input j: how many query points identify dy/dx_j; plus points outside the data and rank histogram."""
+        if self.local is None:
+            return {}
+        loc = self.local
+        ranks, freq = np.unique(loc.local_rank[~loc.outside], return_counts=True)
+        return {
+            "points": int(loc.nn_distance.shape[0]),
+            "outside": int(loc.outside.sum()),
+            "identified": {name: int(loc.identified[:, j].sum()) for j, name in enumerate(self.input_names)},
+            "local_rank": {int(r): int(c) for r, c in zip(ranks, freq)},
+        }
+
+    def summary(self) -> str:
+        """A plain-text summary (what ``nnpartials diagnose`` prints, without colours)."""
+        g = self.global_
+        names = self.input_names
+        lines = [
+            f"training inputs: {self.n_train} points, {self.n_in} features ({', '.join(names)})",
+            f"normalisation: {self.normalization.source}",
+            "singular values (std along principal directions, normalised units): "
+            + ", ".join(f"{s:.4g}" for s in g.singular_values),
+            f"relative: " + ", ".join(f"{r:.3g}" for r in g.relative)
+            + f"; effective rank {g.effective_rank} of {self.n_in} (rank_rtol={g.rank_rtol:g})",
+        ]
+        for d in g.supported_directions:
+            lines.append("  supported direction (input units): " + _fmt_dir(d, names))
+        for d in g.null_directions:
+            lines.append("  no information along (input units): " + _fmt_dir(d, names))
+        ident = [n for n, ok in zip(names, g.identified) if ok]
+        unid = [n for n, ok in zip(names, g.identified) if not ok]
+        if not unid:
+            lines.append("globally, every partial dy/dx_j is identified by the data")
+        else:
+            lines.append("globally NOT identified: " + ", ".join(f"dy/d{n}" for n in unid)
+                         + (f"; identified: {', '.join('dy/d' + n for n in ident)}" if ident else "")
+                         + " (only derivatives along the supported directions are)")
+        if self.local is not None:
+            c = self.counts()
+            lines.append(f"query points: {c['points']} ({c['outside']} outside the training data); local rank "
+                         + ", ".join(f"{r}: {n} points" for r, n in c["local_rank"].items()))
+            for name in names:
+                lines.append(f"  dy/d{name} identified at {c['identified'][name]} of {c['points']} points")
+        if self.ensemble_std is not None:
+            med = np.median(self.ensemble_std, axis=0)  # [n_out, n_in]
+            lines.append(f"ensemble of {self.ensemble_size}: median std of partials across members: "
+                         + ", ".join(f"dy/d{n} {med[:, j].max():.3g}" for j, n in enumerate(names)))
+        return "\n".join(lines)
+
+    def rich_tables(self, max_points: int = 10):
+        """rich Tables: the global picture, and (with query points) the first ``max_points`` points."""
+        from rich.table import Table
+
+        g = self.global_
+        names = self.input_names
+        t1 = Table(title=f"Training inputs: effective rank {g.effective_rank} of {self.n_in} "
+                         f"(rank_rtol {g.rank_rtol:g})")
+        t1.add_column("#", justify="right")
+        t1.add_column("singular value", justify="right")
+        t1.add_column("relative", justify="right")
+        t1.add_column("direction (input units)")
+        t1.add_column("data")
+        for k in range(self.n_in):
+            d = self.normalization.direction_to_input(g.directions_z[k])[0]
+            sup = k < g.effective_rank
+            t1.add_row(str(k + 1), f"{g.singular_values[k]:.4g}", f"{g.relative[k]:.3g}", _fmt_dir(d, names),
+                       "[green]informative[/]" if sup else "[red]no information[/]")
+        tables = [t1]
+        t2 = Table(title="Partials dy/dx_j identified by the training data (global)")
+        t2.add_column("partial")
+        t2.add_column("distance of e_j from supported span", justify="right")
+        t2.add_column("identified")
+        for j, n in enumerate(names):
+            t2.add_row(f"dy/d{n}", f"{g.span_residual[j]:.3g}",
+                       "[green]yes[/]" if g.identified[j] else "[red]no[/]")
+        tables.append(t2)
+        if self.local is not None:
+            loc = self.local
+            q = loc.nn_distance.shape[0]
+            t3 = Table(title=f"Query points ({min(q, max_points)} of {q} shown; typical neighbourhood radius "
+                             f"{loc.typical_radius:.3g} normalised units)")
+            t3.add_column("point")
+            t3.add_column("dist. to data", justify="right")
+            t3.add_column("local rank", justify="right")
+            t3.add_column("supported directions")
+            for n in names:
+                t3.add_column(f"dy/d{n}", justify="right")
+            for i in range(min(q, max_points)):
+                sup = loc.supported(i)
+                cells = []
+                for j in range(self.n_in):
+                    val = "" if self.partials is None else ", ".join(f"{v:.4g}" for v in self.partials[i, :, j])
+                    if loc.identified[i, j]:
+                        cells.append(f"[green]{val or 'identified'}[/]")
+                    else:
+                        cells.append(f"[red]{(val + ' ') if val else ''}(not identified)[/]")
+                t3.add_row("(" + ", ".join(f"{v:.4g}" for v in self.query[i]) + ")",
+                           f"{loc.nn_distance[i]:.3g}" + (" [red]outside[/]" if loc.outside[i] else ""),
+                           str(int(loc.local_rank[i])),
+                           "; ".join(_fmt_dir(d, names) for d in sup) if len(sup) else "[red]none[/]",
+                           *cells)
+            tables.append(t3)
+        return tables
+
+
+def _fmt_dir(d, names) -> str:
+    d = np.asarray(d, dtype=np.float64)
+    nz = np.abs(d) > 1e-12
+    if nz.sum() >= 1:
+        ref = d[np.argmax(nz)]  # first non-zero component
+        ratios = d / ref
+        rat = "(" + ", ".join(f"{r:.4g}" for r in ratios) + ")"
+    else:
+        rat = "(0)"
+    return "(" + ", ".join(f"{v:+.4f}" for v in d) + ") ∝ " + rat
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# computation
+# ----------------------------------------------------------------------------------------------------------------
+def _pca(points: np.ndarray):
+    """Batched PCA: points [..., k, n] -> (std along principal directions [..., n], directions [..., n, n] rows)."""
+    centred = points - points.mean(axis=-2, keepdims=True)
+    k, n = points.shape[-2], points.shape[-1]
+    _, s, vt = np.linalg.svd(centred, full_matrices=True)
+    if s.shape[-1] < n:  # fewer points than dimensions: pad the missing singular values with zeros
+        pad = np.zeros(s.shape[:-1] + (n - s.shape[-1],))
+        s = np.concatenate([s, pad], axis=-1)
+    return s / math.sqrt(max(k - 1, 1)), vt
+
+
+def _rank(s: np.ndarray, rtol: float):
+    top = s[..., :1]
+    rel = np.divide(s, top, out=np.zeros_like(s), where=top > 0)
+    return rel, (rel >= rtol).sum(axis=-1)
+
+
+def _span_residual(vt: np.ndarray, rank) -> np.ndarray:
+    """|e_j - P e_j| for each j, P the projector onto the first `rank` rows of vt (batched)."""
+    n = vt.shape[-1]
+    mask = (np.arange(n) < np.asarray(rank)[..., None]).astype(np.float64)  # [..., n] over rows of vt
+    # ||P e_j||^2 = sum_k<rank vt[k, j]^2
+    proj_sq = np.einsum("...k,...kj->...j", mask, vt ** 2)
+    return np.sqrt(np.clip(1.0 - proj_sq, 0.0, 1.0))
+
+
+def _knn(ref: np.ndarray, pts: np.ndarray, k: int, chunk_bytes: int = 64 << 20):
+    """Indices [len(pts), k] of the k nearest rows of ref for each row of pts (sorted), and their distances."""
+    n_ref = ref.shape[0]
+    k = min(k, n_ref)
+    rows = max(1, chunk_bytes // (8 * max(n_ref, 1)))
+    ref_sq = np.einsum("ij,ij->i", ref, ref)
+    idx_out = np.empty((pts.shape[0], k), dtype=np.int64)
+    dist_out = np.empty((pts.shape[0], k))
+    for a in range(0, pts.shape[0], rows):
+        p = pts[a:a + rows]
+        d2 = ref_sq[None, :] - 2.0 * p @ ref.T + np.einsum("ij,ij->i", p, p)[:, None]
+        if k < n_ref:
+            part = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        else:
+            part = np.broadcast_to(np.arange(n_ref), (p.shape[0], n_ref)).copy()
+        exact = np.linalg.norm(ref[part] - p[:, None, :], axis=-1)  # exact distances of the candidates
+        order = np.argsort(exact, axis=1, kind="stable")
+        idx_out[a:a + rows] = np.take_along_axis(part, order, axis=1)
+        dist_out[a:a + rows] = np.take_along_axis(exact, order, axis=1)
+    return idx_out, dist_out
+
+
+def _check_tol(name, value, lo=0.0, hi=1.0):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"{name}: expected a number, got {value!r}") from None
+    if not (lo < v <= hi) or not math.isfinite(v):
+        raise InputError(f"{name}: expected a number in ({lo:g}, {hi:g}], got {value!r}")
+    return v
+
+
+def _jacobian_from(model, query: np.ndarray) -> np.ndarray:
+    """Partials [Q, n_out, n_in] of a Partials-like object, a Bundle, or a bundle folder at query points."""
+    if hasattr(model, "jacobian"):
+        obj = model
+    else:
+        from nnpartials.runtime.serve import Partials
+
+        obj = Partials(model)
+    out = obj.jacobian(query)
+    J = out[1] if isinstance(out, tuple) else out
+    return np.asarray(J, dtype=np.float64)
+
+
+def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=None, ensemble: Optional[Sequence] = None,
+             rank_rtol: float = DEFAULT_RANK_RTOL, local_rtol: float = DEFAULT_LOCAL_RTOL,
+             span_tol: float = DEFAULT_SPAN_TOL, far_factor: float = DEFAULT_FAR_FACTOR,
+             neighbors: Optional[int] = None, input_names: Optional[Sequence[str]] = None) -> Diagnosis:
+    """Diagnose which partial derivatives ``dy/dx_j`` the training inputs ``train_x`` can identify.
+
+    Parameters
+    ----------
+    train_x
+        the training inputs, ``[N, n_in]`` (numpy, nested lists, or a DataFrame in the model's column order).
+    query
+        optional points ``[Q, n_in]`` at which to run the local diagnostics (and evaluate the partials).
+    bundle
+        optional exported bundle (``Bundle`` or folder): supplies the model's normalisation (its Normalization
+        layer), the input names, and, with ``query``, the partials to flag (computed with onnxruntime).
+    normalization
+        overrides the bundle's: ``None``/``"auto"`` (the bundle's, else the data's standardisation), ``"data"``,
+        ``"none"`` (raw units), a dict ``{"mean": [...], "std": [...]}``, or a bundle.
+    jacobian
+        partials ``[Q, n_out, n_in]`` at ``query`` computed elsewhere (instead of the bundle's).
+    ensemble
+        optional sequence of members, each a Jacobian array ``[Q, n_out, n_in]``, a ``Partials``-like object, a
+        ``Bundle`` or a bundle folder, trained on the same data with different seeds; their spread (std across
+        members) is an empirical uncertainty of the partials at ``query``.
+    rank_rtol, local_rtol, span_tol, far_factor, neighbors
+        thresholds; see the module documentation. Defaults: ``DEFAULT_RANK_RTOL`` (0.05),
+        ``DEFAULT_LOCAL_RTOL`` (0.05), ``DEFAULT_SPAN_TOL`` (0.1), ``DEFAULT_FAR_FACTOR`` (2),
+        ``DEFAULT_NEIGHBORS`` (16, at least ``3 * n_in + 1``).
+    """
+    rank_rtol = _check_tol("rank_rtol", rank_rtol)
+    local_rtol = _check_tol("local_rtol", local_rtol)
+    span_tol = _check_tol("span_tol", span_tol)
+    far_factor = _check_tol("far_factor", far_factor, 0.0, math.inf)
+
+    manifest = _read_manifest(bundle)
+    n_in = _manifest_n_in(manifest) if manifest is not None else None
+    if n_in is None:
+        arr = train_x.to_numpy() if hasattr(train_x, "to_numpy") and hasattr(train_x, "columns") else train_x
+        arr = np.asarray(arr) if not isinstance(arr, np.ndarray) else arr
+        if arr.ndim != 2:
+            raise InputError(f"train_x: expected a 2-D array [n_points, n_features], got shape {tuple(arr.shape)}")
+        n_in = arr.shape[1]
+        if n_in < 1:
+            raise InputError("train_x: expected at least one feature column")
+    x = as_batch(train_x, n_in, name="train_x", dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise InputError(f"train_x: expected at least 2 training points, got {x.shape[0]}")
+
+    if input_names is None:
+        input_names = _input_names(manifest, n_in)
+    input_names = [str(n) for n in input_names]
+    if len(input_names) != n_in:
+        raise InputError(f"input_names: expected {n_in} names, got {len(input_names)}")
+    out_names = _output_names(manifest)
+
+    norm = _resolve_normalization(normalization, manifest, x)
+    z = norm.to_z(x)
+
+    # ---- global ------------------------------------------------------------------------------------------------
+    s, vt = _pca(z)
+    rel, rank = _rank(s, rank_rtol)
+    rank = int(rank)
+    resid = _span_residual(vt, rank)
+    g = GlobalDiagnosis(
+        singular_values=s, relative=rel, rank_rtol=rank_rtol, effective_rank=rank, directions_z=vt,
+        supported_directions=norm.direction_to_input(vt[:rank]) if rank else np.zeros((0, n_in)),
+        null_directions=norm.direction_to_input(vt[rank:]) if rank < n_in else np.zeros((0, n_in)),
+        span_residual=resid, identified=resid <= span_tol,
+    )
+
+    k = DEFAULT_NEIGHBORS if neighbors is None else neighbors
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise InputError(f"neighbors: expected an integer >= 2, got {neighbors!r}")
+    if neighbors is None:
+        k = max(k, 3 * n_in + 1)
+    k = int(min(k, x.shape[0]))
+
+    diag = Diagnosis(n_train=x.shape[0], n_in=n_in, input_names=input_names, normalization=norm, global_=g,
+                     neighbors=k, local_rtol=local_rtol, span_tol=span_tol, far_factor=far_factor,
+                     output_names=out_names)
+
+    if query is None:
+        if jacobian is not None or ensemble is not None:
+            raise InputError("jacobian= and ensemble= need query points (the points the partials belong to)")
+        return diag
+
+    q = as_batch(query, n_in, name="query", dtype=np.float64)
+    diag.query = q
+    qz = norm.to_z(q)
+
+    # typical neighbourhood radius of the training data itself
+    if x.shape[0] > RADIUS_PROBES:
+        probes = np.random.RandomState(0).choice(x.shape[0], RADIUS_PROBES, replace=False)
+    else:
+        probes = np.arange(x.shape[0])
+    kk = min(k + 1, x.shape[0])  # +1: a probe's nearest neighbour is itself
+    _, pd = _knn(z, z[probes], kk)
+    radius = float(np.median(pd[:, -1]))
+
+    idx, dist = _knn(z, qz, k)
+    nn = dist[:, 0]
+    outside = nn > far_factor * radius if radius > 0 else nn > 0
+    ls, lvt = _pca(z[idx])  # [Q, k, n] -> [Q, n], [Q, n, n]
+    lrel, lrank = _rank(ls, local_rtol)
+    lres = _span_residual(lvt, lrank)
+    ident = (lres <= span_tol) & ~outside[:, None]
+    diag.local = LocalDiagnosis(
+        nn_distance=nn, typical_radius=radius, outside=outside, singular_values=ls, relative=lrel,
+        local_rank=lrank.astype(np.int64), directions_z=lvt,
+        directions=_canonical_rows(lvt * norm.std[None, None, :]), span_residual=lres, identified=ident,
+    )
+
+    if jacobian is not None:
+        diag.partials = _check_jac(jacobian, q.shape[0], n_in, "jacobian")
+    elif bundle is not None:
+        diag.partials = _check_jac(_jacobian_from(bundle, q), q.shape[0], n_in, "bundle partials")
+
+    if ensemble is not None:
+        members = list(ensemble)
+        if len(members) < 2:
+            raise InputError(f"ensemble: expected at least 2 members, got {len(members)}")
+        Js = []
+        for i, m in enumerate(members):
+            J = m if isinstance(m, np.ndarray) or isinstance(m, list) else _jacobian_from(m, q)
+            Js.append(_check_jac(J, q.shape[0], n_in, f"ensemble[{i}]"))
+        shapes = {J.shape for J in Js}
+        if len(shapes) != 1:
+            raise InputError(f"ensemble: members disagree in shape: {sorted(shapes)}")
+        stack = np.stack(Js)
+        diag.ensemble_mean = stack.mean(axis=0)
+        diag.ensemble_std = stack.std(axis=0, ddof=1)
+        diag.ensemble_size = len(Js)
+    return diag
+
+
+def _check_jac(J, n_q, n_in, name) -> np.ndarray:
+    try:
+        J = np.asarray(J, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputTypeError(f"{name}: expected a numeric array [Q, n_out, n_in]: {exc}") from None
+    if J.ndim == 2 and J.shape == (n_q, n_in):
+        J = J[:, None, :]
+    if J.ndim != 3 or J.shape[0] != n_q or J.shape[2] != n_in:
+        raise InputError(f"{name}: expected partials of shape [{n_q}, n_out, {n_in}], got {tuple(J.shape)}")
+    if not np.isfinite(J).all():
+        raise InputError(f"{name}: partials contain NaN or Inf")
+    return J
+
+
+def _input_names(manifest, n_in) -> list:
+    if manifest:
+        try:
+            cols = manifest["inputs"][0].get("columns")
+            if cols and len(cols) == n_in:
+                return [str(c) for c in cols]
+        except (KeyError, IndexError, AttributeError, TypeError):
+            pass
+    return [f"x{j + 1}" for j in range(n_in)]
+
+
+def _output_names(manifest) -> list:
+    if manifest:
+        try:
+            cols = manifest["outputs"][0].get("columns")
+            if cols:
+                return [str(c) for c in cols]
+        except (KeyError, IndexError, AttributeError, TypeError):
+            pass
+    return []
