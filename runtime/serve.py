@@ -1,0 +1,164 @@
+"""Batched partials with onnxruntime: :class:`Partials`."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from nnpartials.errors import BundleError, InputError, NNPartialsError
+from nnpartials.exporter.bundle import FORWARD, JACOBIAN, load_bundle
+from nnpartials.runtime.validate import as_batch
+
+#: Default largest batch handed to onnxruntime in one call; larger inputs are split (bounded memory).
+DEFAULT_MAX_BATCH = 65536
+BACKENDS = ("onnxruntime", "c")
+
+
+def resolve_providers(providers):
+    """Map ``None``/"cpu"/"cuda"/a list to onnxruntime provider names, checking they are available."""
+    import onnxruntime as ort
+
+    if providers is None or providers == "cpu":
+        return ["CPUExecutionProvider"]
+    if providers == "cuda":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    available = ort.get_available_providers()
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    missing = [p for p in names if p not in available]
+    if missing:
+        hint = " (install the [cuda] extra: pip install 'nnpartials[cuda]')" if "CUDAExecutionProvider" in missing else ""
+        raise NNPartialsError(f"onnxruntime providers {missing} are not available; available: {available}{hint}")
+    return list(providers)
+
+
+class Partials:
+    """Serve ``y`` and ``dy_dx`` for a bundle.
+
+    ``Partials(bundle, providers=None, max_batch=65536, backend="onnxruntime", nan_policy="raise")``
+
+    * ``bundle``: a bundle folder (or a :class:`~nnpartials.exporter.bundle.Bundle`); hashes are verified.
+    * ``providers``: as in onnxruntime (list of names), or ``"cpu"``/``"cuda"``; CPU by default.
+    * ``max_batch``: larger inputs are split into chunks of this many points.
+    * ``backend="c"`` evaluates with the C core (:class:`nnpartials.runtime.kernel.Kernel`) instead.
+
+    Inputs: one array ``[batch, n_in]`` (for several model inputs, their features concatenated in manifest
+    order), or a list/dict of per-input arrays; numpy arrays, lists or pandas DataFrames. float64 and integer
+    inputs are converted to float32. Outputs: ``y [batch, n_out]`` and ``dy_dx [batch, n_out, n_in]`` (float32),
+    ``dy_dx[b, i, j] = d y[b, i] / d x[b, j]``. Instances are safe to share between threads.
+    """
+
+    def __init__(self, bundle, providers=None, *, max_batch: int = DEFAULT_MAX_BATCH, backend: str = "onnxruntime",
+                 nan_policy: str = "raise", session_options=None, threads: int | None = None):
+        if backend not in BACKENDS:
+            raise NNPartialsError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.bundle = load_bundle(bundle)
+        m = self.bundle.manifest
+        self.input_names = [i["name"] for i in m["inputs"]]
+        self.input_widths = [int(i["shape"][1]) for i in m["inputs"]]
+        self.n_in = sum(self.input_widths)
+        self.n_out = self.bundle.n_out
+        self.input_columns = self.bundle.input_columns
+        self.output_columns = self.bundle.output_columns
+        self.mode = m["jacobian"]["mode"]
+        self.max_batch = int(max_batch)
+        self.nan_policy = nan_policy
+        self.backend = backend
+        self._kernel = None
+        self._sessions = {}
+        if backend == "c":
+            from nnpartials.runtime.kernel import Kernel
+
+            self._kernel = Kernel(self.bundle, threads=threads)
+            self.providers = []
+        else:
+            import onnxruntime as ort
+
+            self.providers = resolve_providers(providers)
+            so = session_options
+            if so is None:
+                so = ort.SessionOptions()
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                if threads:
+                    so.intra_op_num_threads = int(threads)
+            try:
+                self._sessions = {
+                    kind: ort.InferenceSession(self.bundle.read(name), sess_options=so, providers=self.providers)
+                    for kind, name in (("forward", FORWARD), ("jacobian", JACOBIAN))
+                }
+            except NNPartialsError:
+                raise
+            except Exception as exc:
+                raise BundleError(f"onnxruntime could not load the bundle {self.bundle.path!r}: {exc}") from None
+
+    @property
+    def active_providers(self):
+        """Providers onnxruntime actually uses for the Jacobian session."""
+        return self._sessions["jacobian"].get_providers() if self._sessions else ["C core"]
+
+    # ----- input handling -------------------------------------------------------------------------------------
+    def _inputs(self, x, nan_policy):
+        policy = nan_policy or self.nan_policy
+        if len(self.input_names) > 1 and isinstance(x, dict):
+            missing = [n for n in self.input_names if n not in x]
+            if missing:
+                raise InputError(f"missing inputs {missing}; expected {self.input_names}")
+            parts = [as_batch(x[n], w, name=n, nan_policy=policy) for n, w in zip(self.input_names, self.input_widths)]
+        elif len(self.input_names) > 1 and isinstance(x, (list, tuple)) and len(x) == len(self.input_names) \
+                and all(np.ndim(p) == 2 or (np.ndim(p) == 1 and len(p) == w) for p, w in zip(x, self.input_widths)) \
+                and not all(np.ndim(p) == 1 and len(x) == self.n_in for p in x):
+            parts = [as_batch(p, w, name=n, nan_policy=policy) for p, n, w in zip(x, self.input_names, self.input_widths)]
+        else:
+            arr = as_batch(x, self.n_in, name="x", nan_policy=policy)
+            parts = np.split(arr, np.cumsum(self.input_widths)[:-1], axis=1) if len(self.input_widths) > 1 else [arr]
+        rows = {p.shape[0] for p in parts}
+        if len(rows) != 1:
+            raise InputError(f"inputs have different batch sizes {[p.shape[0] for p in parts]}")
+        return [np.ascontiguousarray(p) for p in parts]
+
+    # ----- evaluation ------------------------------------------------------------------------------------------
+    def forward(self, x, *, nan_policy: str | None = None) -> np.ndarray:
+        """``y [batch, n_out]`` (float32)."""
+        parts = self._inputs(x, nan_policy)
+        if self._kernel is not None:
+            return self._kernel.forward(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
+                                        nan_policy="propagate")
+        n = parts[0].shape[0]
+        y = np.empty((n, self.n_out), np.float32)
+        sess = self._sessions["forward"]
+        for s in range(0, n, self.max_batch):
+            outs = sess.run(None, {nm: p[s:s + self.max_batch] for nm, p in zip(self.input_names, parts)})
+            y[s:s + self.max_batch] = np.concatenate([o.reshape(o.shape[0], -1) for o in outs], axis=1)
+        return y
+
+    def jacobian(self, x, *, nan_policy: str | None = None):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in])`` (float32)."""
+        parts = self._inputs(x, nan_policy)
+        if self._kernel is not None:
+            return self._kernel.jacobian(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
+                                         nan_policy="propagate")
+        n = parts[0].shape[0]
+        y = np.empty((n, self.n_out), np.float32)
+        dy = np.empty((n, self.n_out, self.n_in), np.float32)
+        sess = self._sessions["jacobian"]
+        offs = np.concatenate([[0], np.cumsum(self.input_widths)])
+        for s in range(0, n, self.max_batch):
+            outs = sess.run(None, {nm: p[s:s + self.max_batch] for nm, p in zip(self.input_names, parts)})
+            y[s:s + self.max_batch] = outs[0]
+            for k, j in enumerate(outs[1:]):
+                dy[s:s + self.max_batch, :, offs[k]:offs[k + 1]] = j
+        return y, dy
+
+    def jacobian_by_input(self, x, **kw):
+        """``(y, {input_name: dy_dx_k [batch, n_out, n_k]})`` for models with several inputs."""
+        y, dy = self.jacobian(x, **kw)
+        offs = np.concatenate([[0], np.cumsum(self.input_widths)])
+        return y, {n: dy[:, :, offs[k]:offs[k + 1]] for k, n in enumerate(self.input_names)}
+
+    def __repr__(self):
+        return (f"Partials({os.path.basename(self.bundle.path)!r}, n_in={self.n_in}, n_out={self.n_out}, "
+                f"mode={self.mode!r}, backend={self.backend!r}, providers={self.providers})")
