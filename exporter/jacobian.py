@@ -168,7 +168,7 @@ class _Engine:
         for name, w in zip(self.inputs, self.in_widths):
             seed = np.zeros((self.K, 1, w), np.float32)
             seed[off:off + w, 0, :] = np.eye(w, dtype=np.float32)
-            D[name] = b.const(seed, hint="seed")
+            D[name] = b.const(seed.reshape((self.K, 1) + tuple(b.shape(name)[1:])), hint="seed")
             off += w
         for node in self.model.graph.node:
             if not any(i in D for i in node.input if i):
@@ -251,7 +251,11 @@ class _Engine:
                     outs.append((part, name, ["batch", self.n_out, w]))
                     off += w
         else:
-            for name, d, w in zip(jac_names, self.reverse_mode(), self.in_widths):
+            for name, x, d, w in zip(jac_names, self.inputs, self.reverse_mode(), self.in_widths):
+                if d is not None and len(b.shape(x)) != 2:
+                    was_full, d = d in self.full, b.reshape(d, [self.K, -1, w])
+                    if was_full:
+                        self.full.add(d)
                 d = self._zeros([w]) if d is None else self._batch_expand(d, [w])
                 if self.K == 1:
                     jt = b.reshape(d, [-1, 1, w])

@@ -307,11 +307,6 @@ def _erf(c):
     return [Scale(c.b.mul(c.b.op("Exp", [c.b.op("Neg", [c.b.mul(c.x, c.x)])]), _TWO_OVER_SQRT_PI))]
 
 
-@rule("Erfc")
-def _erfc(c):
-    return [Scale(c.b.mul(c.b.op("Exp", [c.b.op("Neg", [c.b.mul(c.x, c.x)])]), -_TWO_OVER_SQRT_PI))]
-
-
 @rule("Pow")
 def _pow(c):
     a, p = c.node.input

@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        mod = _load(name)
+        try:
+            mod = _load(name)
+        except ModuleNotFoundError as exc:  # a subcommand whose module is absent from this install
+            if exc.name != f"nnpartials.commands.{name}":
+                raise
+            continue
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
@@ -41,7 +46,18 @@ def _version() -> str:
     return __version__
 
 
+def _quiet_tensorflow():
+    import logging
+    import os
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    for name in ("tensorflow", "tf2onnx", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv=None) -> int:
+    _quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
