@@ -19,8 +19,10 @@ FD_F64_REL = 1e-6
 #: float32 finite differences against the analytic Jacobian (the float32 path is limited by rounding).
 FD_F32_REL = 2e-3
 
-#: Central finite differences for single-node derivative-rule tests, in float64.
-RULE_FD_F64 = 1e-6
+#: Single-node derivative-rule tests: the float32 companion graph against float64 central differences of the
+#: same node (scaled as above). float32 rounding of the rule itself is ~1e-7; this leaves headroom for
+#: ops whose derivative has a large dynamic range (exp, reciprocal).
+RULE_FD_F32 = 1e-5
 
 
 def scaled_error(a, b):

@@ -1,0 +1,343 @@
+"""Every derivative rule on its own: a single-node ONNX graph, its companion Jacobian (both modes, float32,
+onnxruntime) against central finite differences of the same node evaluated in float64 by onnx's reference
+evaluator (numpy). Points stay away from kinks; kinks themselves are checked against TensorFlow's convention."""
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from nnpartials import tolerances
+from nnpartials.errors import UnsupportedOpError
+from nnpartials.exporter.jacobian import build_jacobian_model
+from nnpartials.exporter.rules import RULES
+
+B = 64
+RNG = np.random.default_rng(1234)
+
+
+def make_model(op, inputs, out_shape, attrs=None, consts=None, dtype=np.float32, opset=17, n_outputs=1,
+               out_shapes=None):
+    """inputs: list of (name, shape-without-batch) graph inputs; consts: {name: array} initializers."""
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    g_inputs = [helper.make_tensor_value_info(n, et, ["batch"] + list(s)) for n, s in inputs]
+    inits = []
+    node_inputs = []
+    for name, value in (consts or {}).items():
+        v = np.asarray(value)
+        if v.dtype.kind == "f":
+            v = v.astype(dtype)
+        inits.append(numpy_helper.from_array(v, name))
+    outs = [f"y{k}" for k in range(n_outputs)]
+    shapes = out_shapes or [out_shape] * n_outputs
+    node = helper.make_node(op, [n for n in attrs.pop("_inputs")] if attrs and "_inputs" in attrs else
+                            [n for n, _ in inputs] + list((consts or {}).keys()), outs, name=f"{op}_node",
+                            **(attrs or {}))
+    g_outputs = [helper.make_tensor_value_info(o, et, ["batch"] + list(s)) for o, s in zip(outs, shapes)]
+    graph = helper.make_graph([node], f"single_{op}", g_inputs, g_outputs, inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def to_f64(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in list(m.graph.input) + list(m.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, init in enumerate(m.graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            arr = numpy_helper.to_array(init).astype(np.float64)
+            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
+    for node in m.graph.node:
+        for a in node.attribute:
+            if a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+    return m
+
+
+class Erf64(OpRun):
+    """onnx's reference Erf rounds through float32; central differences need the float64 function."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+
+Erf64.__name__ = "Erf"
+
+
+def fd_jacobian(model, feeds, h=1e-6):
+    """Central differences in float64 of the concatenated, flattened outputs w.r.t. each input feature."""
+    ref = ReferenceEvaluator(to_f64(model), new_ops=[Erf64])
+    names = [i.name for i in model.graph.input]
+    f64 = {k: v.astype(np.float64) for k, v in feeds.items()}
+
+    def f(fd):
+        outs = ref.run(None, fd)
+        return np.concatenate([np.asarray(o, np.float64).reshape(B, -1) for o in outs], axis=1)
+
+    y0 = f(f64)
+    jac = {}
+    for name in names:
+        x = f64[name]
+        flat = x.reshape(B, -1)
+        cols = []
+        for j in range(flat.shape[1]):
+            step = h * np.maximum(1.0, np.abs(flat[:, j]))
+            xp, xm = flat.copy(), flat.copy()
+            xp[:, j] += step
+            xm[:, j] -= step
+            yp = f({**f64, name: xp.reshape(x.shape)})
+            ym = f({**f64, name: xm.reshape(x.shape)})
+            cols.append((yp - ym) / (2 * step[:, None]))
+        jac[name] = np.stack(cols, axis=2)
+    return y0, jac
+
+
+def check_rule(model, feeds, modes=("forward", "reverse")):
+    y_ref, j_ref = fd_jacobian(model, feeds)
+    names = [i.name for i in model.graph.input]
+    for mode in modes:
+        jm, info = build_jacobian_model(model, mode=mode)
+        assert info["mode"] == mode
+        sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(None, {k: v.astype(np.float32) for k, v in feeds.items()})
+        np.testing.assert_allclose(outs[0], y_ref, rtol=1e-5, atol=1e-5)
+        for name, j in zip(names, outs[1:]):
+            a, rel, _ = tolerances.scaled_error(j, j_ref[name])
+            assert rel <= tolerances.RULE_FD_F32, f"{mode} mode, input {name}: max rel error {rel:.3g}"
+
+
+def away_from(x, kinks, margin=0.05):
+    for k in kinks:
+        close = np.abs(x - k) < margin
+        x = np.where(close, k + np.sign(x - k + 1e-12) * margin * 2, x)
+    return x
+
+
+def u(shape, lo=-3.0, hi=3.0, kinks=()):
+    return away_from(RNG.uniform(lo, hi, size=(B,) + tuple(shape)), kinks).astype(np.float32)
+
+
+UNARY = [
+    ("Identity", {}, (-3, 3), ()),
+    ("Neg", {}, (-3, 3), ()),
+    ("Abs", {}, (-3, 3), (0,)),
+    ("Relu", {}, (-3, 3), (0,)),
+    ("LeakyRelu", {"alpha": 0.2}, (-3, 3), (0,)),
+    ("Elu", {"alpha": 0.7}, (-3, 3), (0,)),
+    ("Selu", {}, (-3, 3), (0,)),
+    ("Tanh", {}, (-3, 3), ()),
+    ("Sigmoid", {}, (-5, 5), ()),
+    ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, (-4, 4), (-2.5, 2.5)),
+    ("HardSwish", {}, (-5, 5), (-3, 3)),
+    ("Softplus", {}, (-5, 5), ()),
+    ("Softsign", {}, (-5, 5), (0,)),
+    ("Exp", {}, (-3, 2), ()),
+    ("Log", {}, (0.2, 5), ()),
+    ("Sqrt", {}, (0.2, 5), ()),
+    ("Reciprocal", {}, (0.3, 3), ()),
+    ("Erf", {}, (-3, 3), ()),
+    ("Sin", {}, (-3, 3), ()),
+    ("Cos", {}, (-3, 3), ()),
+]
+
+
+@pytest.mark.parametrize("op,attrs,rng,kinks", UNARY, ids=[u_[0] for u_ in UNARY])
+def test_unary_rule(op, attrs, rng, kinks):
+    m = make_model(op, [("x", (3,))], (3,), attrs=dict(attrs))
+    check_rule(m, {"x": u((3,), *rng, kinks=kinks)})
+
+
+def test_dropout_and_cast():
+    m = make_model("Dropout", [("x", (3,))], (3,))
+    check_rule(m, {"x": u((3,))})
+    m = make_model("Cast", [("x", (3,))], (3,), attrs={"to": TensorProto.FLOAT})
+    check_rule(m, {"x": u((3,))})
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min", "Pow"])
+def test_binary_rule_two_variables(op):
+    lo = 0.3 if op in ("Div", "Pow") else -3
+    m = make_model(op, [("a", (3,)), ("b", (3,))], (3,))
+    a, b = u((3,), lo, 3), u((3,), lo, 3)
+    if op in ("Max", "Min"):
+        b = np.where(np.abs(a - b) < 0.05, b + 0.2, b).astype(np.float32)
+    if op == "Pow":
+        b = u((3,), -2, 2)
+    check_rule(m, {"a": a, "b": b})
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Max", "Min"])
+def test_binary_rule_broadcast_variable(op):
+    """b has shape [batch, 1] and broadcasts over a's features: the reverse mode must sum over them."""
+    m = make_model(op, [("a", (3,)), ("b", (1,))], (3,))
+    a, b = u((3,)), u((1,), 0.5, 3)
+    if op in ("Max", "Min"):
+        a = np.where(np.abs(a - b) < 0.05, a + 0.2, a).astype(np.float32)
+    check_rule(m, {"a": a, "b": b})
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Pow", "Max", "PRelu"])
+def test_binary_rule_constant_operand(op):
+    c = np.array([0.5, 2.0, 3.0], np.float32) if op != "PRelu" else np.array([0.1, 0.2, 0.3], np.float32)
+    m = make_model(op, [("x", (3,))], (3,), consts={"c": c})
+    lo = 0.3 if op == "Pow" else -3
+    check_rule(m, {"x": u((3,), lo, 3, kinks=(0, 0.5, 2.0, 3.0))})
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 0.5, -1.5])
+def test_pow_scalar_exponent(exponent):
+    m = make_model("Pow", [("x", (3,))], (3,), consts={"p": np.array(exponent, np.float32)})
+    check_rule(m, {"x": u((3,), 0.3, 3)})
+
+
+@pytest.mark.parametrize("op,n", [("Sum", 3), ("Mean", 3)])
+def test_variadic_rules(op, n):
+    names = [f"x{k}" for k in range(n)]
+    m = make_model(op, [(nm, (3,)) for nm in names], (3,))
+    check_rule(m, {nm: u((3,)) for nm in names})
+
+
+def test_where_rule():
+    cond = RNG.uniform(size=(3,)) > 0.5
+    m = make_model("Where", [("a", (3,)), ("b", (3,))], (3,), consts={"cond": cond},
+                   attrs={"_inputs": ["cond", "a", "b"]})
+    check_rule(m, {"a": u((3,)), "b": u((3,))})
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 6.0), (-1.0, None)])
+def test_clip_rule(lo, hi):
+    consts = {"lo": np.array(lo, np.float32)}
+    names = ["x", "lo"]
+    if hi is not None:
+        consts["hi"] = np.array(hi, np.float32)
+        names.append("hi")
+    m = make_model("Clip", [("x", (3,))], (3,), consts=consts, attrs={"_inputs": names})
+    check_rule(m, {"x": u((3,), -3, 8, kinks=(lo, hi if hi is not None else lo))})
+
+
+def test_matmul_rule():
+    w = RNG.normal(size=(4, 5)).astype(np.float32)
+    check_rule(make_model("MatMul", [("x", (4,))], (5,), consts={"w": w}), {"x": u((4,))})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_rule(trans_b):
+    w = RNG.normal(size=(5, 4) if trans_b else (4, 5)).astype(np.float32)
+    c = RNG.normal(size=(5,)).astype(np.float32)
+    m = make_model("Gemm", [("x", (4,))], (5,), consts={"w": w, "c": c},
+                   attrs={"alpha": 0.7, "beta": 1.3, "transB": trans_b})
+    check_rule(m, {"x": u((4,))})
+
+
+def test_gemm_variable_bias():
+    w = RNG.normal(size=(4, 5)).astype(np.float32)
+    m = make_model("Gemm", [("x", (4,)), ("c", (5,))], (5,), consts={"w": w}, attrs={"beta": 0.5,
+                                                                                    "_inputs": ["x", "w", "c"]})
+    check_rule(m, {"x": u((4,)), "c": u((5,))})
+
+
+def test_batchnorm_rule():
+    c = 4
+    consts = {"scale": RNG.uniform(0.5, 2, c), "bias": RNG.normal(size=c), "mean": RNG.normal(size=c),
+              "var": RNG.uniform(0.5, 2, c)}
+    m = make_model("BatchNormalization", [("x", (c,))], (c,), consts=consts, attrs={"epsilon": 1e-3})
+    check_rule(m, {"x": u((c,))})
+
+
+def test_concat_rule():
+    m = make_model("Concat", [("a", (2,)), ("b", (3,))], (7,), consts={"c": np.ones((1, 2), np.float32)},
+                   attrs={"axis": 1, "_inputs": ["a", "c", "b"]})
+    # the constant [1, 2] block does not broadcast in Concat; use a batch-shaped input instead
+    m = make_model("Concat", [("a", (2,)), ("b", (3,))], (5,), attrs={"axis": -1})
+    check_rule(m, {"a": u((2,)), "b": u((3,))})
+
+
+@pytest.mark.parametrize("op,attrs,consts,out_shape", [
+    ("Reshape", {}, {"shape": np.array([-1, 2, 3], np.int64)}, (2, 3)),
+    ("Flatten", {"axis": 1}, {}, (6,)),
+    ("Unsqueeze", {}, {"axes": np.array([1], np.int64)}, (1, 6)),
+])
+def test_reshape_family(op, attrs, consts, out_shape):
+    m = make_model(op, [("x", (6,))], out_shape, attrs=dict(attrs), consts=consts)
+    check_rule(m, {"x": u((6,))})
+
+
+def test_squeeze_and_transpose_rank3():
+    m = make_model("Squeeze", [("x", (1, 4))], (4,), consts={"axes": np.array([1], np.int64)})
+    check_rule(m, {"x": u((1, 4))})
+    m = make_model("Transpose", [("x", (2, 3))], (3, 2), attrs={"perm": [0, 2, 1]})
+    check_rule(m, {"x": u((2, 3))})
+
+
+def test_slice_rule():
+    consts = {"starts": np.array([1], np.int64), "ends": np.array([-1], np.int64), "axes": np.array([1], np.int64)}
+    m = make_model("Slice", [("x", (5,))], (3,), consts=consts)
+    check_rule(m, {"x": u((5,))})
+
+
+def test_split_rule():
+    m = make_model("Split", [("x", (5,))], None, consts={"split": np.array([2, 3], np.int64)},
+                   attrs={"axis": 1}, n_outputs=2, out_shapes=[(2,), (3,)])
+    check_rule(m, {"x": u((5,))})
+
+
+@pytest.mark.parametrize("op,keep", [("ReduceSum", 1), ("ReduceSum", 0), ("ReduceMean", 1), ("ReduceMean", 0)])
+def test_reduce_rules(op, keep):
+    # opset 17: ReduceSum takes axes as an input, ReduceMean as an attribute
+    if op == "ReduceSum":
+        m = make_model(op, [("x", (2, 3))], (2, 1) if keep else (2,), consts={"axes": np.array([2], np.int64)},
+                       attrs={"keepdims": keep})
+    else:
+        m = make_model(op, [("x", (2, 3))], (2, 1) if keep else (2,), attrs={"keepdims": keep, "axes": [-1]})
+    check_rule(m, {"x": u((2, 3))})
+
+
+def test_every_rule_has_a_test():
+    """Keeps this file in step with the rule table: an op added to RULES must be exercised here."""
+    import re
+    from pathlib import Path
+
+    text = Path(__file__).read_text()
+    untested = [op for op in RULES if not re.search(rf'"{op}"', text)]
+    assert not untested, f"rules without a single-node test: {untested}"
+
+
+# ----- kinks follow TensorFlow's gradient convention --------------------------------------------------------
+@pytest.mark.parametrize("op,attrs,expected", [
+    ("Relu", {}, 0.0),            # tf: relu'(0) = 0
+    ("LeakyRelu", {"alpha": 0.3}, 0.3),  # tf: gradient alpha where x <= 0
+    ("Elu", {"alpha": 1.0}, 1.0),  # tf: x <= 0 branch, alpha * exp(0)
+])
+def test_kink_convention(op, attrs, expected):
+    m = make_model(op, [("x", (1,))], (1,), attrs=dict(attrs))
+    for mode in ("forward", "reverse"):
+        jm, _ = build_jacobian_model(m, mode=mode)
+        sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+        _, j = sess.run(None, {"x": np.zeros((1, 1), np.float32)})
+        assert j[0, 0, 0] == pytest.approx(expected)
+
+
+# ----- unsupported ops ------------------------------------------------------------------------------------------
+def test_unsupported_op_names_op_and_node():
+    m = make_model("Softmax", [("x", (3,))], (3,), attrs={"axis": -1})
+    with pytest.raises(UnsupportedOpError) as ei:
+        build_jacobian_model(m)
+    assert "Softmax" in str(ei.value) and "Softmax_node" in str(ei.value)
+    assert ei.value.op_type == "Softmax" and ei.value.node_name == "Softmax_node"
+
+
+def test_matmul_of_two_variables_is_refused():
+    m = make_model("MatMul", [("a", (3,)), ("b", (3,))], (3,))
+    # shapes do not matter: the rule refuses before building anything
+    with pytest.raises(UnsupportedOpError, match="MatMul"):
+        build_jacobian_model(m)
