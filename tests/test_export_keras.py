@@ -1,0 +1,84 @@
+"""Keras -> ONNX -> companion Jacobian graph, checked against TensorFlow's GradientTape on 1,000 points per
+model, in both modes: max |J - J_tf| <= JACOBIAN_F32 * max(1, max |J_tf|)."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import models
+from nnpartials import tolerances
+from nnpartials.exporter.jacobian import build_jacobian_model
+from nnpartials.exporter.keras_export import load_model, to_onnx
+from nnpartials.exporter.reference import tf_jacobian
+
+N_POINTS = 1000
+
+
+def check_against_tape(keras_model, low=-3.0, high=3.0, seed=0):
+    traced = load_model(keras_model)
+    fwd = to_onnx(traced)
+    # exactly the model's inputs: no frozen statistic became a graph input
+    assert [i.name for i in fwd.graph.input] == traced.input_names
+    assert len(fwd.graph.input) == len(keras_model.inputs)
+    rng = np.random.default_rng(seed)
+    xs = [rng.uniform(low, high, size=(N_POINTS, w)).astype(np.float32) for w in traced.input_widths]
+    y_ref, j_ref = tf_jacobian(traced, xs)
+    results = {}
+    for mode in ("forward", "reverse"):
+        jm, info = build_jacobian_model(fwd, mode=mode)
+        sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+        outs = sess.run(None, dict(zip(traced.input_names, xs)))
+        _, yrel, _ = tolerances.scaled_error(outs[0], y_ref)
+        assert yrel <= tolerances.FORWARD_F32, f"{mode}: y differs from Keras by {yrel:.3g}"
+        for name, j, jr in zip(traced.input_names, outs[1:], j_ref):
+            assert j.shape == jr.shape == (N_POINTS, info["n_out"], jr.shape[2])
+            _, rel, _ = tolerances.scaled_error(j, jr)
+            assert rel <= tolerances.JACOBIAN_F32, f"{mode} mode, input {name}: max scaled error {rel:.3g}"
+            results[(mode, name)] = rel
+    return results
+
+
+@pytest.mark.parametrize("act", models.ACTIVATIONS)
+def test_dense_activation_matches_gradient_tape(act):
+    check_against_tape(models.dense_model(act))
+
+
+def test_seed_network_matches_gradient_tape():
+    t = np.linspace(0, 6 * np.pi, 2000)
+    check_against_tape(models.seed_model(), low=0.0, high=6 * np.pi * 1.5)
+
+
+def test_layers_batchnorm_dropout_prelu_match_gradient_tape():
+    check_against_tape(models.layers_model())
+
+
+def test_multi_input_concat_residual_multi_output_match_gradient_tape():
+    check_against_tape(models.multi_input_model())
+
+
+def test_residual_add_matches_gradient_tape():
+    check_against_tape(models.residual_model())
+
+
+def test_normalization_statistics_are_constants_not_inputs():
+    """The known tf2onnx trap: captured Normalization mean/variance must not become graph inputs."""
+    m = models.dense_model("tanh", n_in=3)
+    fwd = to_onnx(load_model(m))
+    assert [i.name for i in fwd.graph.input] == ["x"]
+    dims = fwd.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and dims[1].dim_value == 3
+    assert {n.op_type for n in fwd.graph.node} >= {"MatMul"}
+    assert not any(n.op_type == "Erfc" for n in fwd.graph.node)
+
+
+def test_gelu_erfc_is_legalized():
+    fwd = to_onnx(load_model(models.dense_model("gelu")))
+    ops = {n.op_type for n in fwd.graph.node}
+    assert "Erfc" not in ops and "Erf" in ops
+
+
+def test_auto_mode_picks_cheaper_side():
+    fwd = to_onnx(load_model(models.dense_model("tanh", n_in=5, n_out=1)))
+    assert build_jacobian_model(fwd)[1]["mode"] == "reverse"
+    fwd = to_onnx(load_model(models.dense_model("tanh", n_in=2, n_out=4)))
+    assert build_jacobian_model(fwd)[1]["mode"] == "forward"
