@@ -1,0 +1,1138 @@
+/*
+ * nnp.c - the nnpartials C core. See nnp.h for the API and FORMAT.md for the weight file.
+ *
+ * Layout of a loaded model (inside the caller's storage, aligned to 64 bytes):
+ *   struct nnp_model | nnp_layer[n_layers] | per layer: W[rows][cols], b[cols], Wt[cols][rows]
+ * W is kept twice (as stored and transposed) so that both the forward products (x W) and the reverse ones
+ * (g W^T) run over contiguous memory.
+ *
+ * Computation is blocked: a block of points goes through the whole network before the next block starts,
+ * so that its activations stay in cache. Every product is a small matrix product C = A B computed by
+ * register-tiled kernels whose inner loops run over contiguous columns (the compiler vectorizes them).
+ */
+#include "nnp.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if FLT_RADIX != 2 || FLT_MANT_DIG != 24 || DBL_MANT_DIG != 53
+#error "nnp.c needs IEEE-754 binary32 float and binary64 double"
+#endif
+typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) ? 1 : -1];
+
+/* On x86-64 Linux with GCC or Clang, compile the hot kernels twice (baseline and AVX2+FMA) and pick one at
+ * load time; elsewhere, or with -DNNP_NO_MULTIVERSION, build them once for the target the compiler uses. */
+#if !defined(NNP_NO_MULTIVERSION) && defined(__x86_64__) && defined(__linux__) && defined(__ELF__) &&         \
+    !defined(__SANITIZE_ADDRESS__) &&                                                                           \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
+#define NNP_HOT __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define NNP_HOT
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define NNP_INLINE static inline __attribute__((always_inline))
+#else
+#define NNP_INLINE static inline
+#endif
+
+#define NNP_HEADER_BYTES 32u
+#define NNP_RECORD_BYTES 24u
+#define NNP_ALIGN 64u
+#define NNP_MODEL_TAG 0x4d50504eu /* "NPPM": marks an initialised model */
+/* A block of points is sized so that its activation buffers hold about this many floats. */
+#define NNP_BLOCK_FLOATS 16384u
+#define NNP_MAX_BLOCK 64u
+/* rounding part of the finite-difference error estimate, in units of DBL_EPSILON * max(1, |f|) / h */
+#ifndef NNP_FD_ROUNDING
+#define NNP_FD_ROUNDING 16.0
+#endif
+
+typedef struct nnp_layer {
+    size_t rows, cols;
+    int act;
+    float p0, p1;
+    const float *W;  /* [rows][cols] */
+    const float *b;  /* [cols] */
+    const float *Wt; /* [cols][rows] */
+} nnp_layer;
+
+struct nnp_model {
+    uint32_t tag;
+    size_t n_in, n_out, n_layers;
+    size_t max_cols; /* largest layer output width */
+    size_t sum_cols; /* sum of layer output widths */
+    const nnp_layer *layers;
+};
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Status text                                                                                            */
+
+const char *nnp_strerror(int code)
+{
+    switch (code) {
+    case NNP_OK: return "success";
+    case NNP_E_NULL: return "a required pointer argument is NULL";
+    case NNP_E_TRUNCATED: return "weight file is truncated (the buffer ends before the file does)";
+    case NNP_E_BAD_MAGIC: return "not a weight file (bad magic, expected \"NNPK\")";
+    case NNP_E_VERSION: return "unsupported weight file version (this library reads version 1)";
+    case NNP_E_BAD_FIELD: return "weight file has a non-zero flags, reserved or unused parameter field";
+    case NNP_E_BAD_DIM: return "weight file has a bad count or dimension (zero, too large, or layers do not chain)";
+    case NNP_E_BAD_ACTIVATION: return "weight file has an unknown activation code";
+    case NNP_E_SIZE_MISMATCH: return "weight file size does not match its header and layer dimensions";
+    case NNP_E_CHECKSUM: return "weight file checksum (CRC-32) mismatch";
+    case NNP_E_NONFINITE: return "weight file holds a NaN or infinite weight, bias or parameter";
+    case NNP_E_STORAGE: return "model storage too small";
+    case NNP_E_WORKSPACE: return "workspace too small";
+    case NNP_E_ARG: return "invalid argument";
+    case NNP_E_TOO_LARGE: return "size too large for this platform";
+    default: return "unknown error";
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Overflow-checked size arithmetic                                                                       */
+
+static int add_sz(size_t a, size_t b, size_t *r)
+{
+    if (a > SIZE_MAX - b) return 0;
+    *r = a + b;
+    return 1;
+}
+
+static int mul_sz(size_t a, size_t b, size_t *r)
+{
+    if (a != 0 && b > SIZE_MAX / a) return 0;
+    *r = a * b;
+    return 1;
+}
+
+/* bytes rounded up to NNP_ALIGN */
+static int round_up(size_t bytes, size_t *r)
+{
+    if (!add_sz(bytes, NNP_ALIGN - 1, r)) return 0;
+    *r -= *r % NNP_ALIGN;
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Little-endian decoding and CRC-32                                                                      */
+
+static uint32_t rd_u32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static uint64_t rd_u64(const unsigned char *p)
+{
+    return (uint64_t)rd_u32(p) | ((uint64_t)rd_u32(p + 4) << 32);
+}
+
+static float rd_f32(const unsigned char *p)
+{
+    uint32_t u = rd_u32(p);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static int finite_bits(const unsigned char *p)
+{
+    return (rd_u32(p) & 0x7f800000u) != 0x7f800000u;
+}
+
+static const uint32_t crc_table[256] = {
+    0x00000000u, 0x77073096u, 0xee0e612cu, 0x990951bau, 0x076dc419u, 0x706af48fu, 0xe963a535u, 0x9e6495a3u,
+    0x0edb8832u, 0x79dcb8a4u, 0xe0d5e91eu, 0x97d2d988u, 0x09b64c2bu, 0x7eb17cbdu, 0xe7b82d07u, 0x90bf1d91u,
+    0x1db71064u, 0x6ab020f2u, 0xf3b97148u, 0x84be41deu, 0x1adad47du, 0x6ddde4ebu, 0xf4d4b551u, 0x83d385c7u,
+    0x136c9856u, 0x646ba8c0u, 0xfd62f97au, 0x8a65c9ecu, 0x14015c4fu, 0x63066cd9u, 0xfa0f3d63u, 0x8d080df5u,
+    0x3b6e20c8u, 0x4c69105eu, 0xd56041e4u, 0xa2677172u, 0x3c03e4d1u, 0x4b04d447u, 0xd20d85fdu, 0xa50ab56bu,
+    0x35b5a8fau, 0x42b2986cu, 0xdbbbc9d6u, 0xacbcf940u, 0x32d86ce3u, 0x45df5c75u, 0xdcd60dcfu, 0xabd13d59u,
+    0x26d930acu, 0x51de003au, 0xc8d75180u, 0xbfd06116u, 0x21b4f4b5u, 0x56b3c423u, 0xcfba9599u, 0xb8bda50fu,
+    0x2802b89eu, 0x5f058808u, 0xc60cd9b2u, 0xb10be924u, 0x2f6f7c87u, 0x58684c11u, 0xc1611dabu, 0xb6662d3du,
+    0x76dc4190u, 0x01db7106u, 0x98d220bcu, 0xefd5102au, 0x71b18589u, 0x06b6b51fu, 0x9fbfe4a5u, 0xe8b8d433u,
+    0x7807c9a2u, 0x0f00f934u, 0x9609a88eu, 0xe10e9818u, 0x7f6a0dbbu, 0x086d3d2du, 0x91646c97u, 0xe6635c01u,
+    0x6b6b51f4u, 0x1c6c6162u, 0x856530d8u, 0xf262004eu, 0x6c0695edu, 0x1b01a57bu, 0x8208f4c1u, 0xf50fc457u,
+    0x65b0d9c6u, 0x12b7e950u, 0x8bbeb8eau, 0xfcb9887cu, 0x62dd1ddfu, 0x15da2d49u, 0x8cd37cf3u, 0xfbd44c65u,
+    0x4db26158u, 0x3ab551ceu, 0xa3bc0074u, 0xd4bb30e2u, 0x4adfa541u, 0x3dd895d7u, 0xa4d1c46du, 0xd3d6f4fbu,
+    0x4369e96au, 0x346ed9fcu, 0xad678846u, 0xda60b8d0u, 0x44042d73u, 0x33031de5u, 0xaa0a4c5fu, 0xdd0d7cc9u,
+    0x5005713cu, 0x270241aau, 0xbe0b1010u, 0xc90c2086u, 0x5768b525u, 0x206f85b3u, 0xb966d409u, 0xce61e49fu,
+    0x5edef90eu, 0x29d9c998u, 0xb0d09822u, 0xc7d7a8b4u, 0x59b33d17u, 0x2eb40d81u, 0xb7bd5c3bu, 0xc0ba6cadu,
+    0xedb88320u, 0x9abfb3b6u, 0x03b6e20cu, 0x74b1d29au, 0xead54739u, 0x9dd277afu, 0x04db2615u, 0x73dc1683u,
+    0xe3630b12u, 0x94643b84u, 0x0d6d6a3eu, 0x7a6a5aa8u, 0xe40ecf0bu, 0x9309ff9du, 0x0a00ae27u, 0x7d079eb1u,
+    0xf00f9344u, 0x8708a3d2u, 0x1e01f268u, 0x6906c2feu, 0xf762575du, 0x806567cbu, 0x196c3671u, 0x6e6b06e7u,
+    0xfed41b76u, 0x89d32be0u, 0x10da7a5au, 0x67dd4accu, 0xf9b9df6fu, 0x8ebeeff9u, 0x17b7be43u, 0x60b08ed5u,
+    0xd6d6a3e8u, 0xa1d1937eu, 0x38d8c2c4u, 0x4fdff252u, 0xd1bb67f1u, 0xa6bc5767u, 0x3fb506ddu, 0x48b2364bu,
+    0xd80d2bdau, 0xaf0a1b4cu, 0x36034af6u, 0x41047a60u, 0xdf60efc3u, 0xa867df55u, 0x316e8eefu, 0x4669be79u,
+    0xcb61b38cu, 0xbc66831au, 0x256fd2a0u, 0x5268e236u, 0xcc0c7795u, 0xbb0b4703u, 0x220216b9u, 0x5505262fu,
+    0xc5ba3bbeu, 0xb2bd0b28u, 0x2bb45a92u, 0x5cb36a04u, 0xc2d7ffa7u, 0xb5d0cf31u, 0x2cd99e8bu, 0x5bdeae1du,
+    0x9b64c2b0u, 0xec63f226u, 0x756aa39cu, 0x026d930au, 0x9c0906a9u, 0xeb0e363fu, 0x72076785u, 0x05005713u,
+    0x95bf4a82u, 0xe2b87a14u, 0x7bb12baeu, 0x0cb61b38u, 0x92d28e9bu, 0xe5d5be0du, 0x7cdcefb7u, 0x0bdbdf21u,
+    0x86d3d2d4u, 0xf1d4e242u, 0x68ddb3f8u, 0x1fda836eu, 0x81be16cdu, 0xf6b9265bu, 0x6fb077e1u, 0x18b74777u,
+    0x88085ae6u, 0xff0f6a70u, 0x66063bcau, 0x11010b5cu, 0x8f659effu, 0xf862ae69u, 0x616bffd3u, 0x166ccf45u,
+    0xa00ae278u, 0xd70dd2eeu, 0x4e048354u, 0x3903b3c2u, 0xa7672661u, 0xd06016f7u, 0x4969474du, 0x3e6e77dbu,
+    0xaed16a4au, 0xd9d65adcu, 0x40df0b66u, 0x37d83bf0u, 0xa9bcae53u, 0xdebb9ec5u, 0x47b2cf7fu, 0x30b5ffe9u,
+    0xbdbdf21cu, 0xcabac28au, 0x53b39330u, 0x24b4a3a6u, 0xbad03605u, 0xcdd70693u, 0x54de5729u, 0x23d967bfu,
+    0xb3667a2eu, 0xc4614ab8u, 0x5d681b02u, 0x2a6f2b94u, 0xb40bbe37u, 0xc30c8ea1u, 0x5a05df1bu, 0x2d02ef8du,
+};
+
+static uint32_t crc32_ieee(const unsigned char *p, size_t n)
+{
+    uint32_t c = 0xffffffffu;
+    size_t i;
+    for (i = 0; i < n; i++) c = crc_table[(c ^ p[i]) & 0xffu] ^ (c >> 8);
+    return c ^ 0xffffffffu;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Validation                                                                                             */
+
+/* Which of p0, p1 an activation uses: bit 0 = p0, bit 1 = p1. */
+static const unsigned char act_params[NNP_ACT_COUNT] = {0, 0, 1, 1, 3, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0};
+
+typedef struct {
+    size_t n_in, n_out, n_layers, n_params, max_cols, sum_cols, storage;
+} nnp_info;
+
+/* Full validation of buf[0..len). Fills *info on success. */
+static int validate(const unsigned char *buf, size_t len, nnp_info *info)
+{
+    size_t n_in, n_out, n_layers, k, prev, params = 0, body, total, storage, max_cols = 0, sum_cols = 0;
+    uint64_t file_size;
+    const unsigned char *rec;
+
+    if (buf == NULL && len != 0) return NNP_E_NULL;
+    if (len < 4) return NNP_E_TRUNCATED;
+    if (buf[0] != 'N' || buf[1] != 'N' || buf[2] != 'P' || buf[3] != 'K') return NNP_E_BAD_MAGIC;
+    if (len < NNP_HEADER_BYTES) return NNP_E_TRUNCATED;
+    if (rd_u32(buf + 4) != NNP_FORMAT_VERSION) return NNP_E_VERSION;
+    file_size = rd_u64(buf + 24);
+    if (file_size > (uint64_t)len) return NNP_E_TRUNCATED;
+    if (file_size < (uint64_t)len) return NNP_E_SIZE_MISMATCH;
+    if (rd_u32(buf + 20) != 0) return NNP_E_BAD_FIELD;
+    if (rd_u32(buf + 8) < 1 || rd_u32(buf + 8) > NNP_MAX_DIM) return NNP_E_BAD_DIM;
+    if (rd_u32(buf + 12) < 1 || rd_u32(buf + 12) > NNP_MAX_DIM) return NNP_E_BAD_DIM;
+    if (rd_u32(buf + 16) < 1 || rd_u32(buf + 16) > NNP_MAX_LAYERS) return NNP_E_BAD_DIM;
+    n_in = (size_t)rd_u32(buf + 8);
+    n_out = (size_t)rd_u32(buf + 12);
+    n_layers = (size_t)rd_u32(buf + 16);
+
+    /* header + records + checksum; n_layers <= 4096 so this cannot overflow */
+    body = NNP_HEADER_BYTES + NNP_RECORD_BYTES * n_layers;
+    if (len < body + 4) return NNP_E_SIZE_MISMATCH;
+
+    /* storage: aligned model struct and layer table, then aligned W, b, Wt per layer */
+    if (!round_up(sizeof(struct nnp_model), &storage)) return NNP_E_TOO_LARGE;
+    {
+        size_t t;
+        if (!mul_sz(n_layers, sizeof(nnp_layer), &t) || !round_up(t, &t) || !add_sz(storage, t, &storage) ||
+            !add_sz(storage, NNP_ALIGN - 1, &storage))
+            return NNP_E_TOO_LARGE;
+    }
+
+    prev = n_in;
+    for (k = 0; k < n_layers; k++) {
+        size_t rows, cols, rc, lp, bytes;
+        uint32_t act;
+        rec = buf + NNP_HEADER_BYTES + NNP_RECORD_BYTES * k;
+        if (rd_u32(rec) < 1 || rd_u32(rec) > NNP_MAX_DIM) return NNP_E_BAD_DIM;
+        if (rd_u32(rec + 4) < 1 || rd_u32(rec + 4) > NNP_MAX_DIM) return NNP_E_BAD_DIM;
+        rows = (size_t)rd_u32(rec);
+        cols = (size_t)rd_u32(rec + 4);
+        if (rows != prev) return NNP_E_BAD_DIM;
+        if (k + 1 == n_layers && cols != n_out) return NNP_E_BAD_DIM;
+        act = rd_u32(rec + 8);
+        if (act >= NNP_ACT_COUNT) return NNP_E_BAD_ACTIVATION;
+        if (rd_u32(rec + 12) != 0) return NNP_E_BAD_FIELD;
+        if (!finite_bits(rec + 16) || !finite_bits(rec + 20)) return NNP_E_NONFINITE;
+        /* unused parameters must be +0 or -0 */
+        if (!(act_params[act] & 1u) && (rd_u32(rec + 16) & 0x7fffffffu) != 0) return NNP_E_BAD_FIELD;
+        if (!(act_params[act] & 2u) && (rd_u32(rec + 20) & 0x7fffffffu) != 0) return NNP_E_BAD_FIELD;
+        prev = cols;
+        if (!mul_sz(rows, cols, &rc) || !add_sz(rc, cols, &lp) || !add_sz(params, lp, &params))
+            return NNP_E_TOO_LARGE;
+        /* storage for W, b and Wt */
+        {
+            size_t wb, bb;
+            if (!mul_sz(rc, sizeof(float), &wb) || !round_up(wb, &wb) || !mul_sz(cols, sizeof(float), &bb) ||
+                !round_up(bb, &bb) || !mul_sz(wb, 2, &bytes) || !add_sz(bytes, bb, &bytes) ||
+                !add_sz(storage, bytes, &storage))
+                return NNP_E_TOO_LARGE;
+        }
+        if (cols > max_cols) max_cols = cols;
+        sum_cols += cols; /* <= 4096 * 65536 */
+    }
+
+    /* total = body + 4 * params + 4 */
+    if (!mul_sz(params, 4, &total) || !add_sz(total, body + 4, &total)) return NNP_E_SIZE_MISMATCH;
+    if (total != len) return NNP_E_SIZE_MISMATCH;
+    if (crc32_ieee(buf, len - 4) != rd_u32(buf + len - 4)) return NNP_E_CHECKSUM;
+    {
+        const unsigned char *p = buf + body, *end = buf + len - 4;
+        for (; p < end; p += 4)
+            if (!finite_bits(p)) return NNP_E_NONFINITE;
+    }
+    if (info != NULL) {
+        info->n_in = n_in;
+        info->n_out = n_out;
+        info->n_layers = n_layers;
+        info->n_params = params;
+        info->max_cols = max_cols;
+        info->sum_cols = sum_cols;
+        info->storage = storage;
+    }
+    return NNP_OK;
+}
+
+int nnp_model_bytes(const unsigned char *buf, size_t len, size_t *needed)
+{
+    nnp_info info;
+    int rc;
+    if (buf == NULL || needed == NULL) return NNP_E_NULL;
+    rc = validate(buf, len, &info);
+    if (rc != NNP_OK) return rc;
+    *needed = info.storage;
+    return NNP_OK;
+}
+
+static unsigned char *align_ptr(unsigned char *p)
+{
+    size_t mis = (size_t)((uintptr_t)p % NNP_ALIGN);
+    return mis ? p + (NNP_ALIGN - mis) : p;
+}
+
+int nnp_load(const unsigned char *buf, size_t len, void *storage, size_t storage_len, nnp_model **out)
+{
+    nnp_info info;
+    int rc;
+    unsigned char *base, *p;
+    struct nnp_model *m;
+    nnp_layer *layers;
+    size_t k, off;
+
+    if (out != NULL) *out = NULL;
+    if (buf == NULL || storage == NULL || out == NULL) return NNP_E_NULL;
+    rc = validate(buf, len, &info);
+    if (rc != NNP_OK) return rc;
+    if (storage_len < info.storage) return NNP_E_STORAGE;
+
+    /* All offsets below stay within info.storage bytes of storage (validate() summed the same terms). */
+    base = align_ptr((unsigned char *)storage);
+    m = (struct nnp_model *)(void *)base;
+    p = base + ((sizeof(struct nnp_model) + NNP_ALIGN - 1) / NNP_ALIGN) * NNP_ALIGN;
+    layers = (nnp_layer *)(void *)p;
+    p += ((info.n_layers * sizeof(nnp_layer) + NNP_ALIGN - 1) / NNP_ALIGN) * NNP_ALIGN;
+
+    off = NNP_HEADER_BYTES + NNP_RECORD_BYTES * info.n_layers; /* first parameter byte */
+    for (k = 0; k < info.n_layers; k++) {
+        const unsigned char *rec = buf + NNP_HEADER_BYTES + NNP_RECORD_BYTES * k;
+        size_t rows = (size_t)rd_u32(rec), cols = (size_t)rd_u32(rec + 4), rc_ = rows * cols, i, j;
+        size_t wbytes = ((rc_ * sizeof(float) + NNP_ALIGN - 1) / NNP_ALIGN) * NNP_ALIGN;
+        size_t bbytes = ((cols * sizeof(float) + NNP_ALIGN - 1) / NNP_ALIGN) * NNP_ALIGN;
+        float *W = (float *)(void *)p;
+        float *b = (float *)(void *)(p + wbytes);
+        float *Wt = (float *)(void *)(p + wbytes + bbytes);
+        for (i = 0; i < rows; i++)
+            for (j = 0; j < cols; j++) {
+                float w = rd_f32(buf + off + 4 * (i * cols + j));
+                W[i * cols + j] = w;
+                Wt[j * rows + i] = w;
+            }
+        off += 4 * rc_;
+        for (j = 0; j < cols; j++) b[j] = rd_f32(buf + off + 4 * j);
+        off += 4 * cols;
+        layers[k].rows = rows;
+        layers[k].cols = cols;
+        layers[k].act = (int)rd_u32(rec + 8);
+        layers[k].p0 = rd_f32(rec + 16);
+        layers[k].p1 = rd_f32(rec + 20);
+        layers[k].W = W;
+        layers[k].b = b;
+        layers[k].Wt = Wt;
+        p += 2 * wbytes + bbytes;
+    }
+    m->tag = NNP_MODEL_TAG;
+    m->n_in = info.n_in;
+    m->n_out = info.n_out;
+    m->n_layers = info.n_layers;
+    m->max_cols = info.max_cols;
+    m->sum_cols = info.sum_cols;
+    m->layers = layers;
+    *out = m;
+    return NNP_OK;
+}
+
+static int model_ok(const nnp_model *m)
+{
+    return m != NULL && m->tag == NNP_MODEL_TAG;
+}
+
+size_t nnp_n_in(const nnp_model *m) { return model_ok(m) ? m->n_in : 0; }
+size_t nnp_n_out(const nnp_model *m) { return model_ok(m) ? m->n_out : 0; }
+size_t nnp_n_layers(const nnp_model *m) { return model_ok(m) ? m->n_layers : 0; }
+
+int nnp_layer_info(const nnp_model *m, size_t k, size_t *rows, size_t *cols, int *activation, float *p0,
+                   float *p1)
+{
+    const nnp_layer *L;
+    if (m == NULL) return NNP_E_NULL;
+    if (!model_ok(m) || k >= m->n_layers) return NNP_E_ARG;
+    L = &m->layers[k];
+    if (rows) *rows = L->rows;
+    if (cols) *cols = L->cols;
+    if (activation) *activation = L->act;
+    if (p0) *p0 = L->p0;
+    if (p1) *p1 = L->p1;
+    return NNP_OK;
+}
+
+int nnp_auto_mode(const nnp_model *m)
+{
+    if (m == NULL) return NNP_E_NULL;
+    if (!model_ok(m)) return NNP_E_ARG;
+    /* Forward mode costs about (1 + n_in) products per layer, reverse mode 1 + n_out plus the bookkeeping of
+     * keeping every layer's derivative; forward mode wins ties and near-ties. */
+    return (m->n_out + 1 < m->n_in) ? NNP_MODE_REVERSE : NNP_MODE_FORWARD;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Workspace                                                                                              */
+
+/* Workspace of an operation: fixed + per_point * block elements. */
+static int ws_shape(const nnp_model *m, int op, size_t *fixed, size_t *per_point)
+{
+    size_t t, u;
+    *fixed = 0;
+    switch (op) {
+    case NNP_WS_FORWARD:
+    case NNP_WS_FORWARD_F64:
+        /* two ping-pong activation buffers */
+        if (!mul_sz(2, m->max_cols, per_point)) return NNP_E_TOO_LARGE;
+        return NNP_OK;
+    case NNP_WS_JACOBIAN_FORWARD:
+        /* two ping-pong buffers of (1 + n_in) rows (value and tangents) per point, one derivative row */
+        *fixed = m->max_cols;
+        if (!mul_sz(m->n_in + 1, m->max_cols, &t) || !mul_sz(2, t, per_point)) return NNP_E_TOO_LARGE;
+        return NNP_OK;
+    case NNP_WS_JACOBIAN_REVERSE:
+        /* values (2 rows), every layer's derivative, two adjoint buffers of n_out rows */
+        if (!mul_sz(m->n_out, m->max_cols, &t) || !mul_sz(2, t, &t) || !mul_sz(2, m->max_cols, &u) ||
+            !add_sz(t, u, &t) || !add_sz(t, m->sum_cols, per_point))
+            return NNP_E_TOO_LARGE;
+        return NNP_OK;
+    case NNP_WS_JACOBIAN:
+        return ws_shape(m, nnp_auto_mode(m) == NNP_MODE_REVERSE ? NNP_WS_JACOBIAN_REVERSE : NNP_WS_JACOBIAN_FORWARD,
+                        fixed, per_point);
+    case NNP_WS_FD_JACOBIAN_F64:
+        /* 4 perturbed points, their 4 outputs and output scales, and the float64 forward workspace for 4
+         * points; per point nothing more */
+        if (!mul_sz(4, m->n_in, &t) || !mul_sz(8, m->n_out, &u) || !add_sz(t, u, &t) ||
+            !mul_sz(8, m->max_cols, &u) || !add_sz(t, u, fixed))
+            return NNP_E_TOO_LARGE;
+        *per_point = 0;
+        return NNP_OK;
+    default:
+        return NNP_E_ARG;
+    }
+}
+
+static size_t max_block(size_t per_point)
+{
+    size_t b = per_point ? NNP_BLOCK_FLOATS / per_point : NNP_MAX_BLOCK;
+    if (b < 1) b = 1;
+    if (b > NNP_MAX_BLOCK) b = NNP_MAX_BLOCK;
+    return b;
+}
+
+int nnp_workspace(const nnp_model *m, int op, size_t batch, size_t *n_elems)
+{
+    size_t fixed, per_point, blk, t;
+    int rc;
+    if (m == NULL || n_elems == NULL) return NNP_E_NULL;
+    if (!model_ok(m)) return NNP_E_ARG;
+    rc = ws_shape(m, op, &fixed, &per_point);
+    if (rc != NNP_OK) return rc;
+    if (batch == 0) {
+        *n_elems = 0;
+        return NNP_OK;
+    }
+    blk = max_block(per_point);
+    if (blk > batch) blk = batch;
+    if (!mul_sz(blk, per_point, &t) || !add_sz(t, fixed, &t)) return NNP_E_TOO_LARGE;
+    *n_elems = t;
+    return NNP_OK;
+}
+
+/* Block size usable with work_len elements, or 0 when not even one point fits. */
+static size_t block_for(size_t fixed, size_t per_point, size_t batch, size_t work_len)
+{
+    size_t blk = max_block(per_point);
+    if (blk > batch) blk = batch;
+    if (work_len < fixed) return 0;
+    if (per_point == 0) return blk;
+    if ((work_len - fixed) / per_point < blk) blk = (work_len - fixed) / per_point;
+    return blk;
+}
+
+/* Common argument checks; also rejects batches whose arrays could not be addressed. */
+static int check_call(const nnp_model *m, size_t batch, const void *x, const void *y, int need_y, const void *work,
+                      size_t out_per_point)
+{
+    size_t t;
+    if (m == NULL) return NNP_E_NULL;
+    if (!model_ok(m)) return NNP_E_ARG;
+    if (batch == 0) return NNP_OK;
+    if (x == NULL || (need_y && y == NULL) || work == NULL) return NNP_E_NULL;
+    if (!mul_sz(batch, m->n_in, &t) || !mul_sz(t, sizeof(double), &t)) return NNP_E_ARG;
+    if (!mul_sz(batch, out_per_point, &t) || !mul_sz(t, sizeof(double), &t)) return NNP_E_ARG;
+    return NNP_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Matrix product kernels (float32)                                                                       */
+/*
+ * C[m][n] (row stride ldc) = A[m][k] (row stride lda) * B[k][n] (row stride n); Bt is B transposed ([n][k],
+ * row stride k), used for narrow column remainders where a dot product over contiguous k is faster.
+ */
+
+#define KERNEL_BODY(MR, NR)                                                                                    \
+    {                                                                                                          \
+        float acc[MR][NR];                                                                                     \
+        size_t p_, r_, c_;                                                                                     \
+        for (r_ = 0; r_ < MR; r_++)                                                                            \
+            for (c_ = 0; c_ < NR; c_++) acc[r_][c_] = 0.0f;                                                    \
+        for (p_ = 0; p_ < k; p_++) {                                                                           \
+            const float *b_ = B + p_ * ldb;                                                                    \
+            for (r_ = 0; r_ < MR; r_++) {                                                                      \
+                const float a_ = A[r_ * lda + p_];                                                             \
+                for (c_ = 0; c_ < NR; c_++) acc[r_][c_] += a_ * b_[c_];                                        \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (r_ = 0; r_ < MR; r_++)                                                                            \
+            for (c_ = 0; c_ < NR; c_++) C[r_ * ldc + c_] = acc[r_][c_];                                        \
+    }
+
+NNP_INLINE void k4x16(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
+KERNEL_BODY(4, 16)
+NNP_INLINE void k1x16(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
+KERNEL_BODY(1, 16)
+NNP_INLINE void k1x32(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
+KERNEL_BODY(1, 32)
+NNP_INLINE void k4x8(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
+KERNEL_BODY(4, 8)
+NNP_INLINE void k1x8(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
+KERNEL_BODY(1, 8)
+
+/* dot product over contiguous memory with 8 independent lanes (vectorizes without reassociation) */
+NNP_INLINE float dot8(size_t k, const float *a, const float *b)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t p = 0, l;
+    float s;
+    for (; p + 8 <= k; p += 8)
+        for (l = 0; l < 8; l++) acc[l] += a[p + l] * b[p + l];
+    s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; p < k; p++) s += a[p] * b[p];
+    return s;
+}
+
+NNP_HOT static void gemm_f32(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B,
+                             const float *Bt, float *C, size_t ldc)
+{
+    const size_t ldb = n;
+    size_t i, j = 0;
+    if (m < 4) {
+        for (; j + 32 <= n; j += 32)
+            for (i = 0; i < m; i++) k1x32(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+    }
+    for (; j + 16 <= n; j += 16) {
+        for (i = 0; i + 4 <= m; i += 4) k4x16(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+        for (; i < m; i++) k1x16(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+    }
+    for (; j + 8 <= n; j += 8) {
+        for (i = 0; i + 4 <= m; i += 4) k4x8(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+        for (; i < m; i++) k1x8(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+    }
+    for (; j < n; j++)
+        for (i = 0; i < m; i++) C[i * ldc + j] = dot8(k, A + i * lda, Bt + j * k);
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Activations (float32). z holds pre-activations with the bias not yet added.                            */
+
+#define SQRT1_2F 0.70710678118654752440f
+#define INV_SQRT_2PI_F 0.39894228040143267794f
+#define SQRT_2_OVER_PI_F 0.79788456080286535588f
+#define GELU_C 0.044715f
+
+/* z <- f(z + b) for n contiguous entries */
+NNP_HOT static void act_f32(const nnp_layer *L, float *z, size_t n)
+{
+    const float *b = L->b;
+    const float p0 = L->p0, p1 = L->p1;
+    size_t j;
+    switch (L->act) {
+    case NNP_ACT_LINEAR:
+        for (j = 0; j < n; j++) z[j] += b[j];
+        break;
+    case NNP_ACT_RELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : v;
+        }
+        break;
+    case NNP_ACT_LEAKY_RELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v > 0.0f ? v : p0 * v;
+        }
+        break;
+    case NNP_ACT_ELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v > 0.0f ? v : p0 * expm1f(v);
+        }
+        break;
+    case NNP_ACT_SELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v > 0.0f ? p1 * v : p1 * p0 * expm1f(v);
+        }
+        break;
+    case NNP_ACT_TANH:
+        for (j = 0; j < n; j++) z[j] = tanhf(z[j] + b[j]);
+        break;
+    case NNP_ACT_SIGMOID:
+        for (j = 0; j < n; j++) z[j] = 1.0f / (1.0f + expf(-(z[j] + b[j])));
+        break;
+    case NNP_ACT_HARD_SIGMOID:
+        for (j = 0; j < n; j++) {
+            float t = p0 * (z[j] + b[j]) + p1;
+            z[j] = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
+        }
+        break;
+    case NNP_ACT_SOFTPLUS:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = (v > 0.0f ? v : 0.0f) + log1pf(expf(-fabsf(v)));
+        }
+        break;
+    case NNP_ACT_SOFTSIGN:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v * (1.0f / (1.0f + fabsf(v)));
+        }
+        break;
+    case NNP_ACT_SWISH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v * (1.0f / (1.0f + expf(-v)));
+        }
+        break;
+    case NNP_ACT_GELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = 0.5f * v * (1.0f + erff(v * SQRT1_2F));
+        }
+        break;
+    case NNP_ACT_GELU_TANH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = 0.5f * v * (1.0f + tanhf(SQRT_2_OVER_PI_F * (v + GELU_C * v * v * v)));
+        }
+        break;
+    case NNP_ACT_RELU6:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v);
+        }
+        break;
+    default: /* NNP_ACT_EXPONENTIAL; codes were validated at load */
+        for (j = 0; j < n; j++) z[j] = expf(z[j] + b[j]);
+        break;
+    }
+}
+
+/* z <- f(z + b) and d <- f'(z + b); the derivative uses the output where that is cheaper.
+ * Kinks follow TensorFlow: relu'(0) = 0, leaky'(0) = alpha, elu'(0) = alpha (x <= 0 branch), selu'(0) = scale
+ * (as tf.nn.selu's gradient), relu6' and hard_sigmoid' are 0 at both ends of the linear part. */
+NNP_HOT static void act_d_f32(const nnp_layer *L, float *z, float *d, size_t n)
+{
+    const float *b = L->b;
+    const float p0 = L->p0, p1 = L->p1;
+    size_t j;
+    switch (L->act) {
+    case NNP_ACT_LINEAR:
+        for (j = 0; j < n; j++) {
+            z[j] += b[j];
+            d[j] = 1.0f;
+        }
+        break;
+    case NNP_ACT_RELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : v;
+            d[j] = v > 0.0f ? 1.0f : 0.0f;
+        }
+        break;
+    case NNP_ACT_LEAKY_RELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v > 0.0f ? v : p0 * v;
+            d[j] = v > 0.0f ? 1.0f : p0;
+        }
+        break;
+    case NNP_ACT_ELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            if (v > 0.0f) {
+                z[j] = v;
+                d[j] = 1.0f;
+            } else {
+                float e = expm1f(v);
+                z[j] = p0 * e;
+                d[j] = p0 * (e + 1.0f);
+            }
+        }
+        break;
+    case NNP_ACT_SELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            if (v < 0.0f) {
+                float e = expm1f(v);
+                z[j] = p1 * p0 * e;
+                d[j] = p1 * p0 * (e + 1.0f);
+            } else {
+                z[j] = p1 * v;
+                d[j] = p1;
+            }
+        }
+        break;
+    case NNP_ACT_TANH:
+        for (j = 0; j < n; j++) {
+            float a = tanhf(z[j] + b[j]);
+            z[j] = a;
+            d[j] = 1.0f - a * a;
+        }
+        break;
+    case NNP_ACT_SIGMOID:
+        for (j = 0; j < n; j++) {
+            float a = 1.0f / (1.0f + expf(-(z[j] + b[j])));
+            z[j] = a;
+            d[j] = a * (1.0f - a);
+        }
+        break;
+    case NNP_ACT_HARD_SIGMOID:
+        for (j = 0; j < n; j++) {
+            float t = p0 * (z[j] + b[j]) + p1;
+            z[j] = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
+            d[j] = (t > 0.0f && t < 1.0f) ? p0 : 0.0f;
+        }
+        break;
+    case NNP_ACT_SOFTPLUS:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float e = expf(-fabsf(v));
+            z[j] = (v > 0.0f ? v : 0.0f) + log1pf(e);
+            d[j] = (v >= 0.0f ? 1.0f : e) / (1.0f + e);
+        }
+        break;
+    case NNP_ACT_SOFTSIGN:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float q = 1.0f / (1.0f + fabsf(v));
+            z[j] = v * q;
+            d[j] = q * q;
+        }
+        break;
+    case NNP_ACT_SWISH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float s = 1.0f / (1.0f + expf(-v));
+            z[j] = v * s;
+            d[j] = s * (1.0f + v * (1.0f - s));
+        }
+        break;
+    case NNP_ACT_GELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float c = 0.5f * (1.0f + erff(v * SQRT1_2F));
+            z[j] = v * c;
+            d[j] = c + v * INV_SQRT_2PI_F * expf(-0.5f * v * v);
+        }
+        break;
+    case NNP_ACT_GELU_TANH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float t = tanhf(SQRT_2_OVER_PI_F * (v + GELU_C * v * v * v));
+            z[j] = 0.5f * v * (1.0f + t);
+            d[j] = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * SQRT_2_OVER_PI_F * (1.0f + 3.0f * GELU_C * v * v);
+        }
+        break;
+    case NNP_ACT_RELU6:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v);
+            d[j] = (v > 0.0f && v < 6.0f) ? 1.0f : 0.0f;
+        }
+        break;
+    default: /* NNP_ACT_EXPONENTIAL */
+        for (j = 0; j < n; j++) {
+            float a = expf(z[j] + b[j]);
+            z[j] = a;
+            d[j] = a;
+        }
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Forward (float32)                                                                                      */
+
+static void forward_block(const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1)
+{
+    const float *in = x;
+    size_t in_stride = m->n_in, k;
+    float *bufs[2];
+    bufs[0] = buf0;
+    bufs[1] = buf1;
+    for (k = 0; k < m->n_layers; k++) {
+        const nnp_layer *L = &m->layers[k];
+        int last = (k + 1 == m->n_layers);
+        float *out = last ? y : bufs[k & 1];
+        size_t i;
+        gemm_f32(np, L->rows, L->cols, in, in_stride, L->W, L->Wt, out, L->cols);
+        for (i = 0; i < np; i++) act_f32(L, out + i * L->cols, L->cols);
+        in = out;
+        in_stride = L->cols;
+    }
+}
+
+int nnp_forward(const nnp_model *m, size_t batch, const float *x, float *y, float *work, size_t work_len)
+{
+    size_t fixed, per_point, blk, done;
+    int rc = check_call(m, batch, x, y, 1, work, m ? m->n_out : 0);
+    if (rc != NNP_OK || batch == 0) return rc;
+    rc = ws_shape(m, NNP_WS_FORWARD, &fixed, &per_point);
+    if (rc != NNP_OK) return rc;
+    blk = block_for(fixed, per_point, batch, work_len);
+    if (blk == 0) return NNP_E_WORKSPACE;
+    for (done = 0; done < batch; done += blk) {
+        size_t np = batch - done < blk ? batch - done : blk;
+        forward_block(m, np, x + done * m->n_in, y + done * m->n_out, work, work + blk * m->max_cols);
+    }
+    return NNP_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Jacobian, forward mode: every point carries 1 value row and n_in tangent rows through the network.     */
+
+static void jac_fwd_block(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
+                          float *buf1, float *d)
+{
+    const size_t n_in = m->n_in, R = n_in + 1; /* rows per point */
+    size_t k, p, r, j;
+    float *cur = buf0, *nxt = buf1;
+
+    for (k = 0; k < m->n_layers; k++) {
+        const nnp_layer *L = &m->layers[k];
+        const size_t c = L->cols;
+        if (k == 0) {
+            /* value rows: x W; tangent rows: e_j W = W[j] */
+            gemm_f32(np, L->rows, c, x, n_in, L->W, L->Wt, nxt, R * c);
+            for (p = 0; p < np; p++) {
+                float *v = nxt + p * R * c;
+                act_d_f32(L, v, d, c);
+                for (r = 0; r < n_in; r++) {
+                    const float *w = L->W + r * c;
+                    float *t = v + (r + 1) * c;
+                    for (j = 0; j < c; j++) t[j] = w[j] * d[j];
+                }
+            }
+        } else {
+            gemm_f32(np * R, L->rows, c, cur, L->rows, L->W, L->Wt, nxt, c);
+            for (p = 0; p < np; p++) {
+                float *v = nxt + p * R * c;
+                act_d_f32(L, v, d, c);
+                for (r = 1; r < R; r++) {
+                    float *t = v + r * c;
+                    for (j = 0; j < c; j++) t[j] *= d[j];
+                }
+            }
+        }
+        {
+            float *tmp = cur;
+            cur = nxt;
+            nxt = tmp;
+        }
+    }
+    /* cur: per point [R][n_out]; row 0 = y, row 1 + j = d y / d x_j */
+    for (p = 0; p < np; p++) {
+        const float *v = cur + p * R * m->n_out;
+        float *Jp = J + p * m->n_out * n_in;
+        if (y) memcpy(y + p * m->n_out, v, m->n_out * sizeof(float));
+        for (r = 0; r < n_in; r++)
+            for (j = 0; j < m->n_out; j++) Jp[j * n_in + r] = v[(r + 1) * m->n_out + j];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Jacobian, reverse mode: forward pass keeping each layer's derivative, then n_out adjoint rows per point */
+
+static void jac_rev_block(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *v0, float *v1,
+                          float *D, float *g0, float *g1)
+{
+    const size_t n_in = m->n_in, n_out = m->n_out, L_n = m->n_layers;
+    const float *in = x;
+    size_t in_stride = n_in, k, p, i, j, doff;
+    float *cur = v0, *nxt = v1;
+
+    /* forward: D holds, per layer, a [np][cols] block of derivatives */
+    doff = 0;
+    for (k = 0; k < L_n; k++) {
+        const nnp_layer *L = &m->layers[k];
+        const size_t c = L->cols;
+        gemm_f32(np, L->rows, c, in, in_stride, L->W, L->Wt, nxt, c);
+        for (p = 0; p < np; p++) act_d_f32(L, nxt + p * c, D + doff + p * c, c);
+        doff += np * c;
+        in = nxt;
+        in_stride = c;
+        {
+            float *tmp = cur;
+            cur = nxt;
+            nxt = tmp;
+        }
+    }
+    if (y) memcpy(y, cur, np * n_out * sizeof(float));
+
+    /* backward. Adjoint rows are indexed (p * n_out + i). Start: row (p, i) = D_L[p][i] * W_L[:, i] */
+    {
+        const nnp_layer *L = &m->layers[L_n - 1];
+        const size_t rws = L->rows;
+        float *out;
+        doff -= np * L->cols;
+        out = (L_n == 1) ? J : g0;
+        for (p = 0; p < np; p++)
+            for (i = 0; i < n_out; i++) {
+                const float s = D[doff + p * n_out + i];
+                const float *wt = L->Wt + i * rws;
+                float *g = out + (p * n_out + i) * rws;
+                for (j = 0; j < rws; j++) g[j] = s * wt[j];
+            }
+    }
+    cur = g0;
+    nxt = g1;
+    for (k = L_n - 1; k-- > 0;) {
+        /* cur holds adjoints w.r.t. the output of layer k ([np * n_out][cols_k]); scale by D_k, then
+         * multiply by W_k^T to get adjoints w.r.t. its input */
+        const nnp_layer *L = &m->layers[k];
+        const size_t c = L->cols;
+        float *out = (k == 0) ? J : nxt;
+        doff -= np * c;
+        for (p = 0; p < np; p++) {
+            const float *dp = D + doff + p * c;
+            for (i = 0; i < n_out; i++) {
+                float *g = cur + (p * n_out + i) * c;
+                for (j = 0; j < c; j++) g[j] *= dp[j];
+            }
+        }
+        gemm_f32(np * n_out, c, L->rows, cur, c, L->Wt, L->W, out, L->rows);
+        {
+            float *tmp = cur;
+            cur = nxt;
+            nxt = tmp;
+        }
+    }
+}
+
+int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
+                 float *work, size_t work_len)
+{
+    size_t fixed, per_point, blk, done, jn, t;
+    int rc;
+    if (m != NULL && model_ok(m)) {
+        if (!mul_sz(m->n_in, m->n_out, &jn)) return NNP_E_ARG;
+    } else {
+        jn = 0;
+    }
+    rc = check_call(m, batch, x, dy_dx, 1, work, jn);
+    if (rc != NNP_OK) return rc;
+    if (mode == NNP_MODE_AUTO) mode = nnp_auto_mode(m);
+    if (mode != NNP_MODE_FORWARD && mode != NNP_MODE_REVERSE) return NNP_E_ARG;
+    if (batch == 0) return NNP_OK;
+    rc = ws_shape(m, mode == NNP_MODE_FORWARD ? NNP_WS_JACOBIAN_FORWARD : NNP_WS_JACOBIAN_REVERSE, &fixed,
+                  &per_point);
+    if (rc != NNP_OK) return rc;
+    blk = block_for(fixed, per_point, batch, work_len);
+    if (blk == 0) return NNP_E_WORKSPACE;
+    for (done = 0; done < batch; done += blk) {
+        size_t np = batch - done < blk ? batch - done : blk;
+        const float *xb = x + done * m->n_in;
+        float *yb = y ? y + done * m->n_out : NULL;
+        float *Jb = dy_dx + done * jn;
+        if (mode == NNP_MODE_FORWARD) {
+            t = blk * (m->n_in + 1) * m->max_cols;
+            jac_fwd_block(m, np, xb, yb, Jb, work, work + t, work + 2 * t);
+        } else {
+            size_t vsz = blk * m->max_cols, dsz = blk * m->sum_cols, gsz = blk * m->n_out * m->max_cols;
+            jac_rev_block(m, np, xb, yb, Jb, work, work + vsz, work + 2 * vsz, work + 2 * vsz + dsz,
+                          work + 2 * vsz + dsz + gsz);
+        }
+    }
+    return NNP_OK;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* float64 forward and finite differences                                                                 */
+
+#define SQRT1_2 0.70710678118654752440
+#define SQRT_2_OVER_PI 0.79788456080286535588
+
+static void act_f64(const nnp_layer *L, double *z, size_t n)
+{
+    const float *b = L->b;
+    const double p0 = L->p0, p1 = L->p1;
+    size_t j;
+    for (j = 0; j < n; j++) {
+        double v = z[j] + (double)b[j], a;
+        switch (L->act) {
+        case NNP_ACT_LINEAR: a = v; break;
+        case NNP_ACT_RELU: a = v < 0.0 ? 0.0 : v; break;
+        case NNP_ACT_LEAKY_RELU: a = v > 0.0 ? v : p0 * v; break;
+        case NNP_ACT_ELU: a = v > 0.0 ? v : p0 * expm1(v); break;
+        case NNP_ACT_SELU: a = v > 0.0 ? p1 * v : p1 * p0 * expm1(v); break;
+        case NNP_ACT_TANH: a = tanh(v); break;
+        case NNP_ACT_SIGMOID: a = 1.0 / (1.0 + exp(-v)); break;
+        case NNP_ACT_HARD_SIGMOID: {
+            double t = p0 * v + p1;
+            a = t < 0.0 ? 0.0 : (t > 1.0 ? 1.0 : t);
+            break;
+        }
+        case NNP_ACT_SOFTPLUS: a = (v > 0.0 ? v : 0.0) + log1p(exp(-fabs(v))); break;
+        case NNP_ACT_SOFTSIGN: a = v / (1.0 + fabs(v)); break;
+        case NNP_ACT_SWISH: a = v / (1.0 + exp(-v)); break;
+        case NNP_ACT_GELU: a = 0.5 * v * (1.0 + erf(v * SQRT1_2)); break;
+        case NNP_ACT_GELU_TANH: a = 0.5 * v * (1.0 + tanh(SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))); break;
+        case NNP_ACT_RELU6: a = v < 0.0 ? 0.0 : (v > 6.0 ? 6.0 : v); break;
+        default: a = exp(v); break;
+        }
+        z[j] = a;
+    }
+}
+
+/* mag (may be NULL) receives, per point and output, |b| + sum |a w| of the last layer: the scale of the
+ * rounding errors in its sums, for the finite-difference error estimate. */
+static void forward_block_f64(const nnp_model *m, size_t np, const double *x, double *y, double *buf0,
+                              double *buf1, double *mag)
+{
+    const double *in = x;
+    size_t in_stride = m->n_in, k, i, p, j;
+    double *bufs[2];
+    bufs[0] = buf0;
+    bufs[1] = buf1;
+    for (k = 0; k < m->n_layers; k++) {
+        const nnp_layer *L = &m->layers[k];
+        double *out = (k + 1 == m->n_layers) ? y : bufs[k & 1];
+        const size_t c = L->cols;
+        for (i = 0; i < np; i++) {
+            const double *a = in + i * in_stride;
+            double *o = out + i * c;
+            for (j = 0; j < c; j++) o[j] = 0.0;
+            for (p = 0; p < L->rows; p++) {
+                const double ap = a[p];
+                const float *w = L->W + p * c;
+                for (j = 0; j < c; j++) o[j] += ap * (double)w[j];
+            }
+            if (mag != NULL && k + 1 == m->n_layers) {
+                double *s = mag + i * c;
+                for (j = 0; j < c; j++) s[j] = fabs((double)L->b[j]);
+                for (p = 0; p < L->rows; p++) {
+                    const double ap = fabs(a[p]);
+                    const float *w = L->W + p * c;
+                    for (j = 0; j < c; j++) s[j] += ap * fabs((double)w[j]);
+                }
+            }
+            act_f64(L, o, c);
+        }
+        in = out;
+        in_stride = c;
+    }
+}
+
+int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *work, size_t work_len)
+{
+    size_t fixed, per_point, blk, done;
+    int rc = check_call(m, batch, x, y, 1, work, m ? m->n_out : 0);
+    if (rc != NNP_OK || batch == 0) return rc;
+    rc = ws_shape(m, NNP_WS_FORWARD_F64, &fixed, &per_point);
+    if (rc != NNP_OK) return rc;
+    blk = block_for(fixed, per_point, batch, work_len);
+    if (blk == 0) return NNP_E_WORKSPACE;
+    for (done = 0; done < batch; done += blk) {
+        size_t np = batch - done < blk ? batch - done : blk;
+        forward_block_f64(m, np, x + done * m->n_in, y + done * m->n_out, work, work + blk * m->max_cols, NULL);
+    }
+    return NNP_OK;
+}
+
+int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *dy_dx, double *err,
+                        double *work, size_t work_len)
+{
+    size_t fixed, per_point, n_in, n_out, jn, b, j, i;
+    double *pts, *out, *fw0, *fw1, *mag;
+    int rc;
+    if (m != NULL && model_ok(m)) {
+        if (!mul_sz(m->n_in, m->n_out, &jn)) return NNP_E_ARG;
+    } else {
+        jn = 0;
+    }
+    rc = check_call(m, batch, x, dy_dx, 1, work, jn);
+    if (rc != NNP_OK || batch == 0) return rc;
+    rc = ws_shape(m, NNP_WS_FD_JACOBIAN_F64, &fixed, &per_point);
+    if (rc != NNP_OK) return rc;
+    if (work_len < fixed) return NNP_E_WORKSPACE;
+    n_in = m->n_in;
+    n_out = m->n_out;
+    pts = work;              /* [4][n_in] */
+    out = pts + 4 * n_in;    /* [4][n_out] */
+    fw0 = out + 4 * n_out;   /* [4][max_cols] */
+    fw1 = fw0 + 4 * m->max_cols;
+    mag = fw1 + 4 * m->max_cols; /* [4][n_out] */
+
+    for (b = 0; b < batch; b++) {
+        const double *xb = x + b * n_in;
+        double *Jb = dy_dx + b * jn;
+        if (y) forward_block_f64(m, 1, xb, y + b * n_out, fw0, fw1, NULL);
+        for (j = 0; j < n_in; j++) {
+            const double xj = xb[j];
+            const double h = 6.0554544523933395e-06 * (fabs(xj) > 1.0 ? fabs(xj) : 1.0); /* cbrt(DBL_EPSILON) */
+            double s[4], step1, step2;
+            size_t q;
+            for (q = 0; q < 4; q++) memcpy(pts + q * n_in, xb, n_in * sizeof(double));
+            pts[0 * n_in + j] = xj + h;
+            pts[1 * n_in + j] = xj - h;
+            pts[2 * n_in + j] = xj + 0.5 * h;
+            pts[3 * n_in + j] = xj - 0.5 * h;
+            for (q = 0; q < 4; q++) s[q] = pts[q * n_in + j];
+            /* the steps actually taken (x + h is rounded) */
+            step1 = s[0] - s[1];
+            step2 = s[2] - s[3];
+            forward_block_f64(m, 4, pts, out, fw0, fw1, mag);
+            for (i = 0; i < n_out; i++) {
+                const double fp1 = out[0 * n_out + i], fm1 = out[1 * n_out + i];
+                const double fp2 = out[2 * n_out + i], fm2 = out[3 * n_out + i];
+                const double d1 = (fp1 - fm1) / step1, d2 = (fp2 - fm2) / step2;
+                const double r = (4.0 * d2 - d1) / 3.0;
+                Jb[i * n_in + j] = r;
+                if (err) {
+                    double f = fmax(fmax(fabs(fp1), fabs(fm1)), fmax(fabs(fp2), fabs(fm2)));
+                    f = fmax(f, fmax(fmax(mag[i], mag[n_out + i]), fmax(mag[2 * n_out + i], mag[3 * n_out + i])));
+                    err[b * jn + i * n_in + j] = fabs(d1 - d2) + NNP_FD_ROUNDING * DBL_EPSILON * fmax(1.0, f) / step2;
+                }
+            }
+        }
+    }
+    return NNP_OK;
+}

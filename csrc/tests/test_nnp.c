@@ -1,0 +1,731 @@
+/*
+ * test_nnp.c - self-contained tests of the C core.
+ *
+ * Builds weight files in memory (with its own writer and its own bitwise CRC-32), and checks:
+ *   - float32 forward against a straightforward float64 reference written here,
+ *   - the analytic Jacobian (both modes) against a float64 reference Jacobian (chain rule written here),
+ *   - both Jacobian modes agree, and the automatic mode equals one of them,
+ *   - the float64 finite-difference Jacobian against the reference, and that its error estimate covers it,
+ *   - derivative conventions at the kinks of piecewise activations,
+ *   - every corruption gives its error code, every truncated prefix and every single-bit flip is rejected,
+ *   - unaligned file buffers and storage, small workspaces, NULL arguments.
+ *
+ * Usage: test_nnp                  run the tests
+ *        test_nnp --write-model F  write a small valid model (2 inputs, 2 outputs) to F and exit
+ */
+#include "../nnp.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0, checks = 0;
+static double max_ratio = 0;
+
+#define CHECK(cond, ...)                                                                                       \
+    do {                                                                                                       \
+        checks++;                                                                                              \
+        if (!(cond)) {                                                                                         \
+            failures++;                                                                                        \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                               \
+            fprintf(stderr, __VA_ARGS__);                                                                      \
+            fprintf(stderr, "\n");                                                                             \
+        }                                                                                                      \
+    } while (0)
+
+#define CHECK_RC(got, want, what)                                                                              \
+    CHECK((got) == (want), "%s: got %d (%s), want %d (%s)", what, got, nnp_strerror(got), want,               \
+          nnp_strerror(want))
+
+static void *xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "out of memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* deterministic random numbers                                                                          */
+
+static unsigned long long rng_state = 88172645463325252ULL;
+
+static double urand(void) /* uniform in [0, 1) */
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static double urange(double lo, double hi) { return lo + (hi - lo) * urand(); }
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* writer                                                                                                */
+
+typedef struct {
+    size_t rows, cols;
+    unsigned act;
+    float p0, p1;
+    float *W, *b;
+} tlayer;
+
+typedef struct {
+    size_t n_in, n_out, n_layers;
+    tlayer *L;
+} tmodel;
+
+static uint32_t crc_bitwise(const unsigned char *p, size_t n)
+{
+    uint32_t c = 0xffffffffu;
+    size_t i;
+    int k;
+    for (i = 0; i < n; i++) {
+        c ^= p[i];
+        for (k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
+    }
+    return ~c;
+}
+
+static void put_u32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)(v & 0xff);
+    p[1] = (unsigned char)((v >> 8) & 0xff);
+    p[2] = (unsigned char)((v >> 16) & 0xff);
+    p[3] = (unsigned char)((v >> 24) & 0xff);
+}
+
+static void put_f32(unsigned char *p, float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    put_u32(p, u);
+}
+
+static void fix_crc(unsigned char *buf, size_t len) { put_u32(buf + len - 4, crc_bitwise(buf, len - 4)); }
+
+static unsigned char *write_model(const tmodel *m, size_t *len_out)
+{
+    size_t n = 32 + 24 * m->n_layers + 4, k, i, off;
+    unsigned char *buf;
+    for (k = 0; k < m->n_layers; k++) n += 4 * (m->L[k].rows * m->L[k].cols + m->L[k].cols);
+    buf = (unsigned char *)xmalloc(n);
+    memcpy(buf, "NNPK", 4);
+    put_u32(buf + 4, 1);
+    put_u32(buf + 8, (uint32_t)m->n_in);
+    put_u32(buf + 12, (uint32_t)m->n_out);
+    put_u32(buf + 16, (uint32_t)m->n_layers);
+    put_u32(buf + 20, 0);
+    put_u32(buf + 24, (uint32_t)n);
+    put_u32(buf + 28, 0);
+    for (k = 0; k < m->n_layers; k++) {
+        unsigned char *r = buf + 32 + 24 * k;
+        put_u32(r, (uint32_t)m->L[k].rows);
+        put_u32(r + 4, (uint32_t)m->L[k].cols);
+        put_u32(r + 8, m->L[k].act);
+        put_u32(r + 12, 0);
+        put_f32(r + 16, m->L[k].p0);
+        put_f32(r + 20, m->L[k].p1);
+    }
+    off = 32 + 24 * m->n_layers;
+    for (k = 0; k < m->n_layers; k++) {
+        for (i = 0; i < m->L[k].rows * m->L[k].cols; i++, off += 4) put_f32(buf + off, m->L[k].W[i]);
+        for (i = 0; i < m->L[k].cols; i++, off += 4) put_f32(buf + off, m->L[k].b[i]);
+    }
+    fix_crc(buf, n);
+    *len_out = n;
+    return buf;
+}
+
+static void default_params(unsigned act, float *p0, float *p1)
+{
+    *p0 = 0.0f;
+    *p1 = 0.0f;
+    if (act == NNP_ACT_LEAKY_RELU) *p0 = 0.2f;
+    if (act == NNP_ACT_ELU) *p0 = 0.7f;
+    if (act == NNP_ACT_SELU) {
+        *p0 = 1.6732632423543772f;
+        *p1 = 1.0507009873554805f;
+    }
+    if (act == NNP_ACT_HARD_SIGMOID) {
+        *p0 = 1.0f / 6.0f;
+        *p1 = 0.5f;
+    }
+}
+
+/* n_in -> widths[0] -> ... -> widths[nw-1]; hidden layers use act, the last layer out_act */
+static tmodel make_model(size_t n_in, const size_t *widths, size_t nw, unsigned act, unsigned out_act)
+{
+    tmodel m;
+    size_t k, i, prev = n_in;
+    m.n_in = n_in;
+    m.n_out = widths[nw - 1];
+    m.n_layers = nw;
+    m.L = (tlayer *)xmalloc(nw * sizeof(tlayer));
+    for (k = 0; k < nw; k++) {
+        tlayer *L = &m.L[k];
+        double s = 1.3 / sqrt((double)prev);
+        L->rows = prev;
+        L->cols = widths[k];
+        L->act = (k + 1 == nw) ? out_act : act;
+        default_params(L->act, &L->p0, &L->p1);
+        L->W = (float *)xmalloc(L->rows * L->cols * sizeof(float));
+        L->b = (float *)xmalloc(L->cols * sizeof(float));
+        for (i = 0; i < L->rows * L->cols; i++) L->W[i] = (float)urange(-s, s);
+        for (i = 0; i < L->cols; i++) L->b[i] = (float)urange(-0.3, 0.3);
+        prev = widths[k];
+    }
+    return m;
+}
+
+static void free_model(tmodel *m)
+{
+    size_t k;
+    for (k = 0; k < m->n_layers; k++) {
+        free(m->L[k].W);
+        free(m->L[k].b);
+    }
+    free(m->L);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* float64 reference: activation, its derivative (from the input), and the distance to a kink           */
+
+static double ref_act(unsigned a, double x, double p0, double p1)
+{
+    switch (a) {
+    case 0: return x;
+    case 1: return x > 0 ? x : 0;
+    case 2: return x > 0 ? x : p0 * x;
+    case 3: return x > 0 ? x : p0 * (exp(x) - 1);
+    case 4: return x > 0 ? p1 * x : p1 * p0 * (exp(x) - 1);
+    case 5: return tanh(x);
+    case 6: return 1 / (1 + exp(-x));
+    case 7: return fmin(1, fmax(0, p0 * x + p1));
+    case 8: return log(1 + exp(x));
+    case 9: return x / (1 + fabs(x));
+    case 10: return x / (1 + exp(-x));
+    case 11: return 0.5 * x * (1 + erf(x / sqrt(2.0)));
+    case 12: return 0.5 * x * (1 + tanh(sqrt(2 / 3.14159265358979323846) * (x + 0.044715 * x * x * x)));
+    case 13: return fmin(6, fmax(0, x));
+    default: return exp(x);
+    }
+}
+
+static double ref_dact(unsigned a, double x, double p0, double p1)
+{
+    double s, t, c;
+    switch (a) {
+    case 0: return 1;
+    case 1: return x > 0 ? 1 : 0;
+    case 2: return x > 0 ? 1 : p0;
+    case 3: return x > 0 ? 1 : p0 * exp(x);
+    case 4: return x >= 0 ? p1 : p1 * p0 * exp(x);
+    case 5: t = tanh(x); return 1 - t * t;
+    case 6: s = 1 / (1 + exp(-x)); return s * (1 - s);
+    case 7: t = p0 * x + p1; return (t > 0 && t < 1) ? p0 : 0;
+    case 8: return 1 / (1 + exp(-x));
+    case 9: return 1 / ((1 + fabs(x)) * (1 + fabs(x)));
+    case 10: s = 1 / (1 + exp(-x)); return s + x * s * (1 - s);
+    case 11: return 0.5 * (1 + erf(x / sqrt(2.0))) + x * exp(-0.5 * x * x) / sqrt(2 * 3.14159265358979323846);
+    case 12:
+        c = sqrt(2 / 3.14159265358979323846);
+        t = tanh(c * (x + 0.044715 * x * x * x));
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x);
+    case 13: return (x > 0 && x < 6) ? 1 : 0;
+    default: return exp(x);
+    }
+}
+
+static double kink_distance(unsigned a, double x, double p0, double p1)
+{
+    switch (a) {
+    case 1: case 2: case 3: case 4: return fabs(x);
+    case 7: return fmin(fabs(p0 * x + p1), fabs(p0 * x + p1 - 1)) / fabs(p0);
+    case 13: return fmin(fabs(x), fabs(x - 6));
+    default: return INFINITY;
+    }
+}
+
+/* y [n_out] and J [n_out][n_in] at one point; returns the smallest distance of a pre-activation to a kink */
+static double ref_eval(const tmodel *m, const double *x, double *y, double *J)
+{
+    size_t k, i, j, q, maxw = m->n_in;
+    double *a, *T, *z, *Tn, kd = INFINITY;
+    for (k = 0; k < m->n_layers; k++)
+        if (m->L[k].cols > maxw) maxw = m->L[k].cols;
+    a = (double *)xmalloc(maxw * sizeof(double));
+    z = (double *)xmalloc(maxw * sizeof(double));
+    T = (double *)xmalloc(maxw * m->n_in * sizeof(double));  /* T[unit][input] */
+    Tn = (double *)xmalloc(maxw * m->n_in * sizeof(double));
+    for (i = 0; i < m->n_in; i++) {
+        a[i] = x[i];
+        for (q = 0; q < m->n_in; q++) T[i * m->n_in + q] = (i == q);
+    }
+    for (k = 0; k < m->n_layers; k++) {
+        const tlayer *L = &m->L[k];
+        for (j = 0; j < L->cols; j++) {
+            double s = L->b[j];
+            for (i = 0; i < L->rows; i++) s += a[i] * (double)L->W[i * L->cols + j];
+            z[j] = s;
+            for (q = 0; q < m->n_in; q++) {
+                double t = 0;
+                for (i = 0; i < L->rows; i++) t += T[i * m->n_in + q] * (double)L->W[i * L->cols + j];
+                Tn[j * m->n_in + q] = t * ref_dact(L->act, s, L->p0, L->p1);
+            }
+            kd = fmin(kd, kink_distance(L->act, s, L->p0, L->p1));
+        }
+        for (j = 0; j < L->cols; j++) a[j] = ref_act(L->act, z[j], L->p0, L->p1);
+        memcpy(T, Tn, L->cols * m->n_in * sizeof(double));
+    }
+    for (j = 0; j < m->n_out; j++) {
+        y[j] = a[j];
+        for (q = 0; q < m->n_in; q++) J[j * m->n_in + q] = T[j * m->n_in + q];
+    }
+    free(a);
+    free(z);
+    free(T);
+    free(Tn);
+    return kd;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* helpers around the library                                                                            */
+
+static nnp_model *load_copy(const unsigned char *buf, size_t len, void **storage_out)
+{
+    size_t need = 0;
+    nnp_model *m = NULL;
+    int rc = nnp_model_bytes(buf, len, &need);
+    CHECK_RC(rc, NNP_OK, "nnp_model_bytes");
+    if (rc != NNP_OK) return NULL;
+    *storage_out = xmalloc(need);
+    rc = nnp_load(buf, len, *storage_out, need, &m);
+    CHECK_RC(rc, NNP_OK, "nnp_load");
+    return m;
+}
+
+static const char *act_names[NNP_ACT_COUNT] = {"linear", "relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid",
+                                               "hard_sigmoid", "softplus", "softsign", "swish", "gelu",
+                                               "gelu_tanh", "relu6", "exponential"};
+
+/* Compare everything for one model on `batch` random points in [-lo, hi]^n_in. */
+static void check_model(const tmodel *tm, size_t batch, double lo, double hi, const char *what)
+{
+    unsigned char *file;
+    size_t len, b, i, n_in = tm->n_in, n_out = tm->n_out, jn = n_in * n_out, wlen, wf, wr, wd, skipped = 0;
+    void *storage = NULL;
+    nnp_model *m;
+    float *x, *y, *yj, *Jf, *Jr, *Ja, *work;
+    double *xd, *yd, *yref, *Jref, *Jfd, *err, *wd64, max_fwd = 0, max_jac = 0, max_fd = 0, max_mode = 0;
+    int rc;
+
+    file = write_model(tm, &len);
+    m = load_copy(file, len, &storage);
+    free(file); /* the model must not refer to the file */
+    if (!m) return;
+    CHECK(nnp_n_in(m) == n_in && nnp_n_out(m) == n_out && nnp_n_layers(m) == tm->n_layers, "%s: shape", what);
+
+    x = (float *)xmalloc(batch * n_in * sizeof(float));
+    xd = (double *)xmalloc(batch * n_in * sizeof(double));
+    y = (float *)xmalloc(batch * n_out * sizeof(float));
+    yj = (float *)xmalloc(batch * n_out * sizeof(float));
+    yd = (double *)xmalloc(batch * n_out * sizeof(double));
+    yref = (double *)xmalloc(n_out * sizeof(double));
+    Jref = (double *)xmalloc(jn * sizeof(double));
+    Jf = (float *)xmalloc(batch * jn * sizeof(float));
+    Jr = (float *)xmalloc(batch * jn * sizeof(float));
+    Ja = (float *)xmalloc(batch * jn * sizeof(float));
+    Jfd = (double *)xmalloc(batch * jn * sizeof(double));
+    err = (double *)xmalloc(batch * jn * sizeof(double));
+    for (i = 0; i < batch * n_in; i++) {
+        x[i] = (float)urange(lo, hi);
+        xd[i] = x[i];
+    }
+
+    rc = nnp_workspace(m, NNP_WS_FORWARD, batch, &wlen);
+    CHECK_RC(rc, NNP_OK, "workspace forward");
+    rc = nnp_workspace(m, NNP_WS_JACOBIAN_FORWARD, batch, &wf);
+    CHECK_RC(rc, NNP_OK, "workspace jac fwd");
+    rc = nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, batch, &wr);
+    CHECK_RC(rc, NNP_OK, "workspace jac rev");
+    if (wf > wlen) wlen = wf;
+    if (wr > wlen) wlen = wr;
+    work = (float *)xmalloc(wlen * sizeof(float));
+    rc = nnp_workspace(m, NNP_WS_FD_JACOBIAN_F64, batch, &wd);
+    CHECK_RC(rc, NNP_OK, "workspace fd");
+    rc = nnp_workspace(m, NNP_WS_FORWARD_F64, batch, &wf);
+    CHECK_RC(rc, NNP_OK, "workspace f64");
+    if (wf > wd) wd = wf;
+    wd64 = (double *)xmalloc(wd * sizeof(double));
+
+    rc = nnp_forward(m, batch, x, y, work, wlen);
+    CHECK_RC(rc, NNP_OK, "nnp_forward");
+    rc = nnp_jacobian(m, NNP_MODE_FORWARD, batch, x, yj, Jf, work, wlen);
+    CHECK_RC(rc, NNP_OK, "nnp_jacobian forward");
+    rc = nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, NULL, Jr, work, wlen);
+    CHECK_RC(rc, NNP_OK, "nnp_jacobian reverse");
+    rc = nnp_jacobian(m, NNP_MODE_AUTO, batch, x, NULL, Ja, work, wlen);
+    CHECK_RC(rc, NNP_OK, "nnp_jacobian auto");
+    rc = nnp_fd_jacobian_f64(m, batch, xd, yd, Jfd, err, wd64, wd);
+    CHECK_RC(rc, NNP_OK, "nnp_fd_jacobian_f64");
+    CHECK(memcmp(Ja, nnp_auto_mode(m) == NNP_MODE_FORWARD ? Jf : Jr, batch * jn * sizeof(float)) == 0,
+          "%s: auto mode equals the mode it picks", what);
+    CHECK(memcmp(y, yj, batch * n_out * sizeof(float)) == 0, "%s: jacobian's y equals forward's y", what);
+
+    for (b = 0; b < batch; b++) {
+        double ys = 1, js = 1, kd = ref_eval(tm, xd + b * n_in, yref, Jref);
+        for (i = 0; i < n_out; i++) ys = fmax(ys, fabs(yref[i]));
+        for (i = 0; i < jn; i++) js = fmax(js, fabs(Jref[i]));
+        for (i = 0; i < n_out; i++) {
+            max_fwd = fmax(max_fwd, fabs(y[b * n_out + i] - yref[i]) / ys);
+            CHECK(fabs(yd[b * n_out + i] - yref[i]) <= 1e-12 * ys, "%s: f64 forward", what);
+        }
+        for (i = 0; i < jn; i++) {
+            max_jac = fmax(max_jac, fabs(Jf[b * jn + i] - Jref[i]) / js);
+            max_jac = fmax(max_jac, fabs(Jr[b * jn + i] - Jref[i]) / js);
+            max_mode = fmax(max_mode, fabs(Jf[b * jn + i] - Jr[b * jn + i]) / js);
+        }
+        if (kd < 1e-3) { /* a kink within reach of the finite-difference steps */
+            skipped++;
+            continue;
+        }
+        for (i = 0; i < jn; i++) {
+            double e = fabs(Jfd[b * jn + i] - Jref[i]);
+            max_fd = fmax(max_fd, e / js);
+            if (getenv("NNP_TEST_VERBOSE")) max_ratio = fmax(max_ratio, e / err[b * jn + i]);
+            /* the estimate is a heuristic (rounding inside stacked exponentials can exceed it a little) */
+            CHECK(e <= 2 * err[b * jn + i] + 1e-12 * js, "%s: fd error %.3g beyond twice its estimate %.3g (point %lu)",
+                  what, e, err[b * jn + i], (unsigned long)b);
+        }
+    }
+    CHECK(max_fwd <= 2e-6, "%s: forward error %.3g", what, max_fwd);
+    CHECK(max_jac <= 1e-5, "%s: jacobian error %.3g", what, max_jac);
+    CHECK(max_mode <= 1e-5, "%s: forward/reverse mode difference %.3g", what, max_mode);
+    CHECK(max_fd <= 1e-8, "%s: fd error %.3g", what, max_fd);
+    CHECK(skipped * 2 <= batch, "%s: too many points near a kink (%lu)", what, (unsigned long)skipped);
+    if (getenv("NNP_TEST_VERBOSE"))
+        printf("  %-28s fwd %.2e  jac %.2e  modes %.2e  fd %.2e  (near kink: %lu)\n", what, max_fwd, max_jac,
+               max_mode, max_fd, (unsigned long)skipped);
+
+    /* a workspace for one point only must give the same results (smaller blocks) */
+    {
+        size_t w1, w2;
+        float *Jsmall = (float *)xmalloc(batch * jn * sizeof(float));
+        nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, 1, &w1);
+        nnp_workspace(m, NNP_WS_JACOBIAN_FORWARD, 1, &w2);
+        rc = nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, NULL, Jsmall, work, w1);
+        CHECK_RC(rc, NNP_OK, "reverse, one-point workspace");
+        CHECK(memcmp(Jsmall, Jr, batch * jn * sizeof(float)) == 0, "%s: reverse blocks change results", what);
+        rc = nnp_jacobian(m, NNP_MODE_FORWARD, batch, x, NULL, Jsmall, work, w2);
+        CHECK_RC(rc, NNP_OK, "forward, one-point workspace");
+        CHECK(memcmp(Jsmall, Jf, batch * jn * sizeof(float)) == 0, "%s: forward blocks change results", what);
+        if (w1 > 0) {
+            rc = nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, NULL, Jsmall, work, w1 - 1);
+            CHECK_RC(rc, NNP_E_WORKSPACE, "reverse, workspace too small");
+        }
+        rc = nnp_forward(m, batch, x, y, work, 0);
+        CHECK_RC(rc, NNP_E_WORKSPACE, "forward, no workspace");
+        free(Jsmall);
+    }
+
+    free(x); free(xd); free(y); free(yj); free(yd); free(yref); free(Jref); free(Jf); free(Jr); free(Ja);
+    free(Jfd); free(err); free(work); free(wd64); free(storage);
+}
+
+static void test_activations(void)
+{
+    static const size_t deep[] = {16, 12, 9, 3};
+    static const size_t wide_out[] = {20, 40, 24}; /* n_out > n_in: forward mode */
+    static const size_t seed[] = {64, 64, 32, 32, 16, 16, 8, 1};
+    unsigned a;
+    char what[96];
+    for (a = 0; a < NNP_ACT_COUNT; a++) {
+        tmodel tm;
+        double lo = -2.5, hi = 2.5;
+        if (a == NNP_ACT_EXPONENTIAL) {
+            lo = -1;
+            hi = 1;
+        }
+        sprintf(what, "%s 5->16,12,9,3", act_names[a]);
+        tm = make_model(5, deep, 4, a, NNP_ACT_LINEAR);
+        check_model(&tm, 67, lo, hi, what);
+        free_model(&tm);
+        sprintf(what, "%s 3->20,40,24 (same out)", act_names[a]);
+        tm = make_model(3, wide_out, 3, a, a);
+        check_model(&tm, 29, lo, hi, what);
+        free_model(&tm);
+    }
+    {
+        tmodel tm = make_model(2, seed, 8, NNP_ACT_LEAKY_RELU, NNP_ACT_LINEAR);
+        check_model(&tm, 150, -2, 2, "leaky seed 2->64..8->1");
+        free_model(&tm);
+    }
+    {
+        static const size_t one[] = {4};
+        tmodel tm = make_model(7, one, 1, NNP_ACT_TANH, NNP_ACT_TANH);
+        check_model(&tm, 10, -2, 2, "single layer 7->4 tanh");
+        free_model(&tm);
+    }
+    {
+        static const size_t w[] = {33, 17, 1};
+        tmodel tm = make_model(1, w, 3, NNP_ACT_SWISH, NNP_ACT_LINEAR);
+        check_model(&tm, 200, -3, 3, "swish 1->33,17,1");
+        free_model(&tm);
+    }
+}
+
+/* Derivatives exactly at kinks: one layer, W = identity, b = 0, so z = x. */
+static void test_kinks(void)
+{
+    struct {
+        unsigned act;
+        float x;
+        float want;
+    } cases[] = {
+        {NNP_ACT_RELU, 0.0f, 0.0f},
+        {NNP_ACT_LEAKY_RELU, 0.0f, 0.2f},
+        {NNP_ACT_ELU, 0.0f, 0.7f},
+        {NNP_ACT_SELU, 0.0f, 1.0507009873554805f},
+        {NNP_ACT_RELU6, 0.0f, 0.0f},
+        {NNP_ACT_RELU6, 6.0f, 0.0f},
+        {NNP_ACT_HARD_SIGMOID, -3.0f, 0.0f},
+        {NNP_ACT_HARD_SIGMOID, 3.0f, 0.0f},
+        {NNP_ACT_HARD_SIGMOID, 0.0f, 1.0f / 6.0f},
+    };
+    size_t c;
+    for (c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        tlayer L;
+        tmodel tm;
+        float W = 1.0f, bb = 0.0f, J = -1, y, work[256];
+        unsigned char *file;
+        size_t len;
+        void *storage = NULL;
+        nnp_model *m;
+        int mode;
+        L.rows = L.cols = 1;
+        L.act = cases[c].act;
+        default_params(L.act, &L.p0, &L.p1);
+        L.W = &W;
+        L.b = &bb;
+        tm.n_in = tm.n_out = tm.n_layers = 1;
+        tm.L = &L;
+        file = write_model(&tm, &len);
+        m = load_copy(file, len, &storage);
+        free(file);
+        if (!m) continue;
+        for (mode = NNP_MODE_FORWARD; mode <= NNP_MODE_REVERSE; mode++) {
+            int rc = nnp_jacobian(m, mode, 1, &cases[c].x, &y, &J, work, 256);
+            CHECK_RC(rc, NNP_OK, "kink jacobian");
+            CHECK(J == cases[c].want, "%s'(%g) = %.9g, want %.9g (mode %d)", act_names[cases[c].act],
+                  (double)cases[c].x, (double)J, (double)cases[c].want, mode);
+        }
+        free(storage);
+    }
+}
+
+/* A small valid file: 3 -> 4 (tanh) -> 2 (linear). */
+static unsigned char *small_file(size_t *len)
+{
+    static const size_t w[] = {4, 2};
+    tmodel tm = make_model(3, w, 2, NNP_ACT_TANH, NNP_ACT_LINEAR);
+    unsigned char *f = write_model(&tm, len);
+    free_model(&tm);
+    return f;
+}
+
+static int parse(const unsigned char *buf, size_t len)
+{
+    size_t need;
+    return nnp_model_bytes(buf, len, &need);
+}
+
+static void test_corruptions(void)
+{
+    size_t len, n, i;
+    unsigned char *good = small_file(&len), *b = (unsigned char *)xmalloc(len + 8);
+    size_t p_off = 32 + 24 * 2; /* first parameter */
+    int rc, bit;
+
+    CHECK_RC(parse(good, len), NNP_OK, "valid file");
+
+#define MUTATE(stmt, fixcrc, want, what)                                                                       \
+    do {                                                                                                       \
+        memcpy(b, good, len);                                                                                  \
+        stmt;                                                                                                  \
+        if (fixcrc) fix_crc(b, len);                                                                           \
+        rc = parse(b, len);                                                                                    \
+        CHECK_RC(rc, want, what);                                                                              \
+    } while (0)
+
+    MUTATE(b[0] = 'X', 0, NNP_E_BAD_MAGIC, "bad magic");
+    MUTATE(b[3] = 'k', 1, NNP_E_BAD_MAGIC, "bad magic, crc fixed");
+    MUTATE(put_u32(b + 4, 2), 1, NNP_E_VERSION, "version 2");
+    MUTATE(put_u32(b + 4, 0), 0, NNP_E_VERSION, "version 0");
+    MUTATE(put_u32(b + 20, 1), 1, NNP_E_BAD_FIELD, "flags");
+    MUTATE(put_u32(b + 32 + 12, 7), 1, NNP_E_BAD_FIELD, "reserved");
+    MUTATE(put_f32(b + 32 + 16, 0.5f), 1, NNP_E_BAD_FIELD, "unused p0 of tanh");
+    MUTATE(put_f32(b + 32 + 24 + 20, 1.0f), 1, NNP_E_BAD_FIELD, "unused p1 of linear");
+    MUTATE(put_u32(b + 16, 0), 1, NNP_E_BAD_DIM, "zero layers");
+    MUTATE(put_u32(b + 16, 4097), 1, NNP_E_BAD_DIM, "4097 layers");
+    MUTATE(put_u32(b + 16, 3), 1, NNP_E_BAD_DIM, "layer count larger than records (dims do not chain)");
+    MUTATE(put_u32(b + 8, 0), 1, NNP_E_BAD_DIM, "n_in 0");
+    MUTATE(put_u32(b + 8, 65537), 1, NNP_E_BAD_DIM, "n_in too large");
+    MUTATE(put_u32(b + 12, 0), 1, NNP_E_BAD_DIM, "n_out 0");
+    MUTATE(put_u32(b + 8, 2), 1, NNP_E_BAD_DIM, "n_in differs from first rows");
+    MUTATE(put_u32(b + 12, 3), 1, NNP_E_BAD_DIM, "n_out differs from last cols");
+    MUTATE(put_u32(b + 32 + 4, 5), 1, NNP_E_BAD_DIM, "layers do not chain");
+    MUTATE(put_u32(b + 32 + 4, 0xffffffffu), 1, NNP_E_BAD_DIM, "huge dimension");
+    MUTATE((put_u32(b + 32 + 4, 65536), put_u32(b + 32 + 24, 65536)), 1, NNP_E_SIZE_MISMATCH,
+           "large consistent dimensions, file too small");
+    MUTATE((put_u32(b + 12, 1), put_u32(b + 32 + 24 + 4, 1)), 1, NNP_E_SIZE_MISMATCH,
+           "consistent dims, wrong size");
+    MUTATE(put_u32(b + 32 + 8, NNP_ACT_COUNT), 1, NNP_E_BAD_ACTIVATION, "activation 15");
+    MUTATE(put_u32(b + 32 + 8, 0x80000000u), 1, NNP_E_BAD_ACTIVATION, "activation huge");
+    MUTATE(put_u32(b + 24, (uint32_t)len + 1), 1, NNP_E_TRUNCATED, "file_size larger than buffer");
+    MUTATE(put_u32(b + 24, (uint32_t)len - 1), 1, NNP_E_SIZE_MISMATCH, "file_size smaller than buffer");
+    MUTATE(put_u32(b + 28, 1), 1, NNP_E_TRUNCATED, "file_size high word");
+    MUTATE(b[p_off + 5] ^= 0x10, 0, NNP_E_CHECKSUM, "flipped weight bit");
+    MUTATE(b[len - 1] ^= 0x01, 0, NNP_E_CHECKSUM, "flipped crc bit");
+    MUTATE(put_u32(b + p_off, 0x7fc00000u), 1, NNP_E_NONFINITE, "NaN weight");
+    MUTATE(put_u32(b + len - 8, 0xff800000u), 1, NNP_E_NONFINITE, "-Inf bias");
+    {
+        /* a leaky layer with an infinite alpha */
+        static const size_t w[] = {2};
+        tmodel tm = make_model(2, w, 1, NNP_ACT_LEAKY_RELU, NNP_ACT_LEAKY_RELU);
+        size_t l2;
+        unsigned char *f = write_model(&tm, &l2);
+        put_u32(f + 32 + 16, 0x7f800000u);
+        fix_crc(f, l2);
+        CHECK_RC(parse(f, l2), NNP_E_NONFINITE, "infinite alpha");
+        free(f);
+        free_model(&tm);
+    }
+
+    /* trailing bytes */
+    memcpy(b, good, len);
+    b[len] = 0;
+    CHECK_RC(parse(b, len + 1), NNP_E_SIZE_MISMATCH, "trailing byte");
+
+    /* every truncated prefix */
+    for (n = 0; n < len; n++) {
+        unsigned char *pre = (unsigned char *)xmalloc(n); /* exact size so that valgrind/ASan see overreads */
+        memcpy(pre, good, n);
+        rc = parse(pre, n);
+        CHECK(rc == NNP_E_TRUNCATED, "prefix of %lu bytes: got %d (%s)", (unsigned long)n, rc, nnp_strerror(rc));
+        free(pre);
+    }
+
+    /* every single-bit flip is rejected (CRC-32 detects all of them) */
+    for (i = 0; i < len; i++)
+        for (bit = 0; bit < 8; bit++) {
+            memcpy(b, good, len);
+            b[i] ^= (unsigned char)(1u << bit);
+            rc = parse(b, len);
+            CHECK(rc != NNP_OK, "bit %d of byte %lu flipped: accepted", bit, (unsigned long)i);
+        }
+
+    /* unaligned file buffer and unaligned storage */
+    {
+        unsigned char *mis = (unsigned char *)xmalloc(len + 3), *st;
+        size_t need, off;
+        nnp_model *m = NULL;
+        float x[3] = {0.1f, -0.2f, 0.3f}, y1[2], y2[2], work[64];
+        memcpy(mis + 3, good, len);
+        CHECK_RC(nnp_model_bytes(mis + 3, len, &need), NNP_OK, "unaligned buffer");
+        st = (unsigned char *)xmalloc(need + 8);
+        for (off = 1; off < 8; off += 3) {
+            CHECK_RC(nnp_load(mis + 3, len, st + off, need, &m), NNP_OK, "unaligned storage");
+            CHECK_RC(nnp_forward(m, 1, x, off == 1 ? y1 : y2, work, 64), NNP_OK, "forward on unaligned model");
+        }
+        CHECK(memcmp(y1, y2, sizeof y1) == 0, "results independent of storage alignment");
+        CHECK_RC(nnp_load(mis + 3, len, st, need - 1, &m), NNP_E_STORAGE, "storage too small");
+        CHECK(m == NULL, "out is NULL after a failed load");
+        free(st);
+        free(mis);
+    }
+    free(b);
+    free(good);
+#undef MUTATE
+}
+
+static void test_arguments(void)
+{
+    size_t len, need, w;
+    unsigned char *f = small_file(&len);
+    void *storage = NULL;
+    nnp_model *m = load_copy(f, len, &storage);
+    float x[6] = {0}, y[4], J[12], work[512];
+    double xd[3] = {0}, Jd[6], wd[512];
+    if (!m) return;
+    CHECK_RC(nnp_model_bytes(NULL, len, &need), NNP_E_NULL, "NULL buffer");
+    CHECK_RC(nnp_model_bytes(f, len, NULL), NNP_E_NULL, "NULL needed");
+    CHECK_RC(nnp_load(f, len, NULL, 0, &m), NNP_E_NULL, "NULL storage");
+    m = NULL;
+    CHECK_RC(nnp_load(f, len, storage, 1 << 20, NULL), NNP_E_NULL, "NULL out");
+    CHECK_RC(nnp_load(f, len, storage, 1 << 20, &m), NNP_OK, "reload");
+    CHECK_RC(nnp_workspace(m, 99, 1, &w), NNP_E_ARG, "bad workspace op");
+    CHECK_RC(nnp_workspace(NULL, NNP_WS_FORWARD, 1, &w), NNP_E_NULL, "NULL model");
+    CHECK_RC(nnp_workspace(m, NNP_WS_FORWARD, 0, &w), NNP_OK, "workspace for empty batch");
+    CHECK(w == 0, "empty batch needs no workspace");
+    CHECK_RC(nnp_jacobian(m, 7, 1, x, y, J, work, 512), NNP_E_ARG, "bad mode");
+    CHECK_RC(nnp_jacobian(m, NNP_MODE_AUTO, 1, NULL, y, J, work, 512), NNP_E_NULL, "NULL x");
+    CHECK_RC(nnp_jacobian(m, NNP_MODE_AUTO, 1, x, y, NULL, work, 512), NNP_E_NULL, "NULL dy_dx");
+    CHECK_RC(nnp_jacobian(m, NNP_MODE_AUTO, 1, x, y, J, NULL, 512), NNP_E_NULL, "NULL work");
+    CHECK_RC(nnp_forward(m, 0, NULL, NULL, NULL, 0), NNP_OK, "empty batch");
+    CHECK_RC(nnp_forward(NULL, 1, x, y, work, 512), NNP_E_NULL, "forward NULL model");
+    CHECK_RC(nnp_forward(m, (size_t)-1, x, y, work, 512), NNP_E_ARG, "absurd batch");
+    CHECK_RC(nnp_fd_jacobian_f64(m, 1, xd, NULL, Jd, NULL, wd, 1), NNP_E_WORKSPACE, "fd workspace");
+    CHECK_RC(nnp_fd_jacobian_f64(m, 1, xd, NULL, Jd, NULL, wd, 512), NNP_OK, "fd without y and err");
+    CHECK_RC(nnp_layer_info(m, 2, NULL, NULL, NULL, NULL, NULL), NNP_E_ARG, "layer index");
+    {
+        size_t r, c;
+        int a;
+        float p0, p1;
+        CHECK_RC(nnp_layer_info(m, 0, &r, &c, &a, &p0, &p1), NNP_OK, "layer info");
+        CHECK(r == 3 && c == 4 && a == NNP_ACT_TANH && p0 == 0 && p1 == 0, "layer info values");
+    }
+    CHECK(strcmp(nnp_strerror(12345), "unknown error") == 0, "unknown code text");
+    {
+        int c;
+        for (c = 0; c >= -14; c--) CHECK(strcmp(nnp_strerror(c), "unknown error") != 0, "text for %d", c);
+    }
+    free(storage);
+    free(f);
+}
+
+static int write_model_file(const char *path)
+{
+    static const size_t w[] = {8, 6, 2};
+    tmodel tm = make_model(2, w, 3, NNP_ACT_TANH, NNP_ACT_LINEAR);
+    size_t len;
+    unsigned char *f = write_model(&tm, &len);
+    FILE *fp = fopen(path, "wb");
+    int ok = fp && fwrite(f, 1, len, fp) == len;
+    if (fp && fclose(fp) != 0) ok = 0;
+    free(f);
+    free_model(&tm);
+    if (!ok) fprintf(stderr, "cannot write %s\n", path);
+    return ok ? 0 : 1;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 3 && strcmp(argv[1], "--write-model") == 0) return write_model_file(argv[2]);
+    if (argc != 1) {
+        fprintf(stderr, "usage: %s [--write-model FILE]\n", argv[0]);
+        return 2;
+    }
+    test_activations();
+    test_kinks();
+    test_corruptions();
+    test_arguments();
+    if (getenv("NNP_TEST_VERBOSE")) printf("largest fd error / estimate: %.3g\n", max_ratio);
+    printf("test_nnp: %d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+}
