@@ -35,6 +35,7 @@ class TracedModel:
     keras_model: object = None
     source: str = "keras"
     normalization: dict | None = field(default=None)
+    owner: object = None  # keeps a loaded SavedModel (and its variables) alive while fn is in use
 
 
 def _clean(name: str, fallback: str) -> str:
@@ -164,7 +165,7 @@ def _from_saved_model(path, tf):
         return [res[k] for k in out_keys]
 
     return TracedModel(fn=fn, input_names=names, input_widths=widths, output_names=out_names,
-                       source="saved_model")
+                       source="saved_model", owner=obj)
 
 
 def to_onnx(traced: TracedModel, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
