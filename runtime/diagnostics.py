@@ -125,9 +125,8 @@ def _read_manifest(bundle) -> Optional[dict]:
 
 def _manifest_n_in(manifest: dict) -> Optional[int]:
     try:
-        shape = manifest["inputs"][0]["shape"]
-        n = shape[-1]
-        return int(n) if n is not None and int(n) > 0 else None
+        n = sum(int(i["shape"][-1]) for i in manifest["inputs"])  # several inputs are concatenated in order
+        return n if n > 0 else None
     except (KeyError, IndexError, TypeError, ValueError):
         return None
 
@@ -665,7 +664,7 @@ def _check_jac(J, n_q, n_in, name) -> np.ndarray:
 def _input_names(manifest, n_in) -> list:
     if manifest:
         try:
-            cols = manifest["inputs"][0].get("columns")
+            cols = [c for i in manifest["inputs"] for c in (i.get("columns") or [])]
             if cols and len(cols) == n_in:
                 return [str(c) for c in cols]
         except (KeyError, IndexError, AttributeError, TypeError):
@@ -676,7 +675,7 @@ def _input_names(manifest, n_in) -> list:
 def _output_names(manifest) -> list:
     if manifest:
         try:
-            cols = manifest["outputs"][0].get("columns")
+            cols = (manifest.get("y") or {}).get("columns") or manifest["outputs"][0].get("columns")
             if cols:
                 return [str(c) for c in cols]
         except (KeyError, IndexError, AttributeError, TypeError):

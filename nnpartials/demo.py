@@ -1,0 +1,443 @@
+"""``nnpartials demo``: why the partials of a network trained on x2 = 1.5·x1 do not match cos(x1) and -sin(x2).
+
+The question the demo answers. A Keras MLP (Normalization, Dense 64-64-32-32-16-16-8 with LeakyReLU, linear
+output; mean absolute error, Adam(0.001), train/test split 0.2 with random_state 0, validation_split 0.2,
+100 epochs) is trained on ``x1 = linspace(0, 6π, 2000)``, ``x2 = 1.5·x1``, ``y = sin(x1) + cos(x2)``. Its
+predictions match, but GradientTape's ``dy/dx1`` does not match ``cos(x1)``. The partials are exact partials of
+the network; the data, lying on one line, determine only the derivative *along* that line,
+``d/dt [sin t + cos 1.5t] = cos t - 1.5 sin 1.5t``; each partial on its own is whatever the initial weights left.
+
+* Scenario 1 ("as asked") trains exactly that network, exports the bundle, computes the partials with
+  onnxruntime, cross-checks them with the C core's finite differences and with GradientTape, and runs
+  :func:`nnpartials.runtime.diagnostics.diagnose` (rank 1, direction ∝ (1, 1.5), partials not identified).
+* Scenario 2 ("the fix") trains the same network with the same recipe on (x1, x2) drawn independently over
+  the same ranges; now the partials match cos(x1) and -sin(x2) and the diagnostics call them identified.
+
+:func:`run_demo` writes ``report.md``, PNG plots, both bundles and ``summary.json`` into the report folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from nnpartials.errors import InputError
+
+# ---- the recipe of the question -----------------------------------------------------------------------------
+HIDDEN_UNITS = (64, 64, 32, 32, 16, 16, 8)
+LEAKY_SLOPE = 0.3  # keras.layers.LeakyReLU's default negative slope
+LEARNING_RATE = 1e-3
+BATCH_SIZE = 32  # Keras' default
+TEST_SIZE = 0.2
+SPLIT_RANDOM_STATE = 0
+VALIDATION_SPLIT = 0.2
+X1_MAX_PI = 6.0  # x1 in [0, 6π]
+X2_FACTOR = 1.5  # x2 = 1.5 x1 on the data line; x2 ranges over [0, 9π]
+
+# ---- demo defaults ----------------------------------------------------------------------------------------------
+DEFAULT_EPOCHS = 100
+#: Points on the data line of scenario 1 (the question's linspace).
+DEFAULT_LINE_POINTS = 2000
+#: Independent points of scenario 2: a 2-D function needs more samples than a curve (2000 leave it under-fitted).
+DEFAULT_RANDOM_POINTS = 8000
+#: Networks per scenario for the ensemble spread (the main one plus this many minus one, other seeds); 0/1: none.
+DEFAULT_ENSEMBLE = 3
+DEFAULT_SEED = 0
+DATA_SEED = 1  # the random draws of scenario 2
+DEFAULT_OUT = "nnpartials_report"
+#: Step the question's finite difference divided by (consecutive points are 6π/1999 apart in x1).
+QUESTION_FD_STEP = 0.01
+#: Cross-checks "pass" when at least this fraction of points agree. The network is piecewise linear
+#: (LeakyReLU); a finite-difference step that straddles a kink mixes two slopes, so a few points may differ.
+CROSSCHECK_MIN_FRACTION = 0.99
+
+#: ``--quick``: fewer epochs and points, no ensemble, and x1 in [0, 2π] (x2 in [0, 3π]): with 6π, scenario 2's
+#: network sits on a loss plateau for ~10000 steps before it resolves cos(x2), too long for a quick run.
+QUICK = dict(epochs=30, line_points=2000, random_points=2000, ensemble=0, x1_max_pi=2.0)
+
+
+@dataclass
+class DemoConfig:
+    out: str = DEFAULT_OUT
+    epochs: int = DEFAULT_EPOCHS
+    line_points: int = DEFAULT_LINE_POINTS
+    random_points: int = DEFAULT_RANDOM_POINTS
+    ensemble: int = DEFAULT_ENSEMBLE
+    seed: int = DEFAULT_SEED
+    x1_max_pi: float = X1_MAX_PI
+    progress: bool = True
+    quick: bool = False
+    plots: bool = True
+
+    @classmethod
+    def quick_config(cls, **kw) -> "DemoConfig":
+        base = dict(QUICK)
+        base.update(kw)
+        return cls(quick=True, **base)
+
+    def check(self):
+        for name, lo in (("epochs", 1), ("line_points", 20), ("random_points", 20), ("ensemble", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise InputError(f"{name}: expected an integer >= {lo}, got {v!r}")
+        if not (isinstance(self.x1_max_pi, (int, float)) and 0 < self.x1_max_pi <= 1000):
+            raise InputError(f"x1_max_pi: expected a number in (0, 1000], got {self.x1_max_pi!r}")
+        return self
+
+    @property
+    def x1_max(self) -> float:
+        return float(self.x1_max_pi) * math.pi
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def target(x1, x2):
+    return np.sin(x1) + np.cos(x2)
+
+
+def analytic_partials(x1, x2):
+    """(dy/dx1, dy/dx2) of sin(x1) + cos(x2)."""
+    return np.cos(x1), -np.sin(x2)
+
+
+def analytic_directional(t):
+    """d/dt [sin t + cos 1.5t] = cos t - 1.5 sin 1.5t: the derivative along the data line x = (t, 1.5t)."""
+    return np.cos(t) - X2_FACTOR * np.sin(X2_FACTOR * t)
+
+
+#: The data line's tangent in input units: d x / d t for x = (t, 1.5 t).
+LINE_TANGENT = np.array([1.0, X2_FACTOR])
+
+
+def line_data(n: int, x1_max: float = X1_MAX_PI * math.pi):
+    """The question's data: x1 = linspace(0, 6π, n), x2 = 1.5 x1, y = sin x1 + cos x2 (float32 like Keras)."""
+    x1 = np.linspace(0.0, x1_max, n)
+    x = np.stack([x1, X2_FACTOR * x1], axis=1)
+    return x.astype(np.float32), target(x[:, 0], x[:, 1]).astype(np.float32).reshape(-1, 1)
+
+
+def random_data(n: int, x1_max: float = X1_MAX_PI * math.pi, seed: int = DATA_SEED):
+    """(x1, x2) drawn independently and uniformly over the same ranges, x1 in [0, 6π], x2 in [0, 9π]."""
+    rng = np.random.RandomState(seed)
+    x1 = rng.uniform(0.0, x1_max, n)
+    x2 = rng.uniform(0.0, X2_FACTOR * x1_max, n)
+    x = np.stack([x1, x2], axis=1)
+    return x.astype(np.float32), target(x[:, 0], x[:, 1]).astype(np.float32).reshape(-1, 1)
+
+
+def train_test_split(x, y, test_size: float = TEST_SIZE, random_state: int = SPLIT_RANDOM_STATE):
+    """The split of ``sklearn.model_selection.train_test_split(x, y, test_size=0.2, random_state=0)``.
+
+    scikit-learn's ShuffleSplit draws ``RandomState(random_state).permutation(n)``, takes the first
+    ``ceil(test_size * n)`` indices as the test set and the next ``n - n_test`` as the training set; this
+    reproduces it with numpy alone (same indices, same order) so the demo does not depend on scikit-learn.
+    """
+    n = len(x)
+    n_test = int(math.ceil(test_size * n))
+    perm = np.random.RandomState(random_state).permutation(n)
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], x[test], y[train], y[test]
+
+
+# ---- model -------------------------------------------------------------------------------------------------------
+def build_model(x_train: np.ndarray, seed: int):
+    """The question's network, with its Normalization layer adapted to ``x_train``, compiled (MAE, Adam 1e-3)."""
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(seed)
+    norm = layers.Normalization(name="normalization")
+    norm.adapt(x_train)
+    stack = [keras.Input(shape=(x_train.shape[1],), name="x"), norm]
+    for k, units in enumerate(HIDDEN_UNITS):
+        stack += [layers.Dense(units, name=f"dense_{k + 1}"),
+                  layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"leaky_relu_{k + 1}")]
+    stack.append(layers.Dense(1, name="y"))
+    model = keras.Sequential(stack, name="question_mlp")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=LEARNING_RATE), loss="mean_absolute_error")
+    return model
+
+
+def _epoch_callback(progress, task):
+    import keras
+
+    class RichEpochs(keras.callbacks.Callback):
+        """Advances a rich progress task once per epoch and shows the losses."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            progress.update(task, advance=1, loss=f"{logs.get('loss', float('nan')):.4f}",
+                            val=f"{logs.get('val_loss', float('nan')):.4f}")
+
+    return RichEpochs()
+
+
+def train(x_train, y_train, *, epochs: int, seed: int, progress=None, label: str = "training"):
+    """Fit the question's network; returns (model, history dict, seconds)."""
+    model = build_model(x_train, seed)
+    callbacks = []
+    task = None
+    if progress is not None:
+        task = progress.add_task(label, total=epochs, loss="-", val="-")
+        callbacks.append(_epoch_callback(progress, task))
+    t0 = time.perf_counter()
+    hist = model.fit(x_train, y_train, validation_split=VALIDATION_SPLIT, epochs=epochs, batch_size=BATCH_SIZE,
+                     verbose=0, callbacks=callbacks, shuffle=True)
+    seconds = time.perf_counter() - t0
+    if progress is not None:
+        progress.update(task, completed=epochs)
+    return model, {k: [float(v) for v in vals] for k, vals in hist.history.items()}, seconds
+
+
+def tape_jacobian(model, x: np.ndarray) -> np.ndarray:
+    """GradientTape partials [N, 1, n_in] of a scalar-output Keras model (the question's own method)."""
+    import tensorflow as tf
+
+    xt = tf.constant(np.asarray(x, dtype=np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = model(xt, training=False)
+    return tape.gradient(y, xt).numpy().astype(np.float64)[:, None, :]
+
+
+# ---- scenario ----------------------------------------------------------------------------------------------------
+def rms(a, b) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+@dataclass
+class ScenarioResult:
+    key: str  # "line" or "random"
+    title: str
+    x_train: np.ndarray
+    n_points: int
+    history: dict
+    bundle_path: str
+    # evaluation along the data line t in [0, 6π]: x = (t, 1.5 t)
+    t: np.ndarray
+    x_line: np.ndarray
+    y_line: np.ndarray  # [N] onnxruntime forward
+    J_line: np.ndarray  # [N, n_in] onnxruntime partials
+    dir_line: np.ndarray  # [N] J @ (1, 1.5): derivative along the line w.r.t. t
+    fd_dir_line: np.ndarray  # [N] corrected finite difference of the predictions along the line, w.r.t. t
+    question_fd_line: np.ndarray  # [N-1] the question's forward difference Δŷ / 0.01
+    diagnosis: object
+    ensemble_std: Optional[np.ndarray] = None  # [N, n_in] std of partials across seeds on the line
+    ensemble_dir_std: Optional[np.ndarray] = None  # [N]
+    ensemble_J: Optional[np.ndarray] = None  # [M, N, n_in]
+    metrics: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    x_test: Optional[np.ndarray] = None
+    J_test: Optional[np.ndarray] = None
+
+
+def _crosscheck(J_test: np.ndarray, J_ref: np.ndarray, tol: float, err: Optional[np.ndarray] = None) -> dict:
+    """Per-point agreement |J_test - J_ref| <= tol * max(1, |J_ref|) (+ the reference's own error estimate)."""
+    J_test = np.asarray(J_test, dtype=np.float64).reshape(J_test.shape[0], -1)
+    J_ref = np.asarray(J_ref, dtype=np.float64).reshape(J_test.shape)
+    diff = np.abs(J_test - J_ref)
+    bound = tol * np.maximum(1.0, np.abs(J_ref))
+    if err is not None:
+        bound = bound + np.asarray(err, dtype=np.float64).reshape(J_test.shape)
+    ok = (diff <= bound).all(axis=1)
+    return {"points": int(J_test.shape[0]), "agree": int(ok.sum()), "fraction": float(ok.mean()),
+            "max_abs_diff": float(diff.max()), "median_abs_diff": float(np.median(diff)), "tolerance": tol,
+            "passed": bool(ok.mean() >= CROSSCHECK_MIN_FRACTION)}
+
+
+def _c_core_check(bundle_path: str, x: np.ndarray, J: np.ndarray) -> dict:
+    """Cross-check the onnxruntime partials with the C core's central finite differences (float64)."""
+    from nnpartials import tolerances
+
+    try:
+        from nnpartials.runtime.kernel import Kernel
+
+        kernel = Kernel(bundle_path)
+        est, err = kernel.fd_jacobian(np.asarray(x, dtype=np.float64))
+    except Exception as exc:  # the C core missing is reported, not fatal: the demo still explains the maths
+        return {"available": False, "reason": f"{type(exc).__name__}: {exc}", "passed": False}
+    res = _crosscheck(J, est, tolerances.FD_F32_REL, err)
+    res["available"] = True
+    res["what"] = "C core central finite differences (float64) vs onnxruntime partials (float32)"
+    return res
+
+
+def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=None) -> ScenarioResult:
+    """Train, export, evaluate and diagnose one scenario."""
+    from nnpartials import tolerances
+    from nnpartials.exporter.bundle import export
+    from nnpartials.runtime.diagnostics import diagnose
+    from nnpartials.runtime.serve import Partials
+
+    if key == "line":
+        title = "Scenario 1: data on the line x2 = 1.5·x1 (as asked)"
+        x, y = line_data(cfg.line_points, cfg.x1_max)
+    elif key == "random":
+        title = "Scenario 2: (x1, x2) drawn independently (the fix)"
+        x, y = random_data(cfg.random_points, cfg.x1_max)
+    else:
+        raise InputError(f"unknown scenario {key!r}")
+    label = "scenario 1" if key == "line" else "scenario 2"
+    x_train, x_test, y_train, y_test = train_test_split(x, y)
+    timings = {}
+
+    model, history, timings["train_s"] = train(x_train, y_train, epochs=cfg.epochs, seed=cfg.seed, progress=progress,
+                                               label=f"{label}: training")
+
+    steps = None
+    if progress is not None:
+        steps = progress.add_task(f"{label}: evaluating", total=6, loss="", val="")
+
+    def step(name):
+        if steps is not None:
+            progress.update(steps, advance=1, description=f"{label}: {name}")
+
+    t0 = time.perf_counter()
+    bundle_dir = out / f"scenario{1 if key == 'line' else 2}_{key}" / "bundle"
+    bundle = export(model, bundle_dir, data=x_train, overwrite=True, progress=False)
+    timings["export_s"] = time.perf_counter() - t0
+    step("exported")
+
+    # evaluation along the data line (the question's points when line_points match)
+    t0 = time.perf_counter()
+    x_line, _ = line_data(cfg.line_points, cfg.x1_max)
+    t = x_line[:, 0].astype(np.float64)
+    part = Partials(bundle)
+    y_line, J = part.jacobian(x_line)
+    J_line = J[:, 0, :].astype(np.float64)
+    y_line = y_line[:, 0].astype(np.float64)
+    dir_line = J_line @ LINE_TANGENT
+    # derivative along the line w.r.t. t, by central differences of the predictions (np.gradient: 2nd order)
+    fd_dir = np.gradient(y_line, t)
+    question_fd = np.diff(y_line) / QUESTION_FD_STEP
+    timings["partials_s"] = time.perf_counter() - t0
+    step("partials (onnxruntime)")
+
+    checks = {}
+    J_tape = tape_jacobian(model, x_line)[:, 0, :]
+    checks["gradient_tape"] = _crosscheck(J_line, J_tape, tolerances.JACOBIAN_F32)
+    checks["gradient_tape"]["what"] = "TensorFlow GradientTape (the question's method) vs onnxruntime partials"
+    t0 = time.perf_counter()
+    checks["c_core_fd"] = _c_core_check(bundle.path, x_line, J_line)
+    timings["c_core_fd_s"] = time.perf_counter() - t0
+    step("cross-checked (C core FD, GradientTape)")
+
+    # ensemble: the same network and data, other seeds
+    ens_J = None
+    if cfg.ensemble >= 2:
+        Js = [J_line]
+        t0 = time.perf_counter()
+        for m in range(1, cfg.ensemble):
+            mdl, _, _ = train(x_train, y_train, epochs=cfg.epochs, seed=cfg.seed + 1000 * m, progress=progress,
+                              label=f"{label}: ensemble seed {cfg.seed + 1000 * m}")
+            Js.append(tape_jacobian(mdl, x_line)[:, 0, :])
+        ens_J = np.stack(Js)
+        timings["ensemble_s"] = time.perf_counter() - t0
+    step("ensemble")
+
+    diag = diagnose(x_train, x_line, bundle=bundle, jacobian=J_line[:, None, :],
+                    ensemble=[j[:, None, :] for j in ens_J] if ens_J is not None else None)
+    step("diagnosed")
+
+    a1, a2 = analytic_partials(t, X2_FACTOR * t)
+    metrics = {
+        "rms_y": rms(y_line, target(t, X2_FACTOR * t)),
+        "rms_dy_dx1": rms(J_line[:, 0], a1),
+        "rms_dy_dx2": rms(J_line[:, 1], a2),
+        "rms_directional": rms(dir_line, analytic_directional(t)),
+        "max_abs_directional": float(np.max(np.abs(dir_line - analytic_directional(t)))),
+        "rms_fd_vs_autodiff_directional": rms(fd_dir, dir_line),
+        "rms_fd_directional": rms(fd_dir, analytic_directional(t)),
+        "rms_question_fd": rms(question_fd, analytic_directional(0.5 * (t[1:] + t[:-1]))),
+        "line_step_x1": float(t[1] - t[0]),
+        "final_loss": history["loss"][-1],
+        "final_val_loss": history["val_loss"][-1],
+        "amplitude_directional": float(np.max(np.abs(analytic_directional(t)))),
+    }
+    res = ScenarioResult(key=key, title=title, x_train=x_train, n_points=len(x), history=history,
+                         bundle_path=bundle.path, t=t, x_line=x_line, y_line=y_line, J_line=J_line,
+                         dir_line=dir_line, fd_dir_line=fd_dir, question_fd_line=question_fd, diagnosis=diag,
+                         metrics=metrics, checks=checks, timings=timings)
+    if ens_J is not None:
+        res.ensemble_J = ens_J
+        res.ensemble_std = ens_J.std(axis=0, ddof=1)
+        res.ensemble_dir_std = (ens_J @ LINE_TANGENT).std(axis=0, ddof=1)
+        metrics["ensemble_size"] = int(ens_J.shape[0])
+        metrics["ensemble_median_std_dy_dx1"] = float(np.median(res.ensemble_std[:, 0]))
+        metrics["ensemble_median_std_dy_dx2"] = float(np.median(res.ensemble_std[:, 1]))
+        metrics["ensemble_median_std_directional"] = float(np.median(res.ensemble_dir_std))
+    # the held-out test points (off the line in scenario 2): partials against the analytic ones there too
+    _, Jt = part.jacobian(x_test)
+    Jt = Jt[:, 0, :].astype(np.float64)
+    b1, b2 = analytic_partials(x_test[:, 0].astype(np.float64), x_test[:, 1].astype(np.float64))
+    metrics["rms_dy_dx1_test"] = rms(Jt[:, 0], b1)
+    metrics["rms_dy_dx2_test"] = rms(Jt[:, 1], b2)
+    metrics["rms_y_test"] = rms(part.forward(x_test)[:, 0], y_test[:, 0])
+    res.x_test, res.J_test = x_test, Jt
+    g = diag.global_
+    metrics["effective_rank"] = g.effective_rank
+    metrics["singular_values"] = g.singular_values.tolist()
+    metrics["supported_directions"] = g.supported_directions.tolist()
+    metrics["null_directions"] = g.null_directions.tolist()
+    metrics["globally_identified"] = g.identified.tolist()
+    metrics["identified_fraction_on_line"] = diag.local.identified.mean(axis=0).tolist()
+    step("done")
+    return res
+
+
+# ---- the whole demo ----------------------------------------------------------------------------------------------
+@dataclass
+class DemoResult:
+    config: DemoConfig
+    out: str
+    scenarios: list
+    seconds: float
+    files: list
+
+
+def _quiet_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def run_demo(cfg: Optional[DemoConfig] = None, console=None) -> DemoResult:
+    """Run both scenarios, write the report folder, print the console summary; returns the results."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cfg = (cfg or DemoConfig()).check()
+    _quiet_tensorflow()
+    console = console or Console()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]} val {task.fields[val]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not cfg.progress, transient=False) as progress:
+        scenarios = [run_scenario(k, cfg, out, progress if cfg.progress else None, console) for k in ("line", "random")]
+    seconds = time.perf_counter() - t_start
+
+    from nnpartials import demo_report
+
+    files = []
+    if cfg.plots:
+        from nnpartials import demo_plots
+
+        files += demo_plots.write_all(scenarios, out)
+    for s in scenarios:
+        np.save(out / f"scenario{1 if s.key == 'line' else 2}_{s.key}" / "train_x.npy", s.x_train)
+    result = DemoResult(config=cfg, out=str(out), scenarios=scenarios, seconds=seconds, files=files)
+    files.append(demo_report.write_summary_json(result))
+    files.append(demo_report.write_markdown(result))
+    demo_report.print_summary(result, console)
+    return result

@@ -1,0 +1,143 @@
+"""PNG plots of ``nnpartials demo``: both scenarios side by side, always evaluated along the data line
+x = (t, 1.5 t), t in [0, 6π] (inside scenario 2's domain too, so the panels compare like with like)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nnpartials.demo import LINE_TANGENT, X2_FACTOR, analytic_directional, analytic_partials, target
+
+ANALYTIC = dict(color="black", lw=1.6, label="analytic")
+MODEL = dict(color="tab:blue", lw=1.1)
+FD = dict(color="tab:orange", lw=1.0, ls="--")
+BAND = dict(color="tab:blue", alpha=0.18, lw=0)
+RED = "tab:red"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(s):
+    return "Scenario 1: on the line x2 = 1.5·x1" if s.key == "line" else "Scenario 2: independent (x1, x2)"
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return str(path)
+
+
+def plot_data(scenarios, out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(11, 4.4))
+    for ax, s in zip(np.atleast_1d(axes), scenarios):
+        x = s.x_train
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, color="tab:gray", label=f"training inputs ({len(x)})")
+        ax.plot(s.t, X2_FACTOR * s.t, color="tab:blue", lw=0.8, alpha=0.7, label="evaluation line x2 = 1.5·x1")
+        g = s.diagnosis.global_
+        c = x.mean(axis=0)
+        L = 0.22 * float(np.ptp(x[:, 1]))
+        for k, d in enumerate(g.supported_directions if not g.full_rank else []):
+            ax.annotate("", xy=c + L * d, xytext=c, arrowprops=dict(arrowstyle="->", color="tab:green", lw=2))
+            ax.text(*(c + 1.05 * L * d), " supported\n (1, %.3g)" % (d[1] / d[0]), color="tab:green", fontsize=9)
+        for d in g.null_directions:
+            ax.annotate("", xy=c + L * d, xytext=c, arrowprops=dict(arrowstyle="->", color=RED, lw=2))
+            ax.text(*(c + 1.05 * L * d), " no information\n (1, %.3g)" % (d[1] / d[0]), color=RED, fontsize=9,
+                    ha="left", va="top")
+        rank_txt = f"effective rank {g.effective_rank} of {len(g.singular_values)}; relative singular values " \
+                   + ", ".join(f"{r:.2g}" for r in g.relative)
+        ax.set_title(f"{_short(s)}\n{rank_txt}", fontsize=10)
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+        ax.set_aspect("equal", adjustable="box")
+        ax.legend(loc="upper left", fontsize=8, markerscale=4)
+    fig.suptitle("Training inputs and the directions the data support (after the model's normalisation)")
+    return _save(fig, out / "data.png")
+
+
+def plot_prediction(scenarios, out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 3.8), sharey=True)
+    for ax, s in zip(np.atleast_1d(axes), scenarios):
+        t = s.t
+        ax.plot(t, target(t, X2_FACTOR * t), **ANALYTIC)
+        ax.plot(t, s.y_line, label="network (onnxruntime)", **MODEL)
+        ax.set_title(f"{_short(s)}\nprediction y: RMS error {s.metrics['rms_y']:.3f}", fontsize=10)
+        ax.set_xlabel("t = x1  (x2 = 1.5 t)")
+        ax.legend(fontsize=8, loc="lower left")
+    np.atleast_1d(axes)[0].set_ylabel("y = sin(x1) + cos(x2)")
+    fig.suptitle("Prediction vs analytic along the data line: both networks fit y")
+    return _save(fig, out / "prediction.png")
+
+
+def plot_partials(scenarios, out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(scenarios), figsize=(12, 7), sharex=True, sharey="row")
+    axes = np.asarray(axes).reshape(2, len(scenarios))
+    names = ("∂y/∂x1", "∂y/∂x2")
+    refs = ("cos(x1)", "−sin(x2)")
+    for col, s in enumerate(scenarios):
+        t = s.t
+        a = analytic_partials(t, X2_FACTOR * t)
+        ident = s.diagnosis.local.identified.mean(axis=0)
+        for j in range(2):
+            ax = axes[j, col]
+            if s.ensemble_J is not None:
+                lo = s.ensemble_J[:, :, j].min(axis=0)
+                hi = s.ensemble_J[:, :, j].max(axis=0)
+                ax.fill_between(t, lo, hi, label=f"range over {s.ensemble_J.shape[0]} seeds", **BAND)
+            ax.plot(t, a[j], **{**ANALYTIC, "label": f"analytic {refs[j]}"})
+            ax.plot(t, s.J_line[:, j], label="network partial (onnxruntime)", **MODEL)
+            rms = s.metrics[f"rms_dy_dx{j + 1}"]
+            status = (f"identified at {100 * ident[j]:.0f}% of points" if ident[j] > 0
+                      else "NOT identified by the data")
+            colour = "black" if ident[j] > 0.5 else RED
+            ax.set_title(f"{names[j]} vs {refs[j]}: RMS error {rms:.3f} — {status}", fontsize=10, color=colour)
+            if col == 0:
+                ax.set_ylabel(names[j])
+            if j == 1:
+                ax.set_xlabel("t = x1  (x2 = 1.5 t)")
+            ax.legend(fontsize=8, loc="lower left")
+    for col, s in enumerate(scenarios):
+        axes[0, col].annotate(_short(s), xy=(0.5, 1.16), xycoords="axes fraction", ha="center", fontsize=11,
+                              fontweight="bold")
+    fig.suptitle("Each partial vs analytic along the data line", y=1.02)
+    fig.tight_layout()
+    return _save(fig, out / "partials.png")
+
+
+def plot_directional(scenarios, out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 4), sharey=True)
+    for ax, s in zip(np.atleast_1d(axes), scenarios):
+        t = s.t
+        if s.ensemble_J is not None:
+            d = s.ensemble_J @ LINE_TANGENT
+            ax.fill_between(t, d.min(axis=0), d.max(axis=0), label=f"range over {d.shape[0]} seeds", **BAND)
+        ax.plot(t, analytic_directional(t), **{**ANALYTIC, "label": "analytic cos t − 1.5 sin 1.5t"})
+        ax.plot(t, s.dir_line, label="∂y/∂x1 + 1.5·∂y/∂x2 (autodiff)", **MODEL)
+        ax.plot(t, s.fd_dir_line, label="finite difference of ŷ along the data, step Δx1", **FD)
+        m = s.metrics
+        ax.set_title(f"{_short(s)}\nRMS error {m['rms_directional']:.3f} (amplitude {m['amplitude_directional']:.2f});"
+                     f" FD vs autodiff RMS {m['rms_fd_vs_autodiff_directional']:.3f}", fontsize=10)
+        ax.set_xlabel("t = x1  (x2 = 1.5 t)")
+        ax.legend(fontsize=8, loc="lower left")
+    np.atleast_1d(axes)[0].set_ylabel("d y / d t along x = (t, 1.5 t)")
+    fig.suptitle("Directional derivative along the data line: identified in both scenarios")
+    return _save(fig, out / "directional.png")
+
+
+def write_all(scenarios, out: Path) -> list:
+    out = Path(out)
+    return [plot_data(scenarios, out), plot_prediction(scenarios, out), plot_partials(scenarios, out),
+            plot_directional(scenarios, out)]
