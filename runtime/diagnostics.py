@@ -408,15 +408,22 @@ class Diagnosis:
             t3.add_column("supported directions")
             for n in names:
                 t3.add_column(f"dy/d{n}", justify="right")
+            if self.partials is not None:
+                t3.add_column("along supported directions", justify="right")
+                D, _ = self.directional_derivatives()
+            t3.caption = "✓ identified, ✗ not identified by the data (value shown, but not meaningful)"
             for i in range(min(q, max_points)):
                 sup = loc.supported(i)
                 cells = []
                 for j in range(self.n_in):
                     val = "" if self.partials is None else ", ".join(f"{v:.4g}" for v in self.partials[i, :, j])
                     if loc.identified[i, j]:
-                        cells.append(f"[green]{val or 'identified'}[/]")
+                        cells.append(f"[green]{val} ✓[/]")
                     else:
-                        cells.append(f"[red]{(val + ' ') if val else ''}(not identified)[/]")
+                        cells.append(f"[red]{val} ✗[/]")
+                if self.partials is not None:
+                    r = len(sup)
+                    cells.append("; ".join(", ".join(f"{v:.4g}" for v in D[i, :, k]) for k in range(r)) or "—")
                 t3.add_row("(" + ", ".join(f"{v:.4g}" for v in self.query[i]) + ")",
                            f"{loc.nn_distance[i]:.3g}" + (" [red]outside[/]" if loc.outside[i] else ""),
                            str(int(loc.local_rank[i])),

@@ -1,0 +1,102 @@
+"""nnpartials diagnose BUNDLE --data train.{csv,npy} [--points query]"""
+
+from __future__ import annotations
+
+NAME = "diagnose"
+HELP = "report which partials dy/dx_j the training data can identify (global rank, local rank per point)"
+DESCRIPTION = """\
+Identifiability diagnostics for a bundle's partial derivatives.
+
+Global: singular values of the training inputs after the model's own normalisation (its Normalization
+layer, from manifest.json; the data's standardisation when it has none), the effective rank, and the
+directions (in input units) along which the data carry no information.
+
+Local (with --points): per query point, the distance to the nearest training point, the rank of its
+neighbourhood (local PCA of the nearest training points), the supported directions, and the partials
+dy/dx_j at the point, each flagged as identified only where e_j lies in the span of the supported
+directions and the point lies inside the data.
+
+--data and --points take .csv (header optional; named columns are matched to the model's) or .npy files;
+--points also takes inline points such as '1,1.5;2,3' (features separated by ',', points by ';').
+
+Exit status: 0; with --fail-unidentified, 3 when some query point has an unidentified partial.
+"""
+
+
+def add_arguments(p):
+    from nnpartials.runtime.diagnostics import (DEFAULT_FAR_FACTOR, DEFAULT_LOCAL_RTOL, DEFAULT_NEIGHBORS,
+                                                DEFAULT_RANK_RTOL, DEFAULT_SPAN_TOL)
+
+    p.add_argument("bundle", help="bundle folder written by `nnpartials export`")
+    p.add_argument("--data", required=True, metavar="TRAIN", help="the training inputs (.csv or .npy)")
+    p.add_argument("--points", metavar="QUERY", help="query points: .csv, .npy, or inline '1,1.5;2,3'")
+    p.add_argument("--rank-rtol", type=float, default=DEFAULT_RANK_RTOL,
+                   help="relative singular-value tolerance of the global rank: directions with s_i < rank_rtol * "
+                        f"s_max carry no information (default {DEFAULT_RANK_RTOL:g})")
+    p.add_argument("--local-rtol", type=float, default=DEFAULT_LOCAL_RTOL,
+                   help=f"the same for the local PCA at each query point (default {DEFAULT_LOCAL_RTOL:g})")
+    p.add_argument("--span-tol", type=float, default=DEFAULT_SPAN_TOL,
+                   help="dy/dx_j is identified where the distance of e_j from the supported span (sine of the "
+                        f"angle) is at most this (default {DEFAULT_SPAN_TOL:g})")
+    p.add_argument("--far-factor", type=float, default=DEFAULT_FAR_FACTOR,
+                   help="a point farther than this many typical neighbourhood radii from the nearest training "
+                        f"point is outside the data (default {DEFAULT_FAR_FACTOR:g})")
+    p.add_argument("--neighbors", type=int, default=None,
+                   help=f"neighbourhood size of the local PCA (default {DEFAULT_NEIGHBORS}, at least 3*n_in+1)")
+    p.add_argument("--max-rows", type=int, default=20, help="query points shown in the table (default 20)")
+    p.add_argument("--json", metavar="FILE", help="also write the full diagnosis as JSON")
+    p.add_argument("--no-partials", action="store_true", help="do not evaluate the partials at the query points")
+    p.add_argument("--fail-unidentified", action="store_true",
+                   help="exit with status 3 when a partial is not identified at some query point")
+
+
+def parse_points(text: str, columns):
+    """A points argument: an existing .csv/.npy file, or inline numbers '1,1.5;2,3'."""
+    import os
+
+    import numpy as np
+
+    from nnpartials.errors import InputError
+    from nnpartials.io import read_points
+
+    if os.path.exists(text) or text.lower().endswith((".csv", ".npy", ".npz", ".txt")):
+        return read_points(text, columns)
+    rows = [r for r in text.replace("\n", ";").split(";") if r.strip()]
+    try:
+        data = [[float(v) for v in r.replace(" ", ",").split(",") if v.strip()] for r in rows]
+    except ValueError:
+        raise InputError(f"--points: {text!r} is neither a file nor inline numbers like '1,1.5;2,3'") from None
+    widths = {len(r) for r in data}
+    if len(widths) != 1:
+        raise InputError(f"--points: inline points have different numbers of features: {sorted(widths)}")
+    return np.asarray(data, dtype=np.float64)
+
+
+def run(args) -> int:
+    import json
+
+    from rich.console import Console
+
+    from nnpartials.exporter.bundle import load_bundle
+    from nnpartials.io import read_points
+    from nnpartials.runtime.diagnostics import diagnose
+
+    bundle = load_bundle(args.bundle)
+    columns = bundle.input_columns
+    train = read_points(args.data, columns)
+    query = parse_points(args.points, columns) if args.points else None
+    diag = diagnose(train, query, bundle=None if args.no_partials else bundle, normalization=bundle,
+                    rank_rtol=args.rank_rtol, local_rtol=args.local_rtol, span_tol=args.span_tol,
+                    far_factor=args.far_factor, neighbors=args.neighbors, input_names=columns)
+    console = Console()
+    for table in diag.rich_tables(max_points=max(0, args.max_rows)):
+        console.print(table)
+    console.print(diag.summary(), highlight=False)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(diag.to_dict(), fh, indent=1)
+            fh.write("\n")
+        console.print(f"wrote {args.json}")
+    if args.fail_unidentified and diag.local is not None and not diag.local.identified.all():
+        return 3
+    return 0
