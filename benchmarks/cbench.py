@@ -1,0 +1,86 @@
+"""Build and run ``benchmarks/c/nnp_bench.c``: the C core timed from C alone, without Python.
+
+The program is compiled from ``csrc/nnp.c`` with the C library's own optimisation flags (``csrc/Makefile``:
+``-O3 -ffp-contract=fast``, no ``-march``), so it measures what a user linking the library gets by default.
+``NNP_BENCH_CFLAGS`` replaces those flags (e.g. ``-O3 -march=native``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SOURCE = os.path.join(HERE, "c", "nnp_bench.c")
+CSRC = os.path.join(ROOT, "csrc")
+DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast"
+
+
+def cflags() -> str:
+    return os.environ.get("NNP_BENCH_CFLAGS") or DEFAULT_CFLAGS
+
+
+def compiler():
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def unavailable():
+    """None when the C-alone benchmark can be built here, else why not."""
+    if compiler() is None:
+        return "no C compiler (cc, gcc or clang) on PATH"
+    for f in ("nnp.c", "nnp.h"):
+        if not os.path.exists(os.path.join(CSRC, f)):
+            return f"csrc/{f} is missing"
+    return None
+
+
+def compiler_version() -> str:
+    try:
+        out = subprocess.run([compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
+        return out.splitlines()[0].strip()
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def build(out_dir: str) -> str:
+    """Compile the program into ``out_dir``; returns the executable's path."""
+    exe = os.path.join(out_dir, "nnp_bench")
+    cmd = [compiler(), *shlex.split(cflags()), "-I", CSRC, SOURCE, os.path.join(CSRC, "nnp.c"), "-lm", "-o", exe]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"building the C benchmark failed: {' '.join(cmd)}\n{res.stderr}")
+    return exe
+
+
+class Program:
+    """The C program bound to one model file: ``run(x)`` times nnp_jacobian on ``x`` and returns its outputs."""
+
+    def __init__(self, exe: str, nnp_path: str, workload):
+        self.exe = exe
+        self.nnp = nnp_path
+        self.w = workload
+
+    def run(self, x: np.ndarray, *, min_sample_s: float = 0.05, samples: int = 15, op: str = "jacobian"):
+        """Returns ``(stats dict, y, dy_dx)``; stats has ``median_ns`` and ``min_ns`` per call."""
+        x = np.ascontiguousarray(x, dtype="<f4")
+        b = x.shape[0]
+        with tempfile.TemporaryDirectory(prefix="nnp-bench-") as tmp:
+            xp, op_path = os.path.join(tmp, "x.f32"), os.path.join(tmp, "out.f32")
+            x.tofile(xp)
+            cmd = [self.exe, self.nnp, xp, str(b), op, repr(float(min_sample_s)), str(int(samples)), op_path]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            if res.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+            stats = json.loads(res.stdout.strip().splitlines()[-1])
+            out = np.fromfile(op_path, dtype="<f4")
+        ny = b * self.w.n_out
+        y = out[:ny].reshape(b, self.w.n_out)
+        J = out[ny:].reshape(b, self.w.n_out, self.w.n_in) if op == "jacobian" else None
+        return stats, y, J

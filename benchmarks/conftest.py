@@ -1,0 +1,213 @@
+"""Session fixtures of the benchmark suite: workloads, bundles, inputs, references, the JSON record."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from benchmarks import config
+
+config.configure_threads()  # before TensorFlow, JAX or PyTorch is imported
+
+
+class SkipCase(Exception):
+    """A case that cannot run here; the reason goes to the record and to pytest's skip."""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(x for x in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16",
+                                                "avx512_vnni", "amx_tile") if x in have)
+    except OSError:
+        pass
+    return ""
+
+
+def _mem_gib():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        return None
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("nnpartials", "numpy", "tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime",
+                 "jax", "jaxlib", "torch", "pytest-benchmark", "scipy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    except Exception:  # pragma: no cover
+        return None
+
+
+def machine_info() -> dict:
+    from benchmarks import cbench
+
+    return {
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": _mem_gib(),
+        "platform": platform.platform(),
+        "versions": _versions(),
+        "c_compiler": cbench.compiler_version() if cbench.compiler() else None,
+        "c_flags": cbench.cflags(),
+        "thread_settings": config.thread_settings(),
+        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "tiny": config.TINY,
+        "batches": dict((str(k), v) for k, v in config.BATCHES),
+        "argv": sys.argv,
+    }
+
+
+class BenchContext:
+    def __init__(self, tmp_dir):
+        self.tmp = tmp_dir
+        self._workloads, self._bundles, self._inputs, self._refs = {}, {}, {}, {}
+        self._c_exe = None
+        self.records = {}
+        self.exports = {}
+        self.machine = machine_info()
+        self._tf_configured = False
+
+    # -- setup ---------------------------------------------------------------------------------------------
+    def _configure_tf(self):
+        if self._tf_configured:
+            return
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(config.THREADS)
+            tf.config.threading.set_inter_op_parallelism_threads(config.THREADS)
+        except RuntimeError:  # already initialised (another import touched it): keep, but say so
+            self.machine["thread_settings"]["tensorflow"] += " (not applied: TensorFlow was already initialised)"
+        self._tf_configured = True
+
+    def workload(self, name):
+        if name not in self._workloads:
+            self._configure_tf()
+            from benchmarks import workloads
+
+            self._workloads[name] = workloads.build(name)
+        return self._workloads[name]
+
+    def bundle(self, name, mode):
+        key = (name, mode)
+        if key not in self._bundles:
+            import nnpartials
+
+            w = self.workload(name)
+            t0 = time.perf_counter()
+            b = nnpartials.export(w.keras_model, os.path.join(self.tmp, f"{name}-{mode}"), mode=mode, overwrite=True)
+            self.exports[f"{name}/{mode}"] = {"seconds": time.perf_counter() - t0,
+                                              "c_core": b.manifest.get("c_core", {}).get("available"),
+                                              "c_core_reason": b.manifest.get("c_core", {}).get("reason")}
+            self._bundles[key] = b
+        return self._bundles[key]
+
+    def inputs(self, name, batch):
+        key = (name, batch)
+        if key not in self._inputs:
+            self._inputs[key] = self.workload(name).inputs(batch)
+        return self._inputs[key]
+
+    def check_rows(self, batch):
+        n = config.CHECK_ROWS
+        if batch <= 2 * n:
+            return np.arange(batch)
+        return np.concatenate([np.arange(n), np.arange(batch - n, batch)])
+
+    def reference(self, name, batch):
+        key = (name, batch)
+        if key not in self._refs:
+            from benchmarks import workloads
+
+            rows = self.check_rows(batch)
+            self._refs[key] = workloads.reference(self.workload(name), self.inputs(name, batch)[rows])
+        return self._refs[key]
+
+    def c_program(self):
+        if self._c_exe is None:
+            from benchmarks import cbench
+
+            d = os.path.join(self.tmp, "c")
+            os.makedirs(d, exist_ok=True)
+            self._c_exe = cbench.build(d)
+        return self._c_exe
+
+    @staticmethod
+    def skip(reason):
+        raise SkipCase(reason)
+
+    # -- record --------------------------------------------------------------------------------------------
+    def median(self, workload, batch_id, path):
+        r = self.records.get(f"{workload}/{batch_id}/{path}")
+        return r.get("median_s") if r and r.get("status") == "ok" else None
+
+    def dump(self, path):
+        self.machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        self.machine["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        data = {"machine": self.machine, "exports": self.exports, "results": list(self.records.values()),
+                "config": {"min_round_s": config.MIN_ROUND_S, "target_s_small": config.TARGET_S_SMALL,
+                           "target_s_large": config.TARGET_S_LARGE, "min_rounds_small": config.MIN_ROUNDS_SMALL,
+                           "min_rounds_large": config.MIN_ROUNDS_LARGE, "max_call_s": config.MAX_CALL_S,
+                           "max_gb": config.MAX_GB, "agree": config.AGREE, "check_rows": config.CHECK_ROWS}}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+
+
+_CTX = None
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    global _CTX
+    _CTX = BenchContext(str(tmp_path_factory.mktemp("nnp-bench")))
+    return _CTX
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CTX is not None and config.RECORD:
+        _CTX.dump(config.RECORD)

@@ -1,0 +1,300 @@
+"""The benchmarked paths: how each computes y and dy/dx for a workload.
+
+A path builds a :class:`Runner` for one workload. ``prepare`` turns the float32 numpy input into what the
+path consumes (a tf.Tensor, a torch tensor, a float64 array, ...) outside the timed region; ``call`` is what is
+timed; ``to_numpy`` converts the result for the agreement check (outside the timed region). Results stay in
+the path's native type inside ``call`` (JAX results are waited for with ``block_until_ready``).
+
+Families: ``floor`` (onnxruntime forward pass only), ``nnpartials`` (the companion graph in each mode, the
+``Partials`` wrapper, the C core), ``peer`` (TensorFlow, JAX, PyTorch; the report's "fastest peer" is the
+fastest of these at each workload and batch size).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from benchmarks import config
+
+
+@dataclass
+class Runner:
+    call: Callable
+    prepare: Callable = lambda x: x
+    to_numpy: Callable = None  # result -> (y or None, dy_dx or None[, fd error])
+
+
+@dataclass
+class Path:
+    name: str
+    label: str
+    family: str
+    #: "y" (forward only) or "y+J" (y and dy/dx) or "J" (dy/dx only)
+    computes: str
+    #: number of tangent/cotangent directions for a workload (0: forward pass only)
+    directions: Callable
+    make: Callable  # (ctx, workload) -> Runner
+    #: returns None when the path can run here, else the reason it cannot
+    available: Callable = lambda: None
+    dtype: str = "float32"
+    #: the C core works through large batches in fixed blocks: no batch-sized intermediates
+    blocked: bool = False
+    #: times itself (a subprocess); not timed by pytest-benchmark
+    self_timed: bool = False
+    flop_factor: Callable = None  # (workload) -> evaluations per point, overrides 1 + directions
+    #: modules imported before the setup is timed (import cost is a per-process cost, not the path's setup)
+    preload: tuple = ()
+
+    def flops_per_point(self, w) -> int:
+        if self.flop_factor is not None:
+            return w.forward_flops * self.flop_factor(w)
+        return w.forward_flops * (1 + self.directions(w))
+
+
+def _mode_k(mode):
+    return lambda w: w.n_in if mode == "forward" else w.n_out
+
+
+def auto_mode(w) -> str:
+    """The mode ``export(mode="auto")`` picks for this workload (the exporter's own rule)."""
+    from nnpartials.exporter.jacobian import choose_mode
+
+    return choose_mode(w.n_in, w.n_out, "auto")
+
+
+def _have(module, extra_hint):
+    def check():
+        if importlib.util.find_spec(module) is None:
+            return f"{module} is not installed ({extra_hint})"
+        return None
+
+    return check
+
+
+# ----- onnxruntime ------------------------------------------------------------------------------------------
+def _ort_session(path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = config.THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def make_ort_forward(ctx, w):
+    bundle = ctx.bundle(w.name, auto_mode(w))
+    sess = _ort_session(os.path.join(bundle.path, "model.onnx"))
+    name = bundle.manifest["inputs"][0]["name"]
+    return Runner(call=lambda x: sess.run(None, {name: x}), to_numpy=lambda out: (out[0], None))
+
+
+def make_ort_jacobian(mode):
+    def make(ctx, w):
+        bundle = ctx.bundle(w.name, mode)
+        sess = _ort_session(os.path.join(bundle.path, "model.jac.onnx"))
+        name = bundle.manifest["inputs"][0]["name"]
+        return Runner(call=lambda x: sess.run(None, {name: x}), to_numpy=lambda out: (out[0], out[1]))
+
+    return make
+
+
+def make_partials(ctx, w):
+    import nnpartials
+
+    bundle = ctx.bundle(w.name, auto_mode(w))
+    p = nnpartials.Partials(bundle.path, threads=config.THREADS)
+    return Runner(call=p.jacobian, to_numpy=lambda out: out)
+
+
+# ----- the C core -------------------------------------------------------------------------------------------
+def kernel_available():
+    try:
+        importlib.import_module("nnpartials.runtime.kernel")
+    except ImportError as exc:
+        return f"the C core's Python module is not available ({exc})"
+    except Exception as exc:  # a build problem, say
+        return f"the C core's Python module failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+
+def _kernel(ctx, w):
+    from nnpartials.runtime.kernel import Kernel
+
+    bundle = ctx.bundle(w.name, auto_mode(w))
+    if not bundle.has_c_core:
+        ctx.skip(f"the bundle has no model.nnp ({bundle.manifest.get('c_core', {}).get('reason')})")
+    return Kernel(bundle.path)
+
+
+def make_kernel(ctx, w):
+    k = _kernel(ctx, w)
+    return Runner(call=k.jacobian, to_numpy=lambda out: out)
+
+
+def make_kernel_fd(ctx, w):
+    k = _kernel(ctx, w)
+    return Runner(call=k.fd_jacobian, prepare=lambda x: np.ascontiguousarray(x, dtype=np.float64),
+                  to_numpy=lambda out: (None, out[0], out[1]))
+
+
+def make_c_alone(ctx, w):
+    bundle = ctx.bundle(w.name, auto_mode(w))
+    if not bundle.has_c_core:
+        ctx.skip(f"the bundle has no model.nnp ({bundle.manifest.get('c_core', {}).get('reason')})")
+    from benchmarks import cbench
+
+    exe = ctx.c_program()
+    return cbench.Program(exe, os.path.join(bundle.path, "model.nnp"), w)
+
+
+def c_alone_available():
+    from benchmarks import cbench
+
+    return cbench.unavailable()
+
+
+# ----- TensorFlow -------------------------------------------------------------------------------------------
+def _tf_fn(w):
+    import tensorflow as tf
+
+    model = w.keras_model
+    if w.n_out == 1:
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = model(x, training=False)
+                s = tf.reduce_sum(y)
+            return y, tf.expand_dims(tape.gradient(s, x), 1)
+    else:
+        def fn(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = model(x, training=False)
+            return y, tape.batch_jacobian(y, x)
+    return fn
+
+
+def make_tf(compiled):
+    def make(ctx, w):
+        import tensorflow as tf
+
+        fn = _tf_fn(w)
+        if compiled:
+            fn = tf.function(fn)
+        return Runner(call=fn, prepare=tf.constant, to_numpy=lambda out: (out[0].numpy(), out[1].numpy()))
+
+    return make
+
+
+# ----- JAX --------------------------------------------------------------------------------------------------
+def _jax_act(name):
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.workloads import LEAKY_SLOPE
+
+    return {
+        "linear": lambda z: z,
+        "leaky_relu": lambda z: jnp.where(z > 0, z, LEAKY_SLOPE * z),
+        "tanh": jnp.tanh,
+        "gelu": lambda z: jax.nn.gelu(z, approximate=False),
+    }[name]
+
+
+def make_jax(transform):
+    def make(ctx, w):
+        import jax
+        import jax.numpy as jnp
+
+        acts = [_jax_act(a) for _, _, a in w.layers]
+        params = [(jnp.asarray(W), jnp.asarray(b)) for W, b, _ in w.layers]
+        norm = None if w.normalization is None else tuple(jnp.asarray(v, jnp.float32) for v in w.normalization)
+
+        def f(params, norm, x):  # one point: x [n_in] -> y [n_out]
+            h = x if norm is None else (x - norm[0]) / norm[1]
+            for (W, b), act in zip(params, acts):
+                h = act(h @ W + b)
+            return h, h
+
+        jac = getattr(jax, transform)(f, argnums=2, has_aux=True)
+        fn = jax.jit(jax.vmap(jac, in_axes=(None, None, 0)))
+
+        def call(x):
+            return jax.block_until_ready(fn(params, norm, x))
+
+        return Runner(call=call, prepare=lambda x: jax.device_put(x),
+                      to_numpy=lambda out: (np.asarray(out[1]), np.asarray(out[0])))
+
+    return make
+
+
+# ----- PyTorch ----------------------------------------------------------------------------------------------
+def make_torch(ctx, w):
+    import torch
+    import torch.nn.functional as F
+    from torch.func import jacrev, vmap
+
+    from benchmarks.workloads import LEAKY_SLOPE
+
+    torch.set_num_threads(config.THREADS)
+    acts = {"linear": lambda z: z, "leaky_relu": lambda z: torch.where(z > 0, z, LEAKY_SLOPE * z),
+            "tanh": torch.tanh, "gelu": lambda z: F.gelu(z, approximate="none")}
+    layers = [(torch.from_numpy(np.ascontiguousarray(W)), torch.from_numpy(b), acts[a]) for W, b, a in w.layers]
+    norm = None if w.normalization is None else tuple(torch.tensor(v, dtype=torch.float32) for v in w.normalization)
+
+    def f(x):  # one point
+        h = x if norm is None else (x - norm[0]) / norm[1]
+        for W, b, act in layers:
+            h = act(h @ W + b)
+        return h, h
+
+    jf = vmap(jacrev(f, has_aux=True))
+
+    def call(x):
+        with torch.no_grad():
+            return jf(x)
+
+    return Runner(call=call, prepare=lambda x: torch.from_numpy(np.ascontiguousarray(x)),
+                  to_numpy=lambda out: (out[1].numpy(), out[0].numpy()))
+
+
+# ----- the registry -----------------------------------------------------------------------------------------
+_PEERS_HINT = "install the [peers] extra: pip install -e '.[peers]'"
+
+PATHS = [
+    Path("ort_forward", "onnxruntime forward only (model.onnx)", "floor", "y", lambda w: 0, make_ort_forward),
+    Path("ort_jac_forward", "companion graph, forward mode (onnxruntime)", "nnpartials", "y+J", _mode_k("forward"),
+         make_ort_jacobian("forward")),
+    Path("ort_jac_reverse", "companion graph, reverse mode (onnxruntime)", "nnpartials", "y+J", _mode_k("reverse"),
+         make_ort_jacobian("reverse")),
+    Path("partials", "nnpartials.Partials.jacobian (auto mode)", "nnpartials", "y+J",
+         lambda w: _mode_k(auto_mode(w))(w), make_partials),
+    Path("c_kernel", "C core analytic (Kernel.jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
+         make_kernel, available=kernel_available, blocked=True,
+         preload=("nnpartials.runtime.kernel",)),
+    Path("c_alone", "C core analytic, C alone (nnp_jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
+         make_c_alone, available=c_alone_available, blocked=True, self_timed=True),
+    Path("c_kernel_fd", "C core finite differences, float64 (Kernel.fd_jacobian)", "check", "J",
+         lambda w: 4 * w.n_in, make_kernel_fd, available=kernel_available, dtype="float64", blocked=True,
+         preload=("nnpartials.runtime.kernel",),
+         flop_factor=lambda w: 1 + 4 * w.n_in),
+    Path("tf_function", "TensorFlow GradientTape in tf.function", "peer", "y+J", lambda w: w.n_out, make_tf(True),
+         preload=("tensorflow",)),
+    Path("tf_eager", "TensorFlow GradientTape, eager", "peer", "y+J", lambda w: w.n_out, make_tf(False),
+         preload=("tensorflow",)),
+    Path("jax_jacrev", "JAX jit(vmap(jacrev))", "peer", "y+J", lambda w: w.n_out, make_jax("jacrev"),
+         available=_have("jax", _PEERS_HINT), preload=("jax",)),
+    Path("jax_jacfwd", "JAX jit(vmap(jacfwd))", "peer", "y+J", lambda w: w.n_in, make_jax("jacfwd"),
+         available=_have("jax", _PEERS_HINT), preload=("jax",)),
+    Path("torch_jacrev", "PyTorch torch.func vmap(jacrev)", "peer", "y+J", lambda w: w.n_out, make_torch,
+         available=_have("torch", _PEERS_HINT), preload=("torch", "torch.func")),
+]
+BY_NAME = {p.name: p for p in PATHS}
