@@ -41,3 +41,17 @@ def scaled_error(a, b):
     max_abs = float(np.max(np.abs(a - b)))
     scale = max(1.0, float(np.max(np.abs(b))))
     return max_abs, max_abs / scale, scale
+
+#: Diagnostics: |sin| of the angle between a direction the diagnostics report and the known data direction.
+DIAG_DIRECTION_ATOL = 1e-4
+
+#: Demo tests (quick variant, x1 in [0, 2π]): RMS error of the directional derivative along the data line (1, 1.5)
+#: against cos t - 1.5 sin 1.5t (whose own RMS over the line is about 0.8 and peak 1.1), scenario 1.
+DEMO_DIRECTIONAL_RMS = 0.35
+
+#: Demo tests: RMS error of each partial against cos(x1) and -sin(x2) (RMS 0.71 each) on held-out points, scenario 2.
+DEMO_PARTIAL_RMS = 0.3
+
+#: Demo tests: RMS difference between a finite difference of the predictions along the data line (step Δx1) and the
+#: autodiff directional derivative (they differ only where the step straddles a LeakyReLU kink).
+DEMO_FD_ALONG_DATA_RMS = 0.05

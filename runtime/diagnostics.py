@@ -34,7 +34,11 @@ Thresholds (all named parameters of :func:`diagnose`, defaults below)
     the same tolerance for the local PCA of each query point's neighbourhood.
 ``span_tol``
     ``dy/dx_j`` is identified where ``|e_j - P e_j| <= span_tol``, with ``P`` the orthogonal projector onto the
-    supported directions in ``z`` (the sine of the angle between ``e_j`` and the supported subspace).
+    supported directions in ``z`` (the sine of the angle between ``e_j`` and the supported subspace). Since
+    ``dy/dx_j = (1/std_j) dg/dz_j`` and ``dg/dz_j = cos(angle) * (supported part) + sin(angle) * (unconstrained
+    part)``, the tolerance bounds the share of the partial that the data leave to the initial weights, measured in
+    the model's own units: with very different feature scales a data line can be nearly parallel to an axis in
+    ``z`` although it is not in ``x``, and that partial then counts as identified.
 ``far_factor``
     a query point is *outside* the data when its nearest training point is farther than ``far_factor`` times
     the typical neighbourhood radius (median distance from a training point to its ``neighbors``-th nearest
@@ -146,7 +150,7 @@ def _resolve_normalization(normalization, manifest, x: np.ndarray) -> Normalizat
         else:
             return from_data("standardised with the training data's mean and std"
                              + (" (the model has no Normalization layer)" if manifest is not None else ""))
-    elif isinstance(normalization, str):
+    elif isinstance(normalization, str) and not os.path.exists(normalization):
         if normalization == "data":
             return from_data("standardised with the training data's mean and std")
         if normalization in ("none", "identity"):

@@ -1,0 +1,200 @@
+"""Identifiability diagnostics on synthetic inputs with known geometry (numpy only, fast).
+
+References are the geometry the data were built with (a line of slope 1.5, a circle's tangents, a constant
+feature), never numbers produced by the code under test.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nnpartials.errors import InputError, InputTypeError
+from nnpartials.runtime.diagnostics import DEFAULT_RANK_RTOL, diagnose
+from nnpartials.tolerances import DIAG_DIRECTION_ATOL
+
+
+def _line(n=500, slope=1.5, x1_max=6 * math.pi):
+    x1 = np.linspace(0.0, x1_max, n)
+    return np.stack([x1, slope * x1], axis=1)
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=float)
+    return v / np.linalg.norm(v)
+
+
+def _same_direction(a, b):
+    """|sin| of the angle between two vectors (0 when parallel or antiparallel)."""
+    a, b = _unit(a), _unit(b)
+    return abs(a[0] * b[1] - a[1] * b[0]) if a.size == 2 else np.linalg.norm(np.cross(a, b))
+
+
+@pytest.mark.parametrize("normalization", [None, "data", "none", {"mean": [3.0, -1.0], "std": [0.5, 0.9]}])
+def test_line_is_rank_one_along_1_15_in_input_units(normalization):
+    d = diagnose(_line(), normalization=normalization)
+    g = d.global_
+    assert g.effective_rank == 1
+    assert not g.full_rank
+    assert g.supported_directions.shape == (1, 2)
+    # the data line's direction in input units, whatever coordinates the SVD ran in
+    assert _same_direction(g.supported_directions[0], [1.0, 1.5]) < DIAG_DIRECTION_ATOL
+    assert g.null_directions.shape == (1, 2)
+    assert not g.identified.any()  # neither e_1 nor e_2 lies on the line
+    assert g.relative[1] < DEFAULT_RANK_RTOL
+
+
+def test_identification_is_judged_where_the_model_measures():
+    """With std (0.5, 40) the line (1, 1.5) is almost the z1 axis in the model's coordinates (angle
+    atan(0.0375 / 2) = 0.019 rad): dy/dx1 is then fixed by the data up to sin(angle) = 1.9 % of the unconstrained
+    z-gradient, so it counts as identified; dy/dx2 (the z-null direction) is not."""
+    d = diagnose(_line(), normalization={"mean": [0.0, 0.0], "std": [0.5, 40.0]})
+    expected = math.sin(math.atan2(1.5 / 40.0, 1.0 / 0.5))
+    assert d.global_.span_residual[0] == pytest.approx(expected, rel=1e-6)
+    assert d.global_.identified.tolist() == [True, False]
+    assert _same_direction(d.global_.supported_directions[0], [1.0, 1.5]) < DIAG_DIRECTION_ATOL
+
+
+def test_null_direction_is_the_complement_in_normalised_coordinates():
+    std = np.array([2.0, 3.0])
+    d = diagnose(_line(), normalization={"mean": [0.0, 0.0], "std": std.tolist()})
+    s, n = d.global_.supported_directions[0], d.global_.null_directions[0]
+    assert abs(np.dot(s / std, n / std)) < 1e-9  # orthogonal where the model measures (z = x / std)
+    # in z the line is (1/2, 1.5/3) = (0.5, 0.5) -> null (1, -1) in z -> (2, -3) in input units
+    assert _same_direction(n, [2.0, -3.0]) < DIAG_DIRECTION_ATOL
+
+
+def test_independent_inputs_are_full_rank_and_identified():
+    rng = np.random.RandomState(0)
+    x = np.stack([rng.uniform(0, 6 * math.pi, 800), rng.uniform(0, 9 * math.pi, 800)], axis=1)
+    q = np.stack([rng.uniform(1, 17, 50), rng.uniform(1, 27, 50)], axis=1)
+    d = diagnose(x, q)
+    assert d.global_.effective_rank == 2 and d.global_.full_rank
+    assert d.global_.identified.all()
+    assert d.global_.null_directions.shape == (0, 2)
+    assert not d.local.outside.any()
+    assert (d.local.local_rank == 2).all()
+    assert d.local.identified.all()
+
+
+def test_constant_feature_identifies_only_the_other_partial():
+    rng = np.random.RandomState(1)
+    x = np.stack([rng.uniform(-1, 1, 300), rng.uniform(-1, 1, 300), np.full(300, 2.5)], axis=1)
+    d = diagnose(x, x[:5])
+    assert d.global_.effective_rank == 2
+    assert d.global_.identified.tolist() == [True, True, False]
+    assert _same_direction(d.global_.null_directions[0], [0, 0, 1]) < DIAG_DIRECTION_ATOL
+    assert d.local.identified[:, :2].all() and not d.local.identified[:, 2].any()
+
+
+def test_circle_local_rank_one_with_tangent_directions():
+    """A circle is globally rank 2 but locally a curve: the tangent decides which partial is identified."""
+    th = np.linspace(0, 2 * math.pi, 2000, endpoint=False)
+    x = np.stack([np.cos(th), np.sin(th)], axis=1)
+    q = np.array([[1.0, 0.0], [0.0, 1.0], [math.cos(0.7), math.sin(0.7)]])
+    d = diagnose(x, q, normalization="none")
+    assert d.global_.effective_rank == 2
+    assert d.local.local_rank.tolist() == [1, 1, 1]
+    tangents = [[0.0, 1.0], [1.0, 0.0], [-math.sin(0.7), math.cos(0.7)]]
+    for i, tan in enumerate(tangents):
+        assert _same_direction(d.local.supported(i)[0], tan) < 1e-2
+    # at (1, 0) the data run along x2: dy/dx2 identified, dy/dx1 not; at (0, 1) the other way round
+    assert d.local.identified[0].tolist() == [False, True]
+    assert d.local.identified[1].tolist() == [True, False]
+    assert d.local.identified[2].tolist() == [False, False]
+
+
+def test_points_far_from_the_data_identify_nothing():
+    x = _line(400)
+    q = np.array([[3.0, 4.5], [3.0, 1.0], [100.0, 150.0]])  # on the line, off it, beyond its end
+    d = diagnose(x, q)
+    assert d.local.outside.tolist() == [False, True, True]
+    assert not d.local.identified.any()
+    assert len(d.local.supported(0)) == 1 and len(d.local.supported(1)) == 0
+    # nearest-neighbour distance against a brute-force reference (normalised units)
+    z = (x - x.mean(0)) / x.std(0)
+    zq = (q - x.mean(0)) / x.std(0)
+    ref = np.sqrt(((zq[:, None, :] - z[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(d.local.nn_distance, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_directional_derivatives_and_masking_with_analytic_partials():
+    """J of sin(x1) + cos(x2) on the line: the supported derivative is (J . (1, 1.5)) / |(1, 1.5)|."""
+    x = _line(600)
+    t = np.linspace(0.5, 18.0, 40)
+    q = np.stack([t, 1.5 * t], axis=1)
+    J = np.stack([np.cos(t), -np.sin(1.5 * t)], axis=1)[:, None, :]
+    d = diagnose(x, q, jacobian=J)
+    D, dirs = d.directional_derivatives()
+    expected = (np.cos(t) - 1.5 * np.sin(1.5 * t)) / math.hypot(1.0, 1.5)
+    np.testing.assert_allclose(D[:, 0, 0], expected, rtol=1e-6, atol=1e-9)
+    assert np.isnan(D[:, 0, 1]).all()  # no second supported direction
+    assert np.isnan(d.masked_partials()).all()  # neither partial is identified on a line
+
+
+def test_ensemble_spread_and_shapes():
+    rng = np.random.RandomState(2)
+    x = rng.normal(size=(200, 2))
+    q = x[:7]
+    members = [rng.normal(size=(7, 1, 2)) for _ in range(4)]
+    d = diagnose(x, q, ensemble=members)
+    assert d.ensemble_size == 4
+    np.testing.assert_allclose(d.ensemble_std, np.std(np.stack(members), axis=0, ddof=1))
+    with pytest.raises(InputError, match="at least 2"):
+        diagnose(x, q, ensemble=members[:1])
+    with pytest.raises(InputError, match="shape"):
+        diagnose(x, q, ensemble=[members[0], rng.normal(size=(6, 1, 2))])
+
+
+def test_knn_chunks_agree_with_one_chunk():
+    from nnpartials.runtime.diagnostics import _knn
+
+    rng = np.random.RandomState(3)
+    ref, pts = rng.normal(size=(300, 3)), rng.normal(size=(50, 3))
+    i1, d1 = _knn(ref, pts, 5)
+    i2, d2 = _knn(ref, pts, 5, chunk_bytes=8 * 300 * 3)  # three rows per chunk
+    np.testing.assert_array_equal(i1, i2)
+    brute = np.sort(np.sqrt(((pts[:, None] - ref[None]) ** 2).sum(-1)), axis=1)[:, :5]
+    np.testing.assert_allclose(d1, brute, rtol=1e-12)
+
+
+def test_normalization_read_from_a_bundle_manifest(tmp_path):
+    manifest = {"inputs": [{"name": "x", "shape": ["batch", 2], "columns": ["a", "b"]}],
+                "y": {"columns": ["y"]}, "input_normalization": {"mean": [1.0, 2.0], "std": [4.0, 5.0]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    d = diagnose(_line(100), normalization=str(tmp_path))
+    assert d.normalization.std.tolist() == [4.0, 5.0]
+    assert "Normalization layer" in d.normalization.source
+    d = diagnose(_line(100), bundle=str(tmp_path))
+    assert d.input_names == ["a", "b"]
+    assert "dy/da" in d.summary()
+
+
+@pytest.mark.parametrize("train,query,kw,err,match", [
+    (np.full((10, 2), np.nan), None, {}, InputError, "finite"),
+    (np.ones((1, 2)), None, {}, InputError, "at least 2"),
+    (np.ones((5, 2, 2)), None, {}, InputError, "2-D"),
+    (np.array([["a", "b"], ["c", "d"]]), None, {}, InputTypeError, "dtype"),
+    (np.ones((10, 2)), np.ones((3, 3)), {}, InputError, "2 features"),
+    (np.ones((10, 2)), [[1.0, np.inf]], {}, InputError, "finite"),
+    (np.ones((10, 2)), None, {"rank_rtol": 0.0}, InputError, "rank_rtol"),
+    (np.ones((10, 2)), None, {"span_tol": 2.0}, InputError, "span_tol"),
+    (np.ones((10, 2)), None, {"neighbors": 1}, InputError, "neighbors"),
+    (np.ones((10, 2)), None, {"normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}, InputError, "2 means"),
+    (np.ones((10, 2)), None, {"normalization": "bogus"}, InputError, "normalization"),
+    (np.ones((10, 2)), None, {"jacobian": np.zeros((10, 1, 2))}, InputError, "query"),
+    (np.ones((10, 2)), np.ones((3, 2)), {"jacobian": np.zeros((4, 1, 2))}, InputError, "shape"),
+])
+def test_bad_inputs_raise_clear_errors(train, query, kw, err, match):
+    with pytest.raises(err, match=match):
+        diagnose(train, query, **kw)
+
+
+def test_summary_and_json_are_complete():
+    d = diagnose(_line(300), _line(300)[::50], jacobian=np.zeros((6, 1, 2)))
+    text = d.summary()
+    assert "effective rank 1 of 2" in text and "∝ (1, 1.5)" in text
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["global"]["effective_rank"] == 1
+    assert out["local"]["identified"] == [[False, False]] * 6
