@@ -22,15 +22,16 @@
 #endif
 typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) ? 1 : -1];
 
-/* On x86-64 Linux with GCC or Clang, compile the hot kernels twice (baseline and AVX2+FMA) and pick one at
- * load time; elsewhere, or with -DNNP_NO_MULTIVERSION, build them once for the target the compiler uses. */
-#if !defined(NNP_NO_MULTIVERSION) && defined(__x86_64__) && defined(__linux__) && defined(__ELF__) &&         \
-    !defined(__SANITIZE_ADDRESS__) &&                                                                           \
-    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 8))
-#define NNP_HOT __attribute__((target_clones("arch=haswell", "default")))
+/* On x86-64 with GCC or Clang, the matrix kernels are compiled twice (baseline and AVX2+FMA) and chosen at
+ * run time from the CPU's features; elsewhere, or with -DNNP_NO_DISPATCH, they are built once for the target
+ * the compiler uses. */
+#if !defined(NNP_NO_DISPATCH) && defined(__x86_64__) &&                                                       \
+    ((defined(__clang__) && __clang_major__ >= 6) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 6))
+#define NNP_X86_DISPATCH 1
 #else
-#define NNP_HOT
+#define NNP_X86_DISPATCH 0
 #endif
+#define NNP_HOT
 
 #if defined(__GNUC__) || defined(__clang__)
 #define NNP_INLINE static inline __attribute__((always_inline))
@@ -317,6 +318,9 @@ int nnp_load(const unsigned char *buf, size_t len, void *storage, size_t storage
     rc = validate(buf, len, &info);
     if (rc != NNP_OK) return rc;
     if (storage_len < info.storage) return NNP_E_STORAGE;
+#if NNP_X86_DISPATCH
+    __builtin_cpu_init(); /* idempotent; makes the feature checks valid even before constructors ran */
+#endif
 
     /* All offsets below stay within info.storage bytes of storage (validate() summed the same terms). */
     base = align_ptr((unsigned char *)storage);
@@ -392,9 +396,9 @@ int nnp_auto_mode(const nnp_model *m)
 {
     if (m == NULL) return NNP_E_NULL;
     if (!model_ok(m)) return NNP_E_ARG;
-    /* Forward mode costs about (1 + n_in) products per layer, reverse mode 1 + n_out plus the bookkeeping of
-     * keeping every layer's derivative; forward mode wins ties and near-ties. */
-    return (m->n_out + 1 < m->n_in) ? NNP_MODE_REVERSE : NNP_MODE_FORWARD;
+    /* Forward mode costs about (1 + n_in) matrix products per layer, reverse mode (1 + n_out) plus keeping
+     * every layer's derivative; forward mode wins ties (one pass, less memory). */
+    return (m->n_out < m->n_in) ? NNP_MODE_REVERSE : NNP_MODE_FORWARD;
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -497,39 +501,75 @@ static int check_call(const nnp_model *m, size_t batch, const void *x, const voi
  * row stride k), used for narrow column remainders where a dot product over contiguous k is faster.
  */
 
-#define KERNEL_BODY(MR, NR)                                                                                    \
+#if defined(__GNUC__) || defined(__clang__)
+/* GCC/Clang vector extensions: 8 floats, one AVX register in the AVX2 clone, two SSE registers otherwise.
+ * Every kernel sums over k in the same order, so results do not depend on the tile a row falls in. */
+typedef float nnp_v8 __attribute__((vector_size(32)));
+/* the same vector at any float-aligned address, allowed to alias float */
+typedef float nnp_v8u __attribute__((vector_size(32), aligned(4), may_alias));
+
+/* C[MR][8*NV] = A[MR][k] * B[k][8*NV] with MR * NV accumulators kept in registers */
+#define NNP_KERNEL(MR, NV)                                                                                     \
+    NNP_INLINE void k##MR##x##NV(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C,   \
+                                 size_t ldc)                                                                   \
     {                                                                                                          \
-        float acc[MR][NR];                                                                                     \
-        size_t p_, r_, c_;                                                                                     \
+        const nnp_v8 zero_ = {0, 0, 0, 0, 0, 0, 0, 0};                                                         \
+        nnp_v8 acc[MR][NV];                                                                                    \
+        size_t p_;                                                                                             \
+        int r_, c_;                                                                                            \
         for (r_ = 0; r_ < MR; r_++)                                                                            \
-            for (c_ = 0; c_ < NR; c_++) acc[r_][c_] = 0.0f;                                                    \
+            for (c_ = 0; c_ < NV; c_++) acc[r_][c_] = zero_;                                                   \
         for (p_ = 0; p_ < k; p_++) {                                                                           \
-            const float *b_ = B + p_ * ldb;                                                                    \
+            const nnp_v8u *b_ = (const nnp_v8u *)(const void *)(B + p_ * ldb);                                 \
             for (r_ = 0; r_ < MR; r_++) {                                                                      \
-                const float a_ = A[r_ * lda + p_];                                                             \
-                for (c_ = 0; c_ < NR; c_++) acc[r_][c_] += a_ * b_[c_];                                        \
+                const float s_ = A[r_ * lda + p_];                                                             \
+                const nnp_v8 a_ = {s_, s_, s_, s_, s_, s_, s_, s_};                                            \
+                for (c_ = 0; c_ < NV; c_++) acc[r_][c_] += a_ * b_[c_];                                        \
             }                                                                                                  \
         }                                                                                                      \
         for (r_ = 0; r_ < MR; r_++)                                                                            \
-            for (c_ = 0; c_ < NR; c_++) C[r_ * ldc + c_] = acc[r_][c_];                                        \
+            for (c_ = 0; c_ < NV; c_++) ((nnp_v8u *)(void *)(C + r_ * ldc))[c_] = acc[r_][c_];                 \
     }
+#else
+/* Plain C99 version of the same kernels. */
+#define NNP_KERNEL(MR, NV)                                                                                     \
+    NNP_INLINE void k##MR##x##NV(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C,   \
+                                 size_t ldc)                                                                   \
+    {                                                                                                          \
+        float acc[MR][8 * NV];                                                                                 \
+        size_t p_;                                                                                             \
+        int r_, c_;                                                                                            \
+        for (r_ = 0; r_ < MR; r_++)                                                                            \
+            for (c_ = 0; c_ < 8 * NV; c_++) acc[r_][c_] = 0.0f;                                                \
+        for (p_ = 0; p_ < k; p_++)                                                                             \
+            for (r_ = 0; r_ < MR; r_++) {                                                                      \
+                const float a_ = A[r_ * lda + p_];                                                             \
+                for (c_ = 0; c_ < 8 * NV; c_++) acc[r_][c_] += a_ * B[p_ * ldb + c_];                          \
+            }                                                                                                  \
+        for (r_ = 0; r_ < MR; r_++)                                                                            \
+            for (c_ = 0; c_ < 8 * NV; c_++) C[r_ * ldc + c_] = acc[r_][c_];                                    \
+    }
+#endif
 
-NNP_INLINE void k4x16(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
-KERNEL_BODY(4, 16)
-NNP_INLINE void k1x16(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
-KERNEL_BODY(1, 16)
-NNP_INLINE void k1x32(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
-KERNEL_BODY(1, 32)
-NNP_INLINE void k4x8(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
-KERNEL_BODY(4, 8)
-NNP_INLINE void k1x8(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C, size_t ldc)
-KERNEL_BODY(1, 8)
+NNP_KERNEL(4, 2)
+NNP_KERNEL(3, 2)
+NNP_KERNEL(2, 2)
+NNP_KERNEL(1, 2)
+NNP_KERNEL(4, 1)
+NNP_KERNEL(3, 1)
+NNP_KERNEL(2, 1)
+NNP_KERNEL(1, 1)
+NNP_KERNEL(3, 4)
+NNP_KERNEL(2, 4)
+NNP_KERNEL(1, 4)
+NNP_KERNEL(1, 8)
 
 /* dot product over contiguous memory with 8 independent lanes (vectorizes without reassociation) */
 NNP_INLINE float dot8(size_t k, const float *a, const float *b)
 {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t p = 0, l;
+    size_t p = 0;
+    int l;
     float s;
     for (; p + 8 <= k; p += 8)
         for (l = 0; l < 8; l++) acc[l] += a[p + l] * b[p + l];
@@ -538,25 +578,62 @@ NNP_INLINE float dot8(size_t k, const float *a, const float *b)
     return s;
 }
 
-NNP_HOT static void gemm_f32(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B,
-                             const float *Bt, float *C, size_t ldc)
+#define NNP_ROWS(NV, GROUP, KG)                                                                                \
+    do {                                                                                                       \
+        const float *Bj = B + j;                                                                               \
+        for (i = 0; i + GROUP <= m; i += GROUP) KG(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc);       \
+        switch (m - i) {                                                                                       \
+        case 3: k3x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;                            \
+        case 2: k2x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;                            \
+        case 1: k1x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;                            \
+        default: break;                                                                                        \
+        }                                                                                                      \
+    } while (0)
+
+NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B,
+                          const float *Bt, float *C, size_t ldc)
 {
     const size_t ldb = n;
     size_t i, j = 0;
-    if (m < 4) {
-        for (; j + 32 <= n; j += 32)
-            for (i = 0; i < m; i++) k1x32(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
-    }
-    for (; j + 16 <= n; j += 16) {
-        for (i = 0; i + 4 <= m; i += 4) k4x16(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
-        for (; i < m; i++) k1x16(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
-    }
-    for (; j + 8 <= n; j += 8) {
-        for (i = 0; i + 4 <= m; i += 4) k4x8(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
-        for (; i < m; i++) k1x8(k, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
-    }
+    if (m == 1) /* one row: 8 independent accumulators cover the FMA latency */
+        for (; j + 64 <= n; j += 64) k1x8(k, A, lda, B + j, ldb, C + j, ldc);
+    if (m <= 3) /* few rows: wide tiles keep enough independent accumulators */
+        for (; j + 32 <= n; j += 32) NNP_ROWS(4, 3, k3x4);
+    for (; j + 16 <= n; j += 16) NNP_ROWS(2, 4, k4x2);
+    for (; j + 8 <= n; j += 8) NNP_ROWS(1, 4, k4x1);
     for (; j < n; j++)
         for (i = 0; i < m; i++) C[i * ldc + j] = dot8(k, A + i * lda, Bt + j * k);
+}
+
+static void gemm_base(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt,
+                      float *C, size_t ldc)
+{
+    gemm_body(m, k, n, A, lda, B, Bt, C, ldc);
+}
+
+#if NNP_X86_DISPATCH
+__attribute__((target("avx2,fma"))) static void gemm_avx2(size_t m, size_t k, size_t n, const float *A, size_t lda,
+                                                           const float *B, const float *Bt, float *C, size_t ldc)
+{
+    gemm_body(m, k, n, A, lda, B, Bt, C, ldc);
+}
+
+static int have_avx2_fma(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+static void gemm_f32(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt,
+                     float *C, size_t ldc)
+{
+#if NNP_X86_DISPATCH
+    if (have_avx2_fma()) {
+        gemm_avx2(m, k, n, A, lda, B, Bt, C, ldc);
+        return;
+    }
+#endif
+    gemm_base(m, k, n, A, lda, B, Bt, C, ldc);
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
