@@ -46,7 +46,7 @@ def scaled_error(a, b):
 DIAG_DIRECTION_ATOL = 1e-4
 
 #: Demo tests (quick variant, x1 in [0, 2π]): RMS error of the directional derivative along the data line (1, 1.5)
-#: against cos t - 1.5 sin 1.5t (whose own RMS over the line is about 0.8 and peak 1.1), scenario 1.
+#: against cos t - 1.5 sin 1.5t (whose own RMS over that line is 0.69, its peak 1.13), scenario 1.
 DEMO_DIRECTIONAL_RMS = 0.35
 
 #: Demo tests: RMS error of each partial against cos(x1) and -sin(x2) (RMS 0.71 each) on held-out points, scenario 2.
