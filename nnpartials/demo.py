@@ -186,13 +186,21 @@ def train(x_train, y_train, *, epochs: int, seed: int, progress=None, label: str
     if progress is not None:
         task = progress.add_task(label, total=epochs, loss="-", val="-")
         callbacks.append(_epoch_callback(progress, task))
+    w_init = np.array(model.get_layer("dense_1").kernel.numpy(), dtype=np.float64)
     t0 = time.perf_counter()
     hist = model.fit(x_train, y_train, validation_split=VALIDATION_SPLIT, epochs=epochs, batch_size=BATCH_SIZE,
                      verbose=0, callbacks=callbacks, shuffle=True)
     seconds = time.perf_counter() - t0
     if progress is not None:
         progress.update(task, completed=epochs)
-    return model, {k: [float(v) for v in vals] for k, vals in hist.history.items()}, seconds
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    w = np.array(model.get_layer("dense_1").kernel.numpy(), dtype=np.float64)
+    # How far training moved the first Dense kernel's rows (one row per normalised input), and their difference.
+    # With z1 = z2 on every training point the two rows receive identical gradients, so their difference, which
+    # alone sets the network's response across the data line, keeps its initial value.
+    history["first_layer_row_change"] = float(np.max(np.abs(w - w_init)))
+    history["first_layer_row_difference_change"] = float(np.max(np.abs((w[0] - w[1]) - (w_init[0] - w_init[1]))))
+    return model, history, seconds
 
 
 def tape_jacobian(model, x: np.ndarray) -> np.ndarray:
@@ -360,6 +368,8 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
         "rms_question_fd": rms(question_fd, analytic_directional(0.5 * (t[1:] + t[:-1]))),
         "line_step_x1": float(t[1] - t[0]),
         "final_loss": history["loss"][-1],
+        "first_layer_row_change": history["first_layer_row_change"],
+        "first_layer_row_difference_change": history["first_layer_row_difference_change"],
         "final_val_loss": history["val_loss"][-1],
         "amplitude_directional": float(np.max(np.abs(analytic_directional(t)))),
     }
@@ -384,6 +394,17 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     metrics["rms_y_test"] = rms(part.forward(x_test)[:, 0], y_test[:, 0])
     res.x_test, res.J_test = x_test, Jt
     g = diag.global_
+    # The split of the along-line derivative D between the two partials when the network's gradient in its
+    # normalised coordinates z = (x - mean) / std points along the data (nothing across it): the gradient in x is
+    # then ∝ std^-2 * (1, 1.5), i.e. dy/dx_j = share_j * D with share = std^-2 (1, 1.5) / ((1, 1.5) std^-2 (1, 1.5)).
+    # With std2 = 1.5 std1 (the line) the shares are 1/2 and 1/3.
+    w_dir = LINE_TANGENT / diag.normalization.std ** 2
+    shares = w_dir / float(w_dir @ LINE_TANGENT)
+    metrics["normalization_std"] = diag.normalization.std.tolist()
+    metrics["along_data_shares"] = shares.tolist()
+    Da = analytic_directional(t)
+    metrics["rms_dy_dx1_vs_share"] = rms(J_line[:, 0], shares[0] * Da)
+    metrics["rms_dy_dx2_vs_share"] = rms(J_line[:, 1], shares[1] * Da)
     metrics["effective_rank"] = g.effective_rank
     metrics["singular_values"] = g.singular_values.tolist()
     metrics["supported_directions"] = g.supported_directions.tolist()

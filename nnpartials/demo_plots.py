@@ -29,6 +29,13 @@ def _short(s):
     return "Scenario 1: on the line x2 = 1.5·x1" if s.key == "line" else "Scenario 2: independent (x1, x2)"
 
 
+def _frac(v):
+    for num, den in ((1, 2), (1, 3), (2, 3), (1, 4), (3, 4)):
+        if abs(v - num / den) < 5e-3:
+            return f"{num}/{den}"
+    return f"{v:.3g}"
+
+
 def _save(fig, path):
     fig.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -39,27 +46,31 @@ def _save(fig, path):
 
 def plot_data(scenarios, out: Path) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(11, 4.4))
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 4.8), layout="constrained")
     for ax, s in zip(np.atleast_1d(axes), scenarios):
         x = s.x_train
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, color="tab:gray", label=f"training inputs ({len(x)})")
         ax.plot(s.t, X2_FACTOR * s.t, color="tab:blue", lw=0.8, alpha=0.7, label="evaluation line x2 = 1.5·x1")
         g = s.diagnosis.global_
         c = x.mean(axis=0)
-        L = 0.22 * float(np.ptp(x[:, 1]))
+        L = 0.3 * float(np.ptp(x[:, 1]))
+        box = dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85)
         for k, d in enumerate(g.supported_directions if not g.full_rank else []):
-            ax.annotate("", xy=c + L * d, xytext=c, arrowprops=dict(arrowstyle="->", color="tab:green", lw=2))
-            ax.text(*(c + 1.05 * L * d), " supported\n (1, %.3g)" % (d[1] / d[0]), color="tab:green", fontsize=9)
+            ax.annotate("", xy=c + L * d, xytext=c, arrowprops=dict(arrowstyle="-|>", color="tab:green", lw=2.5))
+            ax.text(*(c + 1.02 * L * d), "supported ∝ (1, %.3g)" % (d[1] / d[0]), color="tab:green", fontsize=9,
+                    ha="left", va="bottom", bbox=box)
         for d in g.null_directions:
-            ax.annotate("", xy=c + L * d, xytext=c, arrowprops=dict(arrowstyle="->", color=RED, lw=2))
-            ax.text(*(c + 1.05 * L * d), " no information\n (1, %.3g)" % (d[1] / d[0]), color=RED, fontsize=9,
-                    ha="left", va="top")
+            ax.annotate("", xy=c + L * d, xytext=c, arrowprops=dict(arrowstyle="-|>", color=RED, lw=2.5))
+            ax.text(*(c + 1.02 * L * d), "no information ∝ (1, %.3g)" % (d[1] / d[0]), color=RED, fontsize=9,
+                    ha="right", va="bottom", bbox=box)
+        if g.full_rank:
+            ax.text(0.98, 0.02, "every direction informative", transform=ax.transAxes, ha="right", va="bottom",
+                    color="tab:green", fontsize=10, bbox=box)
         rank_txt = f"effective rank {g.effective_rank} of {len(g.singular_values)}; relative singular values " \
                    + ", ".join(f"{r:.2g}" for r in g.relative)
         ax.set_title(f"{_short(s)}\n{rank_txt}", fontsize=10)
         ax.set_xlabel("x1")
         ax.set_ylabel("x2")
-        ax.set_aspect("equal", adjustable="box")
         ax.legend(loc="upper left", fontsize=8, markerscale=4)
     fig.suptitle("Training inputs and the directions the data support (after the model's normalisation)")
     return _save(fig, out / "data.png")
@@ -67,7 +78,7 @@ def plot_data(scenarios, out: Path) -> str:
 
 def plot_prediction(scenarios, out: Path) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 4), sharey=True, layout="constrained")
     for ax, s in zip(np.atleast_1d(axes), scenarios):
         t = s.t
         ax.plot(t, target(t, X2_FACTOR * t), **ANALYTIC)
@@ -82,7 +93,7 @@ def plot_prediction(scenarios, out: Path) -> str:
 
 def plot_partials(scenarios, out: Path) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(2, len(scenarios), figsize=(12, 7), sharex=True, sharey="row")
+    fig, axes = plt.subplots(2, len(scenarios), figsize=(12, 7.5), sharex=True, sharey="row", layout="constrained")
     axes = np.asarray(axes).reshape(2, len(scenarios))
     names = ("∂y/∂x1", "∂y/∂x2")
     refs = ("cos(x1)", "−sin(x2)")
@@ -98,27 +109,28 @@ def plot_partials(scenarios, out: Path) -> str:
                 ax.fill_between(t, lo, hi, label=f"range over {s.ensemble_J.shape[0]} seeds", **BAND)
             ax.plot(t, a[j], **{**ANALYTIC, "label": f"analytic {refs[j]}"})
             ax.plot(t, s.J_line[:, j], label="network partial (onnxruntime)", **MODEL)
+            if s.key == "line":
+                share = s.metrics["along_data_shares"][j]
+                ax.plot(t, share * analytic_directional(t), color="tab:gray", lw=1.0, ls=":",
+                        label=f"{_frac(share)}·(cos t − 1.5 sin 1.5t): its share of the along-line slope")
             rms = s.metrics[f"rms_dy_dx{j + 1}"]
             status = (f"identified at {100 * ident[j]:.0f}% of points" if ident[j] > 0
                       else "NOT identified by the data")
             colour = "black" if ident[j] > 0.5 else RED
-            ax.set_title(f"{names[j]} vs {refs[j]}: RMS error {rms:.3f} — {status}", fontsize=10, color=colour)
+            head = f"{_short(s)}\n" if j == 0 else ""
+            ax.set_title(f"{head}{names[j]} vs {refs[j]}: RMS error {rms:.3f} — {status}", fontsize=10, color=colour)
             if col == 0:
                 ax.set_ylabel(names[j])
             if j == 1:
                 ax.set_xlabel("t = x1  (x2 = 1.5 t)")
             ax.legend(fontsize=8, loc="lower left")
-    for col, s in enumerate(scenarios):
-        axes[0, col].annotate(_short(s), xy=(0.5, 1.16), xycoords="axes fraction", ha="center", fontsize=11,
-                              fontweight="bold")
-    fig.suptitle("Each partial vs analytic along the data line", y=1.02)
-    fig.tight_layout()
+    fig.suptitle("Each partial vs analytic along the data line")
     return _save(fig, out / "partials.png")
 
 
 def plot_directional(scenarios, out: Path) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(12, 4.3), sharey=True, layout="constrained")
     for ax, s in zip(np.atleast_1d(axes), scenarios):
         t = s.t
         if s.ensemble_J is not None:

@@ -94,6 +94,11 @@ def _scenario_rows(s):
         (f"the question's finite difference Δŷ/{QUESTION_FD_STEP:g} vs analytic: RMS",
          f"{m['rms_question_fd']:.3f} (it is {m['line_step_x1'] / QUESTION_FD_STEP:.3f}× the true slope)"),
     ]
+    rows.append(("first Dense kernel: largest change of a weight / of the row difference W[x1] − W[x2]",
+                 f"{m['first_layer_row_change']:.3g} / {m['first_layer_row_difference_change']:.2g}"))
+    sh = m["along_data_shares"]
+    rows.append((f"∂y/∂x1, ∂y/∂x2 vs their shares ({sh[0]:.3g}, {sh[1]:.3g}) of cos t − 1.5 sin 1.5t: RMS",
+                 f"{m['rms_dy_dx1_vs_share']:.3f}, {m['rms_dy_dx2_vs_share']:.3f}"))
     if "ensemble_size" in m:
         rows.append((f"median std across {m['ensemble_size']} seeds: ∂y/∂x1, ∂y/∂x2, directional",
                      f"{m['ensemble_median_std_dy_dx1']:.3f}, {m['ensemble_median_std_dy_dx2']:.3f}, "
@@ -169,6 +174,30 @@ def write_markdown(result) -> str:
       f"finite difference of the predictions along the data agrees with the autodiff directional derivative "
       f"(RMS difference {m1['rms_fd_vs_autodiff_directional']:.4f}).")
     w("")
+    sh = m1["along_data_shares"]
+    w("### Then what are the partials the network returns?")
+    w("")
+    w("The network sees its inputs through its Normalization layer, `z = (x − mean) / std`. On the line, "
+      f"std(x2) = 1.5·std(x1), so `z1 = z2` at every training point. The loss then has identical gradients with "
+      "respect to the two rows of the first Dense kernel (the weights of `z1` and of `z2`), Adam moves them "
+      "identically, and their difference, which alone makes the network respond differently to `z1` and `z2`, "
+      f"keeps its initial value: training moved single weights by up to {m1['first_layer_row_change']:.3g}, their "
+      f"difference by {m1['first_layer_row_difference_change']:.1g} (rounding). The slope across the line is "
+      "therefore set by the random initial weights (seen through the trained later layers), and training makes the "
+      "slope along the line large compared with it. With nothing across the line in `z`, the along-line slope "
+      f"`D = cos t − 1.5 sin 1.5t` splits as `∂y/∂x1 ≈ {sh[0]:.3g}·D` and `∂y/∂x2 ≈ {sh[1]:.3g}·D` "
+      "(gradient ∝ std⁻²·(1, 1.5)); the network's partials follow these shares (RMS "
+      f"{m1['rms_dy_dx1_vs_share']:.3f} and {m1['rms_dy_dx2_vs_share']:.3f}) and not `cos(x1)`, `−sin(x2)`. "
+      "The split is a property of the normalisation and the initial weights, not of the data.")
+    w("")
+    if "ensemble_size" in m1:
+        w(f"For the same reason networks trained with other seeds (median std of ∂y/∂x1 across "
+          f"{m1['ensemble_size']} seeds: {m1['ensemble_median_std_dy_dx1']:.3f}, of the directional derivative "
+          f"{m1['ensemble_median_std_directional']:.3f}) largely agree with each other about partials that are "
+          "all wrong: they share the normalisation, and their initial weights are small next to what training "
+          "adds. A small spread across seeds is therefore no evidence that a partial is identified; the rank of "
+          "the data is.")
+        w("")
     w("## Results")
     w("")
     w(f"All line metrics are evaluated at the question's points `x1 = linspace(0, {_pi(cfg)}, "
