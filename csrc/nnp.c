@@ -1213,3 +1213,30 @@ int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, doubl
     }
     return NNP_OK;
 }
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Input checks                                                                                           */
+
+size_t nnp_first_nonfinite_f32(const float *x, size_t n)
+{
+    size_t i;
+    if (x == NULL) return n;
+    for (i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        if ((u & 0x7f800000u) == 0x7f800000u) return i;
+    }
+    return n;
+}
+
+size_t nnp_first_nonfinite_f64(const double *x, size_t n)
+{
+    size_t i;
+    if (x == NULL) return n;
+    for (i = 0; i < n; i++) {
+        uint64_t u;
+        memcpy(&u, x + i, sizeof u);
+        if ((u & UINT64_C(0x7ff0000000000000)) == UINT64_C(0x7ff0000000000000)) return i;
+    }
+    return n;
+}

@@ -155,6 +155,14 @@ int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y
 int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *dy_dx,
                         double *err, double *work, size_t work_len);
 
+/*
+ * Index of the first NaN or infinite value in x[0..n), or n when all are finite (x may be NULL when n is 0).
+ * Checks the bit patterns, so it works whatever the floating-point environment. For wrappers that validate
+ * inputs before computing.
+ */
+size_t nnp_first_nonfinite_f32(const float *x, size_t n);
+size_t nnp_first_nonfinite_f64(const double *x, size_t n);
+
 #ifdef __cplusplus
 }
 #endif

@@ -692,6 +692,19 @@ static void test_arguments(void)
     }
     CHECK(strcmp(nnp_strerror(12345), "unknown error") == 0, "unknown code text");
     {
+        float xf[4] = {1.0f, -0.0f, 3.0e38f, 2.0f};
+        double xdd[3] = {1.0, -1e308, 0.0};
+        CHECK(nnp_first_nonfinite_f32(xf, 4) == 4, "finite floats");
+        CHECK(nnp_first_nonfinite_f32(NULL, 0) == 0, "empty floats");
+        xf[2] = (float)(xf[2] * 10.0f); /* overflows to +inf */
+        CHECK(nnp_first_nonfinite_f32(xf, 4) == 2, "inf found");
+        xf[1] = (float)NAN;
+        CHECK(nnp_first_nonfinite_f32(xf, 4) == 1, "NaN found first");
+        CHECK(nnp_first_nonfinite_f64(xdd, 3) == 3, "finite doubles");
+        xdd[2] = -INFINITY;
+        CHECK(nnp_first_nonfinite_f64(xdd, 3) == 2, "-inf double found");
+    }
+    {
         int c;
         for (c = 0; c >= -14; c--) CHECK(strcmp(nnp_strerror(c), "unknown error") != 0, "text for %d", c);
     }

@@ -1,0 +1,328 @@
+"""The C core from Python: ``Kernel`` evaluates a ``model.nnp`` weight file (forward pass, analytic Jacobian,
+float64 finite-difference Jacobian) through the ``nnpartials._core`` cffi module.
+
+::
+
+    k = Kernel("bundle_dir")            # or a path to a .nnp file, its bytes, or a loaded Bundle
+    y = k.forward(x)                    # [batch, n_out] float32
+    y, dy_dx = k.jacobian(x)            # dy_dx[b, i, j] = d y[b, i] / d x[b, j], float32
+    fd, err = k.fd_jacobian(x)          # float64 central differences + Richardson, with error estimates
+
+Inputs are validated (dtype, rank, width, finiteness) by :func:`nnpartials.runtime.validate.as_batch` before
+any C call. Large batches are split across a thread pool (the C calls release the GIL); the results do not
+depend on the split. A Kernel may be shared between threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from nnpartials.errors import BundleError, InputError, NNPartialsError, WeightFileError
+from nnpartials.runtime.validate import NAN_POLICIES, as_batch
+
+try:
+    from nnpartials._core import ffi, lib
+except ImportError as _exc:  # pragma: no cover - exercised only when the extension was not built
+    ffi = lib = None
+    _IMPORT_ERROR = _exc
+else:
+    _IMPORT_ERROR = None
+
+WEIGHTS = "model.nnp"
+MODES = {"auto": 0, "forward": 1, "reverse": 2}
+_WS = {"forward": 0, "jacobian": 1, "jacobian_forward": 2, "jacobian_reverse": 3, "forward_f64": 4, "fd_f64": 5}
+_F32_OPS = ("forward", "jacobian", "jacobian_forward", "jacobian_reverse")
+_F64_OPS = ("forward_f64", "fd_f64")
+_F32 = np.dtype(np.float32)
+#: Batches of at least this many points are split across threads (per thread at least half of it).
+PARALLEL_MIN_BATCH = 4096
+# Scratch memory: one workspace per thread, sized once (the C side processes any batch in blocks within it), so
+# no call allocates scratch memory after the first one in a thread.
+ACTIVATION_NAMES = ("linear", "relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "hard_sigmoid", "softplus",
+                    "softsign", "swish", "gelu", "gelu_tanh", "relu6", "exponential")
+
+
+def _require_core():
+    if lib is None:
+        raise NNPartialsError(
+            f"the C core extension nnpartials._core is not built ({_IMPORT_ERROR}); reinstall the package "
+            f"(pip install -e .) with a C compiler available")
+
+
+def strerror(code: int) -> str:
+    """Text of a C status code."""
+    _require_core()
+    return ffi.string(lib.nnp_strerror(int(code))).decode()
+
+
+def _read_source(source):
+    """Return (bytes, description) of the weight file named by source."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), "weight file bytes"
+    if hasattr(source, "manifest") and hasattr(source, "read"):  # a loaded Bundle
+        return source.read(WEIGHTS), os.path.join(getattr(source, "path", "bundle"), WEIGHTS)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if os.path.isdir(path):
+            from nnpartials.exporter.bundle import load_bundle
+
+            bundle = load_bundle(path)  # verifies the hashes
+            return bundle.read(WEIGHTS), os.path.join(path, WEIGHTS)
+        try:
+            with open(path, "rb") as f:
+                return f.read(), path
+        except FileNotFoundError:
+            raise BundleError(f"no such weight file or bundle folder: {path!r}") from None
+        except OSError as exc:
+            raise BundleError(f"cannot read {path!r}: {exc}") from None
+    raise TypeError(f"Kernel source must be a bundle folder, a .nnp path, bytes or a Bundle, "
+                    f"got {type(source).__name__}")
+
+
+class Kernel:
+    """The C core for one weight file. See the module docstring.
+
+    ``threads``: worker threads for large batches (default: the number of CPUs, at most 8); 1 disables the split.
+    """
+
+    def __init__(self, source, *, threads: int | None = None):
+        _require_core()
+        data, self.source = _read_source(source)
+        need = ffi.new("size_t *")
+        rc = lib.nnp_model_bytes(data, len(data), need)
+        if rc != 0:
+            raise WeightFileError(f"{self.source}: {strerror(rc)}", rc)
+        self._storage = ffi.new("char[]", max(1, need[0]))
+        out = ffi.new("nnp_model **")
+        rc = lib.nnp_load(data, len(data), self._storage, need[0], out)
+        if rc != 0:  # pragma: no cover - nnp_model_bytes accepted the same bytes
+            raise WeightFileError(f"{self.source}: {strerror(rc)}", rc)
+        self._m = out[0]
+        self.n_in = int(lib.nnp_n_in(self._m))
+        self.n_out = int(lib.nnp_n_out(self._m))
+        self.n_layers = int(lib.nnp_n_layers(self._m))
+        self.auto_mode = "forward" if lib.nnp_auto_mode(self._m) == 1 else "reverse"
+        if threads is None:
+            threads = min(os.cpu_count() or 1, 8)
+        if not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = int(threads)
+        # Workspace sizes for an unbounded batch (the C side caps them at one block of points).
+        self._ws_len = {}
+        n = ffi.new("size_t *")
+        for op in _WS:
+            rc = lib.nnp_workspace(self._m, _WS[op], 1 << 40, n)
+            if rc != 0:
+                raise WeightFileError(f"{self.source}: workspace size: {strerror(rc)}", rc)
+            self._ws_len[op] = int(n[0])
+        self._ws32_len = max(1, max(self._ws_len[o] for o in _F32_OPS))
+        self._ws64_len = max(1, max(self._ws_len[o] for o in _F64_OPS))
+        self._local = threading.local()
+        self._pool = None
+        self._pool_lock = threading.Lock()
+
+    # ----- description -----------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list:
+        """[(rows, cols, activation, p0, p1)] per layer."""
+        rows, cols, act = ffi.new("size_t *"), ffi.new("size_t *"), ffi.new("int *")
+        p0, p1 = ffi.new("float *"), ffi.new("float *")
+        out = []
+        for k in range(self.n_layers):
+            lib.nnp_layer_info(self._m, k, rows, cols, act, p0, p1)
+            out.append((int(rows[0]), int(cols[0]), ACTIVATION_NAMES[act[0]], float(p0[0]), float(p1[0])))
+        return out
+
+    def __repr__(self):
+        return f"Kernel({self.source!r}, n_in={self.n_in}, n_out={self.n_out}, layers={self.n_layers})"
+
+    # ----- scratch memory ----------------------------------------------------------------------------------------
+    def _work32(self):
+        w = getattr(self._local, "w32", None)
+        if w is None:
+            arr = np.empty(self._ws32_len, np.float32)
+            w = (arr, ffi.from_buffer("float[]", arr))
+            self._local.w32 = w
+        return w[1]
+
+    def _work64(self):
+        w = getattr(self._local, "w64", None)
+        if w is None:
+            arr = np.empty(self._ws64_len, np.float64)
+            w = (arr, ffi.from_buffer("double[]", arr))
+            self._local.w64 = w
+        return w[1]
+
+    def _get_pool(self):
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="nnp-kernel")
+        return self._pool
+
+    def close(self):
+        """Stop the worker threads (they are also stopped when the Kernel is garbage-collected)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def __del__(self):
+        try:
+            pool = self._pool
+            if pool is not None:
+                pool.shutdown(wait=False)
+        except Exception:
+            pass
+
+    def _split(self, n: int, threads):
+        t = self.threads if threads is None else int(threads)
+        if t < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        if t == 1 or n < PARALLEL_MIN_BATCH:
+            return None
+        parts = min(t, max(1, n // (PARALLEL_MIN_BATCH // 2)))
+        if parts <= 1:
+            return None
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def _run(self, fn, n, threads):
+        """fn(start, stop) computes rows [start, stop); run it on chunks across the pool for large n."""
+        chunks = self._split(n, threads)
+        if chunks is None:
+            fn(0, n)
+            return
+        pool = self._get_pool()
+        futures = [pool.submit(fn, a, b) for a, b in chunks[1:]]
+        fn(*chunks[0])
+        for f in futures:
+            f.result()
+
+    def _prep32(self, x, nan_policy):
+        """as_batch(x, n_in, nan_policy) for float32; the common case (a C-contiguous float32 [batch, n_in]
+        ndarray, for which as_batch returns x itself) is checked without the numpy temporaries."""
+        if (type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == self.n_in
+                and x.flags.c_contiguous):
+            if nan_policy == "propagate":
+                return x
+            if nan_policy == "raise":
+                if x.size == 0 or lib.nnp_first_nonfinite_f32(ffi.from_buffer("float[]", x), x.size) == x.size:
+                    return x
+        return as_batch(x, self.n_in, name="x", nan_policy=nan_policy)
+
+    @staticmethod
+    def _check(rc):
+        if rc != 0:
+            raise NNPartialsError(f"C core error {rc}: {strerror(rc)}")
+
+    # ----- evaluation --------------------------------------------------------------------------------------------
+    def forward(self, x, *, nan_policy: str = "raise", threads: int | None = None) -> np.ndarray:
+        """``y [batch, n_out]`` float32."""
+        x = self._prep32(x, nan_policy)
+        n = x.shape[0]
+        y = np.empty((n, self.n_out), np.float32)
+        if n == 0:
+            return y
+        xb = ffi.from_buffer("float[]", x)
+        yb = ffi.from_buffer("float[]", y)
+        n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws32_len
+
+        def part(a, b):
+            self._check(lib.nnp_forward(m, b - a, xb + a * n_in, yb + a * n_out, self._work32(), wl))
+
+        self._run(part, n, threads)
+        return y
+
+    def jacobian(self, x, mode: str = "auto", *, nan_policy: str = "raise", threads: int | None = None):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in])`` float32.
+
+        ``mode``: ``"auto"`` (by shape), ``"forward"`` (cost ~ n_in) or ``"reverse"`` (cost ~ n_out); all give
+        the same derivatives up to float32 rounding.
+        """
+        try:
+            cmode = MODES[mode]
+        except (KeyError, TypeError):
+            raise InputError(f"mode must be one of {tuple(MODES)}, got {mode!r}") from None
+        x = self._prep32(x, nan_policy)
+        n = x.shape[0]
+        n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws32_len
+        y = np.empty((n, n_out), np.float32)
+        dy = np.empty((n, n_out, n_in), np.float32)
+        if n == 0:
+            return y, dy
+        if n < PARALLEL_MIN_BATCH:  # fast path: one call, no closures
+            self._check(lib.nnp_jacobian(m, cmode, n, ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y),
+                                         ffi.from_buffer("float[]", dy), self._work32(), wl))
+            return y, dy
+        xb = ffi.from_buffer("float[]", x)
+        yb = ffi.from_buffer("float[]", y)
+        jb = ffi.from_buffer("float[]", dy)
+        jn = n_in * n_out
+
+        def part(a, b):
+            self._check(lib.nnp_jacobian(m, cmode, b - a, xb + a * n_in, yb + a * n_out, jb + a * jn,
+                                         self._work32(), wl))
+
+        self._run(part, n, threads)
+        return y, dy
+
+    def forward_f64(self, x, *, nan_policy: str = "raise", threads: int | None = None) -> np.ndarray:
+        """``y [batch, n_out]`` float64 (weights promoted exactly from float32)."""
+        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64)
+        n = x.shape[0]
+        y = np.empty((n, self.n_out), np.float64)
+        if n == 0:
+            return y
+        xb = ffi.from_buffer("double[]", x)
+        yb = ffi.from_buffer("double[]", y)
+        n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws64_len
+
+        def part(a, b):
+            self._check(lib.nnp_forward_f64(m, b - a, xb + a * n_in, yb + a * n_out, self._work64(), wl))
+
+        self._run(part, n, threads)
+        return y
+
+    def fd_jacobian(self, x, *, nan_policy: str = "raise", threads: int | None = None):
+        """float64 finite-difference Jacobian: ``(estimate, error_estimate)``, both ``[batch, n_out, n_in]``.
+
+        Central differences with steps h = cbrt(eps)·max(1, |x_j|) and h/2, Richardson-extrapolated; the error
+        estimate is large where a kink of a piecewise activation lies within a step of the point.
+        """
+        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64)
+        n = x.shape[0]
+        n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws64_len
+        est = np.empty((n, n_out, n_in), np.float64)
+        err = np.empty((n, n_out, n_in), np.float64)
+        if n == 0:
+            return est, err
+        xb = ffi.from_buffer("double[]", x)
+        eb = ffi.from_buffer("double[]", est)
+        rb = ffi.from_buffer("double[]", err)
+        jn = n_in * n_out
+
+        def part(a, b):
+            self._check(lib.nnp_fd_jacobian_f64(m, b - a, xb + a * n_in, ffi.NULL, eb + a * jn, rb + a * jn,
+                                                self._work64(), wl))
+
+        # finite differences cost 4 * n_in forward passes per point: split smaller batches too
+        chunks_at = max(1, PARALLEL_MIN_BATCH // max(1, 4 * n_in))
+        if n >= chunks_at and (self.threads if threads is None else int(threads)) > 1:
+            t = self.threads if threads is None else int(threads)
+            parts = min(t, n)
+            bounds = np.linspace(0, n, parts + 1).astype(int)
+            pool = self._get_pool()
+            futures = [pool.submit(part, int(a), int(b)) for a, b in zip(bounds[1:-1], bounds[2:]) if b > a]
+            part(0, int(bounds[1]))
+            for f in futures:
+                f.result()
+        else:
+            part(0, n)
+        return est, err
+
+
+__all__ = ["Kernel", "WEIGHTS", "MODES", "NAN_POLICIES", "strerror"]
