@@ -36,6 +36,16 @@ def _frac(v):
     return f"{v:.3g}"
 
 
+def _figure_legend(fig, axes):
+    """One legend below the panels (entries of all panels, each label once), so no curve is hidden."""
+    seen = {}
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen.keys()), loc="outside lower center", ncols=min(3, len(seen)),
+               fontsize=9, frameon=False)
+
+
 def _save(fig, path):
     fig.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -85,7 +95,7 @@ def plot_prediction(scenarios, out: Path) -> str:
         ax.plot(t, s.y_line, label="network (onnxruntime)", **MODEL)
         ax.set_title(f"{_short(s)}\nprediction y: RMS error {s.metrics['rms_y']:.3f}", fontsize=10)
         ax.set_xlabel("t = x1  (x2 = 1.5 t)")
-        ax.legend(fontsize=8, loc="lower left")
+    _figure_legend(fig, axes)
     np.atleast_1d(axes)[0].set_ylabel("y = sin(x1) + cos(x2)")
     fig.suptitle("Prediction vs analytic along the data line: both networks fit y")
     return _save(fig, out / "prediction.png")
@@ -123,7 +133,7 @@ def plot_partials(scenarios, out: Path) -> str:
                 ax.set_ylabel(names[j])
             if j == 1:
                 ax.set_xlabel("t = x1  (x2 = 1.5 t)")
-            ax.legend(fontsize=8, loc="lower left")
+    _figure_legend(fig, axes)
     fig.suptitle("Each partial vs analytic along the data line")
     return _save(fig, out / "partials.png")
 
@@ -140,10 +150,10 @@ def plot_directional(scenarios, out: Path) -> str:
         ax.plot(t, s.dir_line, label="∂y/∂x1 + 1.5·∂y/∂x2 (autodiff)", **MODEL)
         ax.plot(t, s.fd_dir_line, label="finite difference of ŷ along the data, step Δx1", **FD)
         m = s.metrics
-        ax.set_title(f"{_short(s)}\nRMS error {m['rms_directional']:.3f} (amplitude {m['amplitude_directional']:.2f});"
+        ax.set_title(f"{_short(s)}\nRMS error {m['rms_directional']:.3f} (analytic peak {m['amplitude_directional']:.2f});"
                      f" FD vs autodiff RMS {m['rms_fd_vs_autodiff_directional']:.3f}", fontsize=10)
         ax.set_xlabel("t = x1  (x2 = 1.5 t)")
-        ax.legend(fontsize=8, loc="lower left")
+    _figure_legend(fig, axes)
     np.atleast_1d(axes)[0].set_ylabel("d y / d t along x = (t, 1.5 t)")
     fig.suptitle("Directional derivative along the data line: identified in both scenarios")
     return _save(fig, out / "directional.png")

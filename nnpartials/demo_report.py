@@ -25,9 +25,10 @@ def _pi(cfg, factor=1.0):
 
 def _check_txt(c):
     if not c.get("available", True):
-        return f"not run ({c['reason']})"
+        reason = c["reason"] if len(c["reason"]) <= 120 else c["reason"][:117] + "..."
+        return f"not run ({reason})"
     return (f"{'passed' if c['passed'] else 'FAILED'}: {c['agree']}/{c['points']} points agree "
-            f"(max |diff| {c['max_abs_diff']:.2g}, median {c['median_abs_diff']:.2g})")
+            f"(largest difference {c['max_abs_diff']:.2g}, median {c['median_abs_diff']:.2g})")
 
 
 def agreement_phrase(s) -> str:
@@ -88,13 +89,13 @@ def _scenario_rows(s):
         ("∂y/∂x1 vs cos(x1): RMS error, line / test points", f"{m['rms_dy_dx1']:.3f} / {m['rms_dy_dx1_test']:.3f}"),
         ("∂y/∂x2 vs −sin(x2): RMS error, line / test points", f"{m['rms_dy_dx2']:.3f} / {m['rms_dy_dx2_test']:.3f}"),
         ("directional derivative along (1, 1.5) vs cos t − 1.5 sin 1.5t: RMS (max)",
-         f"{m['rms_directional']:.3f} ({m['max_abs_directional']:.3f}); amplitude {m['amplitude_directional']:.2f}"),
+         f"{m['rms_directional']:.3f} ({m['max_abs_directional']:.3f}); peak of the analytic {m['amplitude_directional']:.2f}"),
         ("finite difference of ŷ along the data (step Δx1) vs autodiff directional: RMS",
          f"{m['rms_fd_vs_autodiff_directional']:.4f}"),
         (f"the question's finite difference Δŷ/{QUESTION_FD_STEP:g} vs analytic: RMS",
          f"{m['rms_question_fd']:.3f} (it is {m['line_step_x1'] / QUESTION_FD_STEP:.3f}× the true slope)"),
     ]
-    rows.append(("first Dense kernel: largest change of a weight / of the row difference W[x1] − W[x2]",
+    rows.append(("first Dense kernel: largest change of a weight / of the row difference W_x1 − W_x2",
                  f"{m['first_layer_row_change']:.3g} / {m['first_layer_row_difference_change']:.2g}"))
     sh = m["along_data_shares"]
     rows.append((f"∂y/∂x1, ∂y/∂x2 vs their shares ({sh[0]:.3g}, {sh[1]:.3g}) of cos t − 1.5 sin 1.5t: RMS",
@@ -125,8 +126,8 @@ def print_summary(result, console) -> None:
     m1, m2 = s1.metrics, s2.metrics
     console.print(Panel(
         "\n".join([
-            f"[bold]Scenario 1[/]: {agreement_phrase(s1)}, "
-            f"yet ∂y/∂x1 misses cos(x1) by RMS {m1['rms_dy_dx1']:.2f} and ∂y/∂x2 misses −sin(x2) by "
+            f"[bold]Scenario 1[/]: {agreement_phrase(s1)}. "
+            f"Yet ∂y/∂x1 misses cos(x1) by RMS {m1['rms_dy_dx1']:.2f} and ∂y/∂x2 misses −sin(x2) by "
             f"{m1['rms_dy_dx2']:.2f}: the inputs have rank {s1.diagnosis.global_.effective_rank}, so the data only "
             f"fix the derivative along (1, 1.5), which matches cos t − 1.5 sin 1.5t (RMS {m1['rms_directional']:.3f}).",
             "[bold]Scenario 2[/]: with independent inputs (rank "
