@@ -27,8 +27,12 @@ def _check_txt(c):
     if not c.get("available", True):
         reason = c["reason"] if len(c["reason"]) <= 120 else c["reason"][:117] + "..."
         return f"not run ({reason})"
-    return (f"{'passed' if c['passed'] else 'FAILED'}: {c['agree']}/{c['points']} points agree "
-            f"(largest difference {c['max_abs_diff']:.2g}, median {c['median_abs_diff']:.2g})")
+    txt = (f"{'passed' if c['passed'] else 'FAILED'}: {c['agree']}/{c['points']} points agree "
+           f"(largest difference {c['max_abs_diff']:.2g}, median {c['median_abs_diff']:.2g}")
+    if "kink_points" in c:
+        txt += (f"; {c['kink_points']} points within a step of a kink, largest difference elsewhere "
+                f"{c['max_abs_diff_away_from_kinks']:.2g}")
+    return txt + ")"
 
 
 def agreement_phrase(s) -> str:
