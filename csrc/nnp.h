@@ -145,10 +145,13 @@ int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y
 /*
  * Finite-difference Jacobian in float64. For each point and input j: central differences with step
  * h_j = cbrt(DBL_EPSILON) * max(1, |x_j|) and h_j / 2, combined by Richardson extrapolation
- * (4 D(h/2) - D(h)) / 3. err (may be NULL) receives a per-entry error estimate: |D(h) - D(h/2)| (the
- * difference of the two steps, which also catches noise) plus a rounding term 16 * DBL_EPSILON * S / (h/2),
- * where S = max(1, |f|, |b| + sum |a w| of the last layer) over the four evaluations (the scale of the
- * rounding errors in f). A large estimate flags a kink of a piecewise activation
+ * (4 D(h/2) - D(h)) / 3. err (may be NULL) receives a per-entry error estimate, the sum of
+ *   |D(h) - D(h/2)|                      (difference of the two steps; also catches noise),
+ *   2 |A(h/2) - A(h) / 2|                (kink term, A(s) = (f(x+s) - 2 f(x) + f(x-s)) / s, which is s f''
+ *                                         for a smooth f but stays near the jump of the slope at a kink),
+ *   16 DBL_EPSILON S / (h/2)             (rounding, S = max(1, |f|, |b| + sum |a w| of the last layer) over
+ *                                         the evaluations: the scale of the rounding errors in f).
+ * A large estimate flags a kink of a piecewise activation
  * within a step of x. The estimate is a heuristic, not a bound: rounding inside deeply nested exponentials
  * can exceed it. y (may be NULL) receives f(x) in float64.
  */
