@@ -97,6 +97,7 @@ def machine_info() -> dict:
         "tiny": config.TINY,
         "batches": dict((str(k), v) for k, v in config.BATCHES),
         "argv": sys.argv,
+        "report_command": os.environ.get("NNP_BENCH_COMMAND"),
     }
 
 
@@ -107,6 +108,7 @@ class BenchContext:
         self._c_exe = None
         self.records = {}
         self.exports = {}
+        self.workload_info = {}
         self.machine = machine_info()
         self._tf_configured = False
 
@@ -128,7 +130,12 @@ class BenchContext:
             self._configure_tf()
             from benchmarks import workloads
 
-            self._workloads[name] = workloads.build(name)
+            w = self._workloads[name] = workloads.build(name)
+            from benchmarks.paths import auto_mode
+
+            self.workload_info[name] = {"title": w.title, "architecture": w.describe(), "n_in": w.n_in,
+                                        "n_out": w.n_out, "auto_mode": auto_mode(w),
+                                        "forward_flops_per_point": w.forward_flops}
         return self._workloads[name]
 
     def bundle(self, name, mode):
@@ -175,6 +182,18 @@ class BenchContext:
             self._c_exe = cbench.build(d)
         return self._c_exe
 
+    def suite_nnp(self, w):
+        """A C weight file of workload ``w`` written with ``nnpartials.exporter.nnp`` (cached)."""
+        path = os.path.join(self.tmp, f"{w.name}.suite.nnp")
+        if not os.path.exists(path):
+            from nnpartials.exporter.nnp import write_nnp
+
+            from benchmarks import workloads
+
+            with open(path, "wb") as f:
+                f.write(write_nnp(workloads.nnp_layers(w), n_in=w.n_in))
+        return path
+
     @staticmethod
     def skip(reason):
         raise SkipCase(reason)
@@ -187,7 +206,7 @@ class BenchContext:
     def dump(self, path):
         self.machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         self.machine["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        data = {"machine": self.machine, "exports": self.exports, "results": list(self.records.values()),
+        data = {"machine": self.machine, "workloads": self.workload_info, "exports": self.exports, "results": list(self.records.values()),
                 "config": {"min_round_s": config.MIN_ROUND_S, "target_s_small": config.TARGET_S_SMALL,
                            "target_s_large": config.TARGET_S_LARGE, "min_rounds_small": config.MIN_ROUNDS_SMALL,
                            "min_rounds_large": config.MIN_ROUNDS_LARGE, "max_call_s": config.MAX_CALL_S,

@@ -27,6 +27,7 @@ class Runner:
     call: Callable
     prepare: Callable = lambda x: x
     to_numpy: Callable = None  # result -> (y or None, dy_dx or None[, fd error])
+    note: str | None = None
 
 
 @dataclass
@@ -125,34 +126,45 @@ def kernel_available():
 
 
 
+def nnp_file(ctx, w):
+    """(path of the C weight file, note): the bundle's model.nnp, or, while the exporter cannot lower the model,
+    the same network written by the suite with the C core's own writer (``nnpartials.exporter.nnp``)."""
+    bundle = ctx.bundle(w.name, auto_mode(w))
+    if bundle.has_c_core:
+        return os.path.join(bundle.path, "model.nnp"), None
+    reason = bundle.manifest.get("c_core", {}).get("reason")
+    try:
+        path = ctx.suite_nnp(w)
+    except ImportError as exc:
+        ctx.skip(f"the bundle has no model.nnp ({reason}) and the weight-file writer is unavailable ({exc})")
+    return path, f"model.nnp written by the suite (the bundle has none: {reason})"
+
+
 def _kernel(ctx, w):
     from nnpartials.runtime.kernel import Kernel
 
-    bundle = ctx.bundle(w.name, auto_mode(w))
-    if not bundle.has_c_core:
-        ctx.skip(f"the bundle has no model.nnp ({bundle.manifest.get('c_core', {}).get('reason')})")
-    return Kernel(bundle.path)
+    path, note = nnp_file(ctx, w)
+    return Kernel(path, threads=config.THREADS), note
 
 
 def make_kernel(ctx, w):
-    k = _kernel(ctx, w)
-    return Runner(call=k.jacobian, to_numpy=lambda out: out)
+    k, note = _kernel(ctx, w)
+    return Runner(call=k.jacobian, to_numpy=lambda out: out, note=note)
 
 
 def make_kernel_fd(ctx, w):
-    k = _kernel(ctx, w)
+    k, note = _kernel(ctx, w)
     return Runner(call=k.fd_jacobian, prepare=lambda x: np.ascontiguousarray(x, dtype=np.float64),
-                  to_numpy=lambda out: (None, out[0], out[1]))
+                  to_numpy=lambda out: (None, out[0], out[1]), note=note)
 
 
 def make_c_alone(ctx, w):
-    bundle = ctx.bundle(w.name, auto_mode(w))
-    if not bundle.has_c_core:
-        ctx.skip(f"the bundle has no model.nnp ({bundle.manifest.get('c_core', {}).get('reason')})")
     from benchmarks import cbench
 
-    exe = ctx.c_program()
-    return cbench.Program(exe, os.path.join(bundle.path, "model.nnp"), w)
+    path, note = nnp_file(ctx, w)
+    prog = cbench.Program(ctx.c_program(), path, w)
+    prog.note = note
+    return prog
 
 
 def c_alone_available():
@@ -277,7 +289,7 @@ PATHS = [
          make_ort_jacobian("reverse")),
     Path("partials", "nnpartials.Partials.jacobian (auto mode)", "nnpartials", "y+J",
          lambda w: _mode_k(auto_mode(w))(w), make_partials),
-    Path("c_kernel", "C core analytic (Kernel.jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
+    Path("c_kernel", "C core analytic (Kernel.jacobian, threads split large batches)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
          make_kernel, available=kernel_available, blocked=True,
          preload=("nnpartials.runtime.kernel",)),
     Path("c_alone", "C core analytic, C alone (nnp_jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),

@@ -173,3 +173,20 @@ def reference(workload: Workload, x: np.ndarray):
         t = (t @ w) * da[:, None, :]
         h = a
     return h, np.transpose(t, (0, 2, 1))
+
+
+def nnp_layers(workload: Workload):
+    """The network as C-core layers (``nnpartials.exporter.nnp.Layer``), the input normalization folded into the
+    first dense layer (in float64, then rounded to float32), as the exporter's lowering does."""
+    from nnpartials.exporter.nnp import Layer
+
+    out = []
+    for k, (w, b, act) in enumerate(workload.layers):
+        w64, b64 = w.astype(np.float64), b.astype(np.float64)
+        if k == 0 and workload.normalization is not None:
+            mean, std = workload.normalization
+            w64 = w64 / std[:, None]
+            b64 = b64 - (mean / std) @ w.astype(np.float64)
+        out.append(Layer(w64.astype(np.float32), b64.astype(np.float32), act,
+                         p0=LEAKY_SLOPE if act == "leaky_relu" else 0.0))
+    return out

@@ -1,0 +1,525 @@
+"""Run the benchmark suite and write ``benchmarks/RESULTS.md`` with a chart of the ratios.
+
+    python -m benchmarks.report                 # run the full suite (about 10-15 minutes on 2 cores), then render
+    python -m benchmarks.report --no-run        # render again from benchmarks/results.json
+    python -m benchmarks.report --tiny --out-dir /tmp/r   # tiny sizes, timing disabled (checks the machinery)
+
+Anything after ``--`` goes to pytest (e.g. ``-- -k seed``). The raw record of the run is ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+PEER = "peer"
+ANALYTIC_NNP = ("ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone")
+BATCH_LABEL = {1: "1", 1000: "1,000", 100000: "100,000"}
+WORKLOAD_ORDER = ("seed", "physics", "wide")
+PATH_ORDER = ("ort_forward", "ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone", "c_kernel_fd",
+              "tf_function", "tf_eager", "jax_jacrev", "jax_jacfwd", "torch_jacrev")
+SHORT = {
+    "ort_forward": "ORT forward only",
+    "ort_jac_forward": "companion graph, forward mode",
+    "ort_jac_reverse": "companion graph, reverse mode",
+    "partials": "Partials.jacobian (wrapper)",
+    "c_kernel": "C core, Kernel.jacobian",
+    "c_alone": "C core, C alone",
+    "c_kernel_fd": "C core, finite differences (f64)",
+    "tf_function": "TF GradientTape, tf.function",
+    "tf_eager": "TF GradientTape, eager",
+    "jax_jacrev": "JAX jit(vmap(jacrev))",
+    "jax_jacfwd": "JAX jit(vmap(jacfwd))",
+    "torch_jacrev": "PyTorch vmap(jacrev)",
+}
+WORKLOAD_TITLE = {
+    "seed": "seed network: Normalization + Dense 64, 64, 32, 32, 16, 16, 8 (LeakyReLU), Dense 1; 2 inputs → 1 output",
+    "physics": "physics-style network: 3 inputs, 4 × Dense 256 tanh, 2 outputs",
+    "wide": "wide-input network: 64 inputs, Dense 256, 256 gelu, 1 output",
+}
+
+
+# ----- running ----------------------------------------------------------------------------------------------
+def run_suite(record, command, tiny=False, extra=()):
+    env = dict(os.environ, NNP_BENCH_RECORD=record, NNP_BENCH_COMMAND=command)
+    if tiny:
+        env["NNP_BENCH_TINY"] = "1"
+    cmd = [sys.executable, "-m", "pytest", os.path.join(HERE), "-p", "no:cacheprovider", "-q", "-rs",
+           "--benchmark-sort=name", "--benchmark-columns=median,iqr,rounds,iterations"]
+    cmd += ["--benchmark-disable"] if tiny else ["--benchmark-only"]
+    cmd += list(extra)
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+# ----- formatting -------------------------------------------------------------------------------------------
+def fmt_time(s):
+    if s is None:
+        return "—"
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} µs" if s < 1e-4 else f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms" if s < 0.1 else f"{s * 1e3:.0f} ms"
+    return f"{s:.3g} s"
+
+
+def fmt_ratio(r):
+    if r is None:
+        return "—"
+    if r < 0.1:
+        return f"{r:.2g}×"
+    return f"{r:.2f}×" if r < 10 else f"{r:.3g}×" if r < 1000 else f"{r:.0f}×"
+
+
+def fmt_gflops(g):
+    if g is None:
+        return "—"
+    return f"{g:.3g}" if g >= 0.01 else f"{g:.1e}"
+
+
+class Results:
+    def __init__(self, data):
+        self.data = data
+        self.machine = data.get("machine", {})
+        self.rows = {(r["workload"], int(r["batch"]), r["path"]): r for r in data.get("results", [])}
+        self.workloads = [w for w in WORKLOAD_ORDER if any(k[0] == w for k in self.rows)]
+        self.batches = sorted({k[1] for k in self.rows})
+
+    def get(self, w, b, p):
+        return self.rows.get((w, b, p))
+
+    def t(self, w, b, p):
+        r = self.get(w, b, p)
+        return r.get("median_s") if r and r.get("status") == "ok" else None
+
+    def paths(self, w, b):
+        present = {k[2] for k in self.rows if k[0] == w and k[1] == b}
+        return [p for p in PATH_ORDER if p in present] + sorted(present - set(PATH_ORDER))
+
+    def fastest_peer(self, w, b):
+        best = None
+        for p in self.paths(w, b):
+            r = self.get(w, b, p)
+            if r.get("family") == PEER and self.t(w, b, p) is not None:
+                if best is None or self.t(w, b, p) < self.t(w, b, best):
+                    best = p
+        return best
+
+    def best_nnp(self, w, b):
+        best = None
+        for p in ANALYTIC_NNP:
+            if self.t(w, b, p) is not None and (best is None or self.t(w, b, p) < self.t(w, b, best)):
+                best = p
+        return best
+
+    def ratio_peer(self, w, b, p):
+        fp = self.fastest_peer(w, b)
+        t = self.t(w, b, p)
+        return t / self.t(w, b, fp) if fp and t is not None else None
+
+    def ratio_fwd(self, w, b, p):
+        f = self.t(w, b, "ort_forward")
+        t = self.t(w, b, p)
+        return t / f if f and t is not None else None
+
+    def gflops(self, w, b, p):
+        r = self.get(w, b, p)
+        t = self.t(w, b, p)
+        return r["flops_per_call"] / t / 1e9 if t and r.get("flops_per_call") else None
+
+    def auto_path(self, w):
+        """The companion graph a default (auto mode) export ships."""
+        info = self.data.get("workloads", {}).get(w, {})
+        return f"ort_jac_{info.get('auto_mode', 'reverse')}"
+
+
+# ----- sections ---------------------------------------------------------------------------------------------
+def section_machine(res, command):
+    m = res.machine
+    v = m.get("versions", {})
+    lines = ["## Machine and settings", ""]
+    lines.append(f"- Command: `{command}`")
+    lines.append(f"- Run: {m.get('started')} → {m.get('finished')} (UTC), commit `{m.get('git_commit')}`")
+    lines.append(f"- CPU: {m.get('cpu')} ({m.get('cpu_flags')}), {m.get('logical_cpus')} logical CPUs "
+                 f"({m.get('affinity_cpus')} usable), {m.get('memory_gib')} GiB memory; {m.get('platform')}")
+    la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
+    if la0 and la1:
+        lines.append(f"- Load average (1 min) at start {la0[0]:.2f}, at end {la1[0]:.2f}: the machine was shared "
+                     f"with other work, so single numbers carry noise; ratios are taken within one run.")
+    order = ["python", "numpy", "tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "jax",
+             "jaxlib", "torch", "pytest-benchmark", "nnpartials"]
+    lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
+    lines.append(f"- C compiler: {m.get('c_compiler')}, flags `{m.get('c_flags')}` for the C-alone program (the C "
+                 f"library's own defaults, no `-march`; the library picks its AVX2+FMA matrix kernels at run time "
+                 f"where the CPU has them)")
+    ts = m.get("thread_settings", {})
+    lines.append(f"- Threads: every library may use {ts.get('threads')} threads (all cores). "
+                 + "; ".join(f"{k}: {val}" for k, val in ts.items() if k != "threads"))
+    cfg = res.data.get("config", {})
+    lines.append(f"- Timing: inputs built and converted outside the timed region; first call (tracing, "
+                 f"compilation, allocation) timed separately; then warm-up and pytest-benchmark rounds of "
+                 f"≥ {cfg.get('min_round_s', 0) * 1e3:g} ms each (fast calls repeated within a round), "
+                 f"≥ {cfg.get('min_rounds_small')} rounds / ~{cfg.get('target_s_small')} s per case at batch 1 and "
+                 f"1,000, ≥ {cfg.get('min_rounds_large')} rounds / ~{cfg.get('target_s_large')} s at batch 100,000. "
+                 f"**Time per call = median over rounds**, for the whole batch.")
+    lines.append(f"- Agreement: before timing, every path's y and dy/dx are compared with a float64 numpy reference "
+                 f"(same weights): max |J − J_ref| ≤ {cfg.get('agree')} · max(1, max|J_ref|) on up to "
+                 f"{2 * cfg.get('check_rows', 0)} rows (the finite-difference path may also stay within its own "
+                 f"error estimate); a disagreeing path fails instead of being timed.")
+    lines.append("")
+    return lines
+
+
+def section_flops(res):
+    f = ", ".join(f"{w} {v['forward_flops_per_point']:,}" for w, v in res.data.get("workloads", {}).items())
+    return [
+        "## FLOP convention",
+        "",
+        "Only the multiply-adds of the dense layers count: 2·in·out FLOPs per layer per point (normalization, bias "
+        f"additions and activations are not counted). One forward pass costs F per point ({f}). y with dy/dx "
+        "computed with K directions counts F·(1 + K) per point, with K as each path works: K = n_in for forward mode "
+        "(companion graph in forward mode, jacfwd), K = n_out for reverse mode (companion graph in reverse mode, "
+        "GradientTape, jacrev), K = min(n_in, n_out) for the C core's automatic mode. The float64 "
+        "finite-difference Jacobian counts F·(1 + 4·n_in) (central differences with steps h and h/2). "
+        "GFLOP/s = counted FLOPs of the whole batch ÷ time per call; the forward pass alone counts F.",
+        "",
+    ]
+
+
+def section_tables(res):
+    lines = ["## Results", "",
+             "Time per call is for the whole batch. ×peer: time / fastest peer (TensorFlow, JAX, PyTorch) in the same "
+             "run and case (below 1 is faster than every peer). ×fwd: time / onnxruntime forward pass alone "
+             "(the floor of the onnxruntime path). First call: setup (session, tf.function, jit, kernel) + first "
+             "call (tracing, compilation), excluded from the time per call.", ""]
+    for w in res.workloads:
+        lines += [f"### {WORKLOAD_TITLE.get(w, w)}", ""]
+        for b in res.batches:
+            fp = res.fastest_peer(w, b)
+            lines.append(f"**batch {BATCH_LABEL.get(b, b)}** — fastest peer: {SHORT.get(fp, fp) if fp else 'none measured'}")
+            lines.append("")
+            lines.append("| path | time per call | ×peer | ×fwd | GFLOP/s | first call | note |")
+            lines.append("|---|---:|---:|---:|---:|---:|---|")
+            for p in res.paths(w, b):
+                r = res.get(w, b, p)
+                first = None
+                if r.get("first_call_s") is not None:
+                    first = (r.get("setup_s") or 0) + r["first_call_s"]
+                note = ""
+                if r["status"] == "skipped":
+                    note = "skipped: " + (r.get("reason") or "")
+                elif r["status"] == "failed":
+                    note = "**failed**: " + (r.get("reason") or "")
+                elif r.get("timer", "").startswith("C program"):
+                    note = "timed by the C program"
+                name = SHORT.get(p, p)
+                if p in ANALYTIC_NNP or p == "c_kernel_fd":
+                    name = f"**{name}**"
+                lines.append(f"| {name} | {fmt_time(res.t(w, b, p))} | {fmt_ratio(res.ratio_peer(w, b, p))} | "
+                             f"{fmt_ratio(res.ratio_fwd(w, b, p))} | {fmt_gflops(res.gflops(w, b, p))} | "
+                             f"{fmt_time(first)} | {note.replace('|', '/')} |")
+            lines.append("")
+    return lines
+
+
+def summary_table(res):
+    """The compact table for the README."""
+    lines = ["| workload | batch | ORT forward only | companion graph (auto mode) | best nnpartials | fastest peer | "
+             "best nnpartials ÷ fastest peer |",
+             "|---|---:|---:|---:|---|---|---:|"]
+    for w in res.workloads:
+        ap = res.auto_path(w)
+        for b in res.batches:
+            bn, fp = res.best_nnp(w, b), res.fastest_peer(w, b)
+            ratio = res.t(w, b, bn) / res.t(w, b, fp) if bn and fp else None
+            lines.append(f"| {w} | {BATCH_LABEL.get(b, b)} | {fmt_time(res.t(w, b, 'ort_forward'))} | "
+                         f"{fmt_time(res.t(w, b, ap))} | "
+                         f"{(SHORT.get(bn, bn) + ' ' + fmt_time(res.t(w, b, bn))) if bn else '—'} | "
+                         f"{(SHORT.get(fp, fp) + ' ' + fmt_time(res.t(w, b, fp))) if fp else '—'} | "
+                         f"{fmt_ratio(ratio)} |")
+    return lines
+
+
+def targets(res):
+    """[(target, measured, verdict)] for the stated targets."""
+    out = []
+    w = "seed"
+    ap = res.auto_path(w)
+    for b, limit in ((1, 1.5), (100000, 2.5)):
+        tj, tf = res.t(w, b, ap), res.t(w, b, "ort_forward")
+        if tj is not None and tf:
+            r = tj / tf
+            other = "ort_jac_forward" if ap == "ort_jac_reverse" else "ort_jac_reverse"
+            extra = ""
+            if res.t(w, b, other) is not None:
+                extra = f"; the other mode: {res.t(w, b, other) / tf:.2f}×"
+            out.append((f"(a) seed network, batch {BATCH_LABEL[b]}: companion graph ({ap.split('_')[-1]} mode, "
+                        f"what auto export ships) ≤ {limit}× the forward graph's time per call",
+                        f"{fmt_time(tj)} vs {fmt_time(tf)} = {r:.2f}×{extra}", "met" if r <= limit else "not met"))
+        else:
+            out.append((f"(a) seed network, batch {BATCH_LABEL[b]}: companion graph ≤ {limit}× the forward graph",
+                        "not measured", _why(res, w, b, ap) or _why(res, w, b, "ort_forward")))
+    t = res.t(w, 1, "c_kernel")
+    out.append(("(b) C core, seed network, one point, y + dy/dx through `Kernel.jacobian` from Python ≤ 3 µs",
+                fmt_time(t) if t is not None else "not measured",
+                ("met" if t <= 3e-6 else "not met") if t is not None else _why(res, w, 1, "c_kernel")))
+    t = res.t(w, 1, "c_alone")
+    out.append(("(b) C core, seed network, one point, y + dy/dx through C alone (`nnp_jacobian`) ≤ 0.5 µs",
+                fmt_time(t) if t is not None else "not measured",
+                ("met" if t <= 0.5e-6 else "not met") if t is not None else _why(res, w, 1, "c_alone")))
+    tc, tt = res.t(w, 100000, "c_kernel"), res.t(w, 100000, "tf_function")
+    if tc is not None and tt is not None:
+        ca = res.t(w, 100000, "c_alone")
+        extra = f"; C alone {tt / ca:.2f}× faster" if ca else ""
+        out.append(("(b) C core, seed network, batch 100,000: ≥ 2.5× faster than TensorFlow GradientTape in "
+                    "tf.function", f"{fmt_time(tt)} / {fmt_time(tc)} = {tt / tc:.2f}× faster (Kernel.jacobian){extra}",
+                    "met" if tt / tc >= 2.5 else "not met"))
+    else:
+        out.append(("(b) C core, seed network, batch 100,000: ≥ 2.5× faster than TensorFlow GradientTape in "
+                    "tf.function", "not measured", _why(res, w, 100000, "c_kernel") or
+                    _why(res, w, 100000, "tf_function")))
+    return out
+
+
+def _why(res, w, b, p):
+    r = res.get(w, b, p)
+    if r is None:
+        return "not run"
+    if r["status"] == "ok" and r.get("median_s") is None:
+        return "not timed (timing disabled)"
+    return f"not measured ({r['status']}: {r.get('reason')})" if r["status"] != "ok" else None
+
+
+def section_targets(res):
+    lines = ["## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    for t, m, v in targets(res):
+        vv = f"**{v}**" if v in ("met", "not met") else v
+        lines.append(f"| {t} | {m} | {vv} |")
+    lines.append("")
+    return lines
+
+
+def section_first_call(res):
+    lines = ["## First-call cost", "",
+             "Setup (session creation, `tf.function` / `jit` wrapping, kernel load) plus the first call (tracing, XLA "
+             "compilation, allocation), per batch size; a new shape is a new trace for tf.function and jit. Not in "
+             "the times per call above. Module imports are excluded. The one-off export of a bundle (tf2onnx "
+             "conversion, Jacobian graph, validation against GradientTape on 1,000 points) is listed below.", ""]
+    for w in res.workloads:
+        lines.append(f"**{w}**")
+        lines.append("")
+        lines.append("| path | " + " | ".join(f"batch {BATCH_LABEL.get(b, b)}" for b in res.batches) + " |")
+        lines.append("|---|" + "---:|" * len(res.batches))
+        for p in res.paths(w, res.batches[0]):
+            cells = []
+            for b in res.batches:
+                r = res.get(w, b, p)
+                if r and r.get("first_call_s") is not None:
+                    cells.append(fmt_time((r.get("setup_s") or 0) + r["first_call_s"]))
+                else:
+                    cells.append("—")
+            lines.append(f"| {SHORT.get(p, p)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ex = res.data.get("exports", {})
+    if ex:
+        lines.append("Export (one-off, `nnpartials.export`): " + ", ".join(
+            f"{k} {v['seconds']:.1f} s" for k, v in sorted(ex.items())) + ".")
+        lines.append("")
+    return lines
+
+
+def behind(res):
+    """[(workload, batch, best nnpartials path, [(peer, ratio)], facts)] where a peer beats every nnpartials path."""
+    out = []
+    for w in res.workloads:
+        for b in res.batches:
+            bn = res.best_nnp(w, b)
+            if bn is None:
+                continue
+            tb = res.t(w, b, bn)
+            faster = []
+            for p in res.paths(w, b):
+                r = res.get(w, b, p)
+                if r.get("family") == PEER and res.t(w, b, p) is not None and res.t(w, b, p) < tb:
+                    faster.append((p, tb / res.t(w, b, p)))
+            if faster:
+                out.append((w, b, bn, sorted(faster, key=lambda x: -x[1])))
+    return out
+
+
+def _explain(res, w, b, bn, faster):
+    """Facts from the same run that say where the time goes."""
+    facts = []
+    fp, ratio = faster[0]
+    t_peer = res.t(w, b, fp)
+    t_fwd = res.t(w, b, "ort_forward")
+    if t_fwd is not None and t_fwd > t_peer:
+        facts.append(f"onnxruntime's forward pass alone takes {fmt_time(t_fwd)}, more than {SHORT[fp]}'s whole "
+                     f"y + dy/dx ({fmt_time(t_peer)}): the gap is the runtime's cost per call and per kernel, not "
+                     f"the derivative graph")
+    elif t_fwd is not None:
+        facts.append(f"the companion graph costs {res.t(w, b, res.auto_path(w)) / t_fwd:.2f}× onnxruntime's own "
+                     f"forward pass ({fmt_time(t_fwd)})" if res.t(w, b, res.auto_path(w)) else "")
+    gp, gb = res.gflops(w, b, fp), res.gflops(w, b, bn)
+    if gp and gb:
+        facts.append(f"{SHORT[fp]} sustains {gp:.3g} GFLOP/s on the counted work against {gb:.3g} for "
+                     f"{SHORT[bn]}")
+    tc = res.t(w, b, "c_alone")
+    if tc is not None and bn != "c_alone":
+        facts.append(f"the C core alone takes {fmt_time(tc)}")
+    return [f for f in facts if f]
+
+
+def section_behind(res):
+    lines = ["## Where nnpartials is behind", ""]
+    items = behind(res)
+    if not items:
+        lines += ["In this run, at every workload and batch size, some nnpartials path (companion graph, `Partials`, "
+                  "or the C core) was at least as fast as every peer measured.", ""]
+        return lines
+    lines.append("Cases in this run where a peer beats every analytic nnpartials path (companion graph in either "
+                 "mode, `Partials`, the C core from Python or from C), with facts from the same run:")
+    lines.append("")
+    for w, b, bn, faster in items:
+        peers = ", ".join(f"{SHORT[p]} ({r:.2f}× faster)" for p, r in faster)
+        lines.append(f"- **{w}, batch {BATCH_LABEL.get(b, b)}**: best nnpartials path {SHORT[bn]} "
+                     f"{fmt_time(res.t(w, b, bn))}; faster: {peers}. " + "; ".join(_explain(res, w, b, bn, faster))
+                     + ".")
+    lines.append("")
+    return lines
+
+
+def render(data, out_dir, command, notes_path=None):
+    res = Results(data)
+    os.makedirs(out_dir, exist_ok=True)
+    png = os.path.join(out_dir, "ratios.png")
+    chart_ok = chart(res, png)
+    lines = ["# nnpartials benchmark results", ""]
+    lines.append("y and all partial derivatives dy_i/dx_j of three networks, per call, on the machine below. "
+                 "Reproduce with `python -m benchmarks.report` (see `benchmarks/README.md`).")
+    if res.machine.get("tiny"):
+        lines.append("")
+        lines.append("**Tiny run (CI smoke): sizes reduced, timing disabled; no number here is a measurement.**")
+    lines.append("")
+    lines += ["## Summary", ""] + summary_table(res) + [""]
+    lines += section_targets(res)
+    if chart_ok:
+        lines += ["![time per call ÷ fastest peer, per workload and batch size (log scale)](ratios.png)", ""]
+    lines += section_tables(res)
+    lines += section_first_call(res)
+    lines += section_flops(res)
+    lines += section_machine(res, command)
+    lines += section_behind(res)
+    if notes_path and os.path.exists(notes_path):
+        with open(notes_path) as f:
+            lines += [f.read().rstrip(), ""]
+    path = os.path.join(out_dir, "RESULTS.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+# ----- chart ------------------------------------------------------------------------------------------------
+COLORS = {"floor": "#9e9e9e", "nnpartials": "#1f77b4", "check": "#9ecae1", "peer": "#ff7f0e"}
+
+
+def chart(res, path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return False
+    ws, bs = res.workloads, res.batches
+    if not ws or not bs:
+        return False
+    fig, axes = plt.subplots(len(ws), len(bs), figsize=(5.2 * len(bs), 0.42 * len(PATH_ORDER) * len(ws) + 1.2),
+                             squeeze=False, sharey="row")
+    allv = [res.ratio_peer(w, b, p) for w in ws for b in bs for p in PATH_ORDER]
+    allv = [v for v in allv if v]
+    lo = min(allv + [0.5]) / 2.5
+    hi = max(allv + [2.0]) * 4
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    for i, w in enumerate(ws):
+        for j, b in enumerate(bs):
+            ax = axes[i][j]
+            names = list(PATH_ORDER)
+            ypos = range(len(names))
+            for y, p in zip(ypos, names):
+                v = res.ratio_peer(w, b, p)
+                r = res.get(w, b, p)
+                fam = (r or {}).get("family", "peer")
+                if v:
+                    # bars grow from the fastest peer (1.0): to the left is faster, to the right slower
+                    ax.barh(y, v - 1.0, left=1.0, color=COLORS.get(fam, "#777"), height=0.7)
+                    ax.text(max(v, 1.0) * 1.12, y, fmt_ratio(v), va="center", fontsize=7)
+                else:
+                    why = "skipped" if r and r["status"] == "skipped" else "failed" if r and r["status"] == "failed" \
+                        else "not timed" if r else "—"
+                    ax.text(1.12, y, why, va="center", fontsize=7, color="#777")
+            ax.axvline(1.0, color="k", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            ax.xaxis.set_major_locator(LogLocator(base=10))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_yticks(list(ypos))
+            ax.set_yticklabels([SHORT[p] for p in names], fontsize=7)
+            ax.set_ylim(len(names) - 0.5, -0.5)
+            ax.tick_params(axis="x", labelsize=7)
+            ax.grid(axis="x", which="major", color="#ddd", lw=0.6)
+            ax.set_axisbelow(True)
+            ax.set_title(f"{w}, batch {BATCH_LABEL.get(b, b)}", fontsize=9)
+            if i == len(ws) - 1:
+                ax.set_xlabel("time per call ÷ fastest peer (log; left of 1 = faster)", fontsize=8)
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=COLORS[k], label=lab) for k, lab in
+                        (("nnpartials", "nnpartials (analytic)"), ("check", "nnpartials finite differences"),
+                         ("floor", "onnxruntime forward only"), ("peer", "peers"))],
+               loc="upper center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----- command line -----------------------------------------------------------------------------------------
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        k = argv.index("--")
+        argv, extra = argv[:k], argv[k + 1:]
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--no-run", action="store_true", help="render from an existing record instead of running")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes, timing disabled (checks the machinery)")
+    ap.add_argument("--out-dir", default=HERE, help="where RESULTS.md, ratios.png and results.json go")
+    ap.add_argument("--record", default=None, help="the JSON record (default: OUT_DIR/results.json)")
+    args = ap.parse_args(argv)
+    record = args.record or os.path.join(args.out_dir, "results.json")
+    command = "python -m benchmarks.report" + (" --tiny" if args.tiny else "") + \
+        (f" -- {' '.join(extra)}" if extra else "")
+    if not args.no_run:
+        rc = run_suite(os.path.abspath(record), command, tiny=args.tiny, extra=extra)
+        if rc not in (0,):
+            print(f"the benchmark suite exited with {rc}; rendering what was recorded", file=sys.stderr)
+    with open(record) as f:
+        data = json.load(f)
+    command = data.get("machine", {}).get("report_command") or command
+    path = render(data, args.out_dir, command, notes_path=os.path.join(HERE, "NOTES.md"))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
