@@ -55,3 +55,11 @@ DEMO_PARTIAL_RMS = 0.3
 #: Demo tests: RMS difference between a finite difference of the predictions along the data line (step Δx1) and the
 #: autodiff directional derivative (they differ only where the step straddles a LeakyReLU kink).
 DEMO_FD_ALONG_DATA_RMS = 0.05
+
+#: `nnpartials check`: the two float32 Jacobian paths (onnxruntime companion graph, C core) against each other.
+#: Each is held to JACOBIAN_F32 against GradientTape, so against each other they may differ by both errors.
+CHECK_PATHS_F32 = 2 * JACOBIAN_F32
+
+#: `nnpartials check`: a finite-difference entry whose own error estimate exceeds this (relative to max(1, max|J|))
+#: straddles a kink of a piecewise activation; it is counted and left out of the float64 comparison.
+CHECK_FD_KINK = 1e-7

@@ -1,0 +1,96 @@
+"""`check_bundle` and `nnpartials check`: the three paths agree on a good bundle and a changed weight is caught."""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nnpartials._core", reason="the C extension is not built")
+
+from nnpartials import tolerances  # noqa: E402
+from nnpartials.cli import main  # noqa: E402
+from nnpartials.errors import BundleError, InputError  # noqa: E402
+from nnpartials.exporter.nnp import read_nnp, write_nnp  # noqa: E402
+from nnpartials.runtime.check import check_bundle  # noqa: E402
+
+
+def _copy_with(src, dst, name, data):
+    """Copy a bundle, replace one file and update its hash in the manifest."""
+    shutil.copytree(src, dst)
+    mpath = os.path.join(dst, "manifest.json")
+    with open(mpath) as f:
+        manifest = json.load(f)
+    if data is None:
+        os.remove(os.path.join(dst, name))
+        del manifest["files"][name]
+        manifest["c_core"] = {"available": False, "file": None, "reason": "removed for a test"}
+    else:
+        with open(os.path.join(dst, name), "wb") as f:
+            f.write(data)
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    with open(mpath, "w") as f:
+        json.dump(manifest, f)
+    return str(dst)
+
+
+def test_paths_agree_on_seed_bundle(seed_bundle):
+    rep = check_bundle(seed_bundle, n_points=300)
+    assert rep.ok, rep.to_dict()
+    assert rep.n_points == 300 and rep.points_from.startswith("uniform")
+    assert [c.name for c in rep.comparisons] == ["y", "dy_dx", "dy_dx vs FD", "dy_dx (onnxruntime) vs FD"]
+    assert rep.comparison("dy_dx").tolerance == tolerances.CHECK_PATHS_F32
+    assert rep.fd_entries == 300 * 2
+    assert rep.fd_entries_near_kink < rep.fd_entries // 10
+    assert 0 < rep.fd_error_max < tolerances.FD_F64_REL
+    d = rep.to_dict()
+    assert d["ok"] is True and all(c["ok"] for c in d["comparisons"])
+
+
+def test_given_points(seed_bundle):
+    x = np.random.default_rng(3).uniform(-2, 2, (25, 2)).tolist()
+    rep = check_bundle(seed_bundle, x=x)
+    assert rep.ok and rep.n_points == 25 and rep.points_from == "given points"
+    with pytest.raises(InputError):
+        check_bundle(seed_bundle, x=np.zeros((3, 5)))
+    with pytest.raises(InputError):
+        check_bundle(seed_bundle, n_points=0)
+
+
+def test_changed_weight_is_caught(seed_bundle, tmp_path):
+    with open(os.path.join(seed_bundle, "model.nnp"), "rb") as f:
+        layers = read_nnp(f.read())
+    layers[3].W[0, 0] += 0.5  # a visible change to one weight
+    bad = _copy_with(seed_bundle, tmp_path / "bad", "model.nnp", write_nnp(layers, n_in=2))
+    rep = check_bundle(bad, n_points=200)
+    assert not rep.ok
+    assert not rep.comparison("dy_dx").ok
+    assert rep.comparison("dy_dx (onnxruntime) vs FD").ok is False  # FD follows the (changed) C weights
+    assert main(["check", bad, "--points", "50"]) == 1
+
+
+def test_bundle_without_c_weights(seed_bundle, tmp_path):
+    nod = _copy_with(seed_bundle, tmp_path / "noc", "model.nnp", None)
+    with pytest.raises(BundleError, match="removed for a test"):
+        check_bundle(nod)
+    assert main(["check", nod]) == 1
+
+
+def test_cli(seed_bundle, tmp_path, capsys):
+    csv = tmp_path / "pts.csv"
+    cols = None
+    with open(os.path.join(seed_bundle, "manifest.json")) as f:
+        cols = [c for i in json.load(f)["inputs"] for c in i["columns"]]
+    csv.write_text(",".join(reversed(cols)) + "\n" + "\n".join(f"{b},{a}" for a, b in
+                                                                 np.random.default_rng(0).uniform(-1, 1, (30, 2))))
+    out = tmp_path / "rep.json"
+    assert main(["check", seed_bundle, "--data", str(csv), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "30 points" in text and "all paths agree" in text and "FD_F64_REL" in text
+    rep = json.loads(out.read_text())
+    assert rep["ok"] and rep["n_points"] == 30
+    assert main(["check", seed_bundle, "--points", "20", "--seed", "4"]) == 0
+    assert main(["check", seed_bundle, "--points", "0"]) == 1
+    assert main(["check", str(tmp_path / "missing")]) == 1
