@@ -172,8 +172,8 @@ def _epoch_callback(progress, task):
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
-            progress.update(task, advance=1, loss=f"{logs.get('loss', float('nan')):.4f}",
-                            val=f"{logs.get('val_loss', float('nan')):.4f}")
+            progress.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.4f}  "
+                                                  f"val_loss {logs.get('val_loss', float('nan')):.4f}")
 
     return RichEpochs()
 
@@ -184,7 +184,7 @@ def train(x_train, y_train, *, epochs: int, seed: int, progress=None, label: str
     callbacks = []
     task = None
     if progress is not None:
-        task = progress.add_task(label, total=epochs, loss="-", val="-")
+        task = progress.add_task(label, total=epochs, info="")
         callbacks.append(_epoch_callback(progress, task))
     w_init = np.array(model.get_layer("dense_1").kernel.numpy(), dtype=np.float64)
     t0 = time.perf_counter()
@@ -311,7 +311,7 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
 
     steps = None
     if progress is not None:
-        steps = progress.add_task(f"{label}: evaluating", total=6, loss="", val="")
+        steps = progress.add_task(f"{label}: evaluating", total=6, info="")
 
     def step(name):
         if steps is not None:
@@ -434,8 +434,28 @@ class DemoResult:
 
 
 def _quiet_tensorflow():
+    """Import TensorFlow with its start-up log lines (written by C++ straight to file descriptor 2, whatever
+    TF_CPP_MIN_LOG_LEVEL says) kept off the console, so the demo's own output stays readable."""
+    import sys
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no real stderr (embedded interpreters): nothing to silence
+        import tensorflow  # noqa: F401
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def run_demo(cfg: Optional[DemoConfig] = None, console=None) -> DemoResult:
@@ -451,7 +471,7 @@ def run_demo(cfg: Optional[DemoConfig] = None, console=None) -> DemoResult:
     t_start = time.perf_counter()
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]} val {task.fields[val]}"), TimeElapsedColumn()]
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not cfg.progress, transient=False) as progress:
         scenarios = [run_scenario(k, cfg, out, progress if cfg.progress else None, console) for k in ("line", "random")]
     seconds = time.perf_counter() - t_start

@@ -82,7 +82,8 @@ def plot_data(scenarios, out: Path) -> str:
         ax.set_xlabel("x1")
         ax.set_ylabel("x2")
         ax.legend(loc="upper left", fontsize=8, markerscale=4)
-    fig.suptitle("Training inputs and the directions the data support (after the model's normalisation)")
+    fig.suptitle("Training inputs and the directions they inform (rank from the singular values after the model's "
+                 "normalisation; directions in input units)", fontsize=11)
     return _save(fig, out / "data.png")
 
 

@@ -30,7 +30,8 @@ def _check_txt(c):
     txt = (f"{'passed' if c['passed'] else 'FAILED'}: {c['agree']}/{c['points']} points agree "
            f"(largest difference {c['max_abs_diff']:.2g}, median {c['median_abs_diff']:.2g}")
     if "kink_points" in c:
-        txt += (f"; {c['kink_points']} points within a step of a kink, largest difference elsewhere "
+        txt += (f"; {c['kink_points']} point{'' if c['kink_points'] == 1 else 's'} within a step of a kink, "
+                f"largest difference elsewhere "
                 f"{c['max_abs_diff_away_from_kinks']:.2g}")
     return txt + ")"
 
