@@ -72,9 +72,9 @@ size_t nnp_first_nonfinite_f64(const double *x, size_t n);
 def _compile_args():
     if sys.platform == "win32" and "GCC" not in sys.version:
         return ["/O2", "/fp:precise"]
-    # No -march=native: the module must run on any CPU of its platform; on x86-64 the matrix kernels pick an
-    # AVX2+FMA path at run time.
-    return ["-O3", "-std=c99", "-ffp-contract=fast"]
+    # No -march=native: the module must run on any CPU of its platform; on x86-64 the compute kernels pick an
+    # AVX2+FMA build at run time. Same floating-point flags as csrc/Makefile (see there).
+    return ["-O3", "-std=c99", "-ffp-contract=fast", "-fno-trapping-math"]
 
 
 ffibuilder = FFI()

@@ -31,7 +31,23 @@ typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) 
 #else
 #define NNP_X86_DISPATCH 0
 #endif
-#define NNP_HOT
+/* Block functions are compiled twice on x86-64 (baseline and AVX2+FMA) from one always-inline body. */
+#if NNP_X86_DISPATCH
+#define NNP_DISPATCHED(NAME, PARAMS, ARGS)                                                                     \
+    static void NAME##_base PARAMS { NAME##_body ARGS; }                                                       \
+    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { NAME##_body ARGS; }                  \
+    static void NAME PARAMS                                                                                    \
+    {                                                                                                          \
+        if (have_avx2_fma())                                                                                   \
+            NAME##_avx2 ARGS;                                                                                  \
+        else                                                                                                   \
+            NAME##_base ARGS;                                                                                  \
+    }
+#else
+#define NNP_DISPATCHED(NAME, PARAMS, ARGS)                                                                     \
+    static void NAME PARAMS { NAME##_body ARGS; }
+#endif
+#define NNP_RESTRICT restrict
 
 #if defined(__GNUC__) || defined(__clang__)
 #define NNP_INLINE static inline __attribute__((always_inline))
@@ -426,9 +442,6 @@ static int ws_shape(const nnp_model *m, int op, size_t *fixed, size_t *per_point
             !add_sz(t, u, &t) || !add_sz(t, m->sum_cols, per_point))
             return NNP_E_TOO_LARGE;
         return NNP_OK;
-    case NNP_WS_JACOBIAN:
-        return ws_shape(m, nnp_auto_mode(m) == NNP_MODE_REVERSE ? NNP_WS_JACOBIAN_REVERSE : NNP_WS_JACOBIAN_FORWARD,
-                        fixed, per_point);
     case NNP_WS_FD_JACOBIAN_F64:
         /* 4 perturbed points, their 4 outputs and output scales, f(x), and the float64 forward workspace for
          * 4 points; per point nothing more */
@@ -456,6 +469,13 @@ int nnp_workspace(const nnp_model *m, int op, size_t batch, size_t *n_elems)
     int rc;
     if (m == NULL || n_elems == NULL) return NNP_E_NULL;
     if (!model_ok(m)) return NNP_E_ARG;
+    if (op == NNP_WS_JACOBIAN) { /* AUTO may take either mode (it depends on the batch): enough for both */
+        size_t a, b;
+        rc = nnp_workspace(m, NNP_WS_JACOBIAN_FORWARD, batch, &a);
+        if (rc == NNP_OK) rc = nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, batch, &b);
+        if (rc == NNP_OK) *n_elems = a > b ? a : b;
+        return rc;
+    }
     rc = ws_shape(m, op, &fixed, &per_point);
     if (rc != NNP_OK) return rc;
     if (batch == 0) {
@@ -503,7 +523,8 @@ static int check_call(const nnp_model *m, size_t batch, const void *x, const voi
 
 #if defined(__GNUC__) || defined(__clang__)
 /* GCC/Clang vector extensions: 8 floats, one AVX register in the AVX2 clone, two SSE registers otherwise.
- * Every kernel sums over k in the same order, so results do not depend on the tile a row falls in. */
+ * The kernels sum over k in order, except the split-sum single-row ones (used only when a call has one point), so
+ * a point evaluated alone may differ from the same point evaluated in a batch by float32 rounding. */
 typedef float nnp_v8 __attribute__((vector_size(32)));
 /* the same vector at any float-aligned address, allowed to alias float */
 typedef float nnp_v8u __attribute__((vector_size(32), aligned(4), may_alias));
@@ -530,6 +551,39 @@ typedef float nnp_v8u __attribute__((vector_size(32), aligned(4), may_alias));
         for (r_ = 0; r_ < MR; r_++)                                                                            \
             for (c_ = 0; c_ < NV; c_++) ((nnp_v8u *)(void *)(C + r_ * ldc))[c_] = acc[r_][c_];                 \
     }
+/* One row, C[8*NV] = A[k] * B[k][8*NV], with the sum over k split into S interleaved partial sums so that
+ * S * NV accumulators hide the FMA latency (a single row has no other independent work). */
+#define NNP_KERNEL_SPLIT(NV, S)                                                                                \
+    NNP_INLINE void k1x##NV##s(size_t k, const float *A, size_t lda, const float *B, size_t ldb, float *C,     \
+                               size_t ldc)                                                                     \
+    {                                                                                                          \
+        const nnp_v8 zero_ = {0, 0, 0, 0, 0, 0, 0, 0};                                                         \
+        nnp_v8 acc[S][NV];                                                                                     \
+        size_t p_ = 0;                                                                                         \
+        int s_, c_, w_;                                                                                        \
+        (void)lda;                                                                                             \
+        (void)ldc;                                                                                             \
+        for (s_ = 0; s_ < S; s_++)                                                                             \
+            for (c_ = 0; c_ < NV; c_++) acc[s_][c_] = zero_;                                                   \
+        for (; p_ + S <= k; p_ += S)                                                                           \
+            for (s_ = 0; s_ < S; s_++) {                                                                       \
+                const nnp_v8u *b_ = (const nnp_v8u *)(const void *)(B + (p_ + s_) * ldb);                      \
+                const float x_ = A[p_ + s_];                                                                   \
+                const nnp_v8 a_ = {x_, x_, x_, x_, x_, x_, x_, x_};                                            \
+                for (c_ = 0; c_ < NV; c_++) acc[s_][c_] += a_ * b_[c_];                                        \
+            }                                                                                                  \
+        for (; p_ < k; p_++) {                                                                                 \
+            const nnp_v8u *b_ = (const nnp_v8u *)(const void *)(B + p_ * ldb);                                 \
+            const float x_ = A[p_];                                                                            \
+            const nnp_v8 a_ = {x_, x_, x_, x_, x_, x_, x_, x_};                                                \
+            for (c_ = 0; c_ < NV; c_++) acc[0][c_] += a_ * b_[c_];                                             \
+        }                                                                                                      \
+        for (w_ = S / 2; w_ > 0; w_ /= 2) /* pairwise: s <- s + (s + w) */                                   \
+            for (s_ = 0; s_ < w_; s_++)                                                                        \
+                for (c_ = 0; c_ < NV; c_++) acc[s_][c_] += acc[s_ + w_][c_];                                   \
+        for (c_ = 0; c_ < NV; c_++) ((nnp_v8u *)(void *)C)[c_] = acc[0][c_];                                   \
+    }
+#define NNP_HAVE_SPLIT 1
 #else
 /* Plain C99 version of the same kernels. */
 #define NNP_KERNEL(MR, NV)                                                                                     \
@@ -563,6 +617,11 @@ NNP_KERNEL(3, 4)
 NNP_KERNEL(2, 4)
 NNP_KERNEL(1, 4)
 NNP_KERNEL(1, 8)
+#ifdef NNP_HAVE_SPLIT
+NNP_KERNEL_SPLIT(4, 2)
+NNP_KERNEL_SPLIT(2, 4)
+NNP_KERNEL_SPLIT(1, 8)
+#endif
 
 /* dot product over contiguous memory with 8 independent lanes (vectorizes without reassociation) */
 NNP_INLINE float dot8(size_t k, const float *a, const float *b)
@@ -590,13 +649,25 @@ NNP_INLINE float dot8(size_t k, const float *a, const float *b)
         }                                                                                                      \
     } while (0)
 
+/* split: a call for a single point; its one-row products may use the split-sum kernels. Otherwise every row is
+ * summed in order, so results do not depend on how a batch is cut into blocks. */
 NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B,
-                          const float *Bt, float *C, size_t ldc)
+                          const float *Bt, float *C, size_t ldc, int split)
 {
     const size_t ldb = n;
     size_t i, j = 0;
-    if (m == 1) /* one row: 8 independent accumulators cover the FMA latency */
+    if (m == 1) { /* one row: 8 independent accumulators cover the FMA latency */
         for (; j + 64 <= n; j += 64) k1x8(k, A, lda, B + j, ldb, C + j, ldc);
+#ifdef NNP_HAVE_SPLIT
+        if (split) {
+            for (; j + 32 <= n; j += 32) k1x4s(k, A, lda, B + j, ldb, C + j, ldc);
+            for (; j + 16 <= n; j += 16) k1x2s(k, A, lda, B + j, ldb, C + j, ldc);
+            for (; j + 8 <= n; j += 8) k1x1s(k, A, lda, B + j, ldb, C + j, ldc);
+        }
+#else
+        (void)split;
+#endif
+    }
     if (m <= 3) /* few rows: wide tiles keep enough independent accumulators */
         for (; j + 32 <= n; j += 32) NNP_ROWS(4, 3, k3x4);
     for (; j + 16 <= n; j += 16) NNP_ROWS(2, 4, k4x2);
@@ -605,36 +676,14 @@ NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t l
         for (i = 0; i < m; i++) C[i * ldc + j] = dot8(k, A + i * lda, Bt + j * k);
 }
 
-static void gemm_base(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt,
-                      float *C, size_t ldc)
-{
-    gemm_body(m, k, n, A, lda, B, Bt, C, ldc);
-}
-
 #if NNP_X86_DISPATCH
-__attribute__((target("avx2,fma"))) static void gemm_avx2(size_t m, size_t k, size_t n, const float *A, size_t lda,
-                                                           const float *B, const float *Bt, float *C, size_t ldc)
-{
-    gemm_body(m, k, n, A, lda, B, Bt, C, ldc);
-}
-
 static int have_avx2_fma(void)
 {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 #endif
 
-static void gemm_f32(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt,
-                     float *C, size_t ldc)
-{
-#if NNP_X86_DISPATCH
-    if (have_avx2_fma()) {
-        gemm_avx2(m, k, n, A, lda, B, Bt, C, ldc);
-        return;
-    }
-#endif
-    gemm_base(m, k, n, A, lda, B, Bt, C, ldc);
-}
+#define gemm_f32 gemm_body
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Activations (float32). z holds pre-activations with the bias not yet added.                            */
@@ -645,7 +694,7 @@ static void gemm_f32(size_t m, size_t k, size_t n, const float *A, size_t lda, c
 #define GELU_C 0.044715f
 
 /* z <- f(z + b) for n contiguous entries */
-NNP_HOT static void act_f32(const nnp_layer *L, float *z, size_t n)
+NNP_INLINE void act_f32(const nnp_layer *L, float *NNP_RESTRICT z, size_t n)
 {
     const float *b = L->b;
     const float p0 = L->p0, p1 = L->p1;
@@ -662,8 +711,8 @@ NNP_HOT static void act_f32(const nnp_layer *L, float *z, size_t n)
         break;
     case NNP_ACT_LEAKY_RELU:
         for (j = 0; j < n; j++) {
-            float v = z[j] + b[j];
-            z[j] = v > 0.0f ? v : p0 * v;
+            const float v = z[j] + b[j], neg = p0 * v;
+            z[j] = v > 0.0f ? v : neg;
         }
         break;
     case NNP_ACT_ELU:
@@ -735,7 +784,7 @@ NNP_HOT static void act_f32(const nnp_layer *L, float *z, size_t n)
 /* z <- f(z + b) and d <- f'(z + b); the derivative uses the output where that is cheaper.
  * Kinks follow TensorFlow: relu'(0) = 0, leaky'(0) = alpha, elu'(0) = alpha (x <= 0 branch), selu'(0) = scale
  * (as tf.nn.selu's gradient), relu6' and hard_sigmoid' are 0 at both ends of the linear part. */
-NNP_HOT static void act_d_f32(const nnp_layer *L, float *z, float *d, size_t n)
+NNP_INLINE void act_d_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP_RESTRICT d, size_t n)
 {
     const float *b = L->b;
     const float p0 = L->p0, p1 = L->p1;
@@ -756,8 +805,9 @@ NNP_HOT static void act_d_f32(const nnp_layer *L, float *z, float *d, size_t n)
         break;
     case NNP_ACT_LEAKY_RELU:
         for (j = 0; j < n; j++) {
-            float v = z[j] + b[j];
-            z[j] = v > 0.0f ? v : p0 * v;
+            /* both sides computed unconditionally: selects only, so the loop vectorizes */
+            const float v = z[j] + b[j], neg = p0 * v;
+            z[j] = v > 0.0f ? v : neg;
             d[j] = v > 0.0f ? 1.0f : p0;
         }
         break;
@@ -868,7 +918,8 @@ NNP_HOT static void act_d_f32(const nnp_layer *L, float *z, float *d, size_t n)
 /* ------------------------------------------------------------------------------------------------------ */
 /* Forward (float32)                                                                                      */
 
-static void forward_block(const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1)
+NNP_INLINE void forward_block_body(const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
+                                   int split)
 {
     const float *in = x;
     size_t in_stride = m->n_in, k;
@@ -880,12 +931,16 @@ static void forward_block(const nnp_model *m, size_t np, const float *x, float *
         int last = (k + 1 == m->n_layers);
         float *out = last ? y : bufs[k & 1];
         size_t i;
-        gemm_f32(np, L->rows, L->cols, in, in_stride, L->W, L->Wt, out, L->cols);
+        gemm_f32(np, L->rows, L->cols, in, in_stride, L->W, L->Wt, out, L->cols, split);
         for (i = 0; i < np; i++) act_f32(L, out + i * L->cols, L->cols);
         in = out;
         in_stride = L->cols;
     }
 }
+
+NNP_DISPATCHED(forward_block, (const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
+                                int split),
+               (m, np, x, y, buf0, buf1, split))
 
 int nnp_forward(const nnp_model *m, size_t batch, const float *x, float *y, float *work, size_t work_len)
 {
@@ -898,7 +953,7 @@ int nnp_forward(const nnp_model *m, size_t batch, const float *x, float *y, floa
     if (blk == 0) return NNP_E_WORKSPACE;
     for (done = 0; done < batch; done += blk) {
         size_t np = batch - done < blk ? batch - done : blk;
-        forward_block(m, np, x + done * m->n_in, y + done * m->n_out, work, work + blk * m->max_cols);
+        forward_block(m, np, x + done * m->n_in, y + done * m->n_out, work, work + blk * m->max_cols, batch == 1);
     }
     return NNP_OK;
 }
@@ -906,8 +961,8 @@ int nnp_forward(const nnp_model *m, size_t batch, const float *x, float *y, floa
 /* ------------------------------------------------------------------------------------------------------ */
 /* Jacobian, forward mode: every point carries 1 value row and n_in tangent rows through the network.     */
 
-static void jac_fwd_block(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
-                          float *buf1, float *d)
+NNP_INLINE void jac_fwd_block_body(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
+                                   float *buf1, float *d, int split)
 {
     const size_t n_in = m->n_in, R = n_in + 1; /* rows per point */
     size_t k, p, r, j;
@@ -918,7 +973,7 @@ static void jac_fwd_block(const nnp_model *m, size_t np, const float *x, float *
         const size_t c = L->cols;
         if (k == 0) {
             /* value rows: x W; tangent rows: e_j W = W[j] */
-            gemm_f32(np, L->rows, c, x, n_in, L->W, L->Wt, nxt, R * c);
+            gemm_f32(np, L->rows, c, x, n_in, L->W, L->Wt, nxt, R * c, split);
             for (p = 0; p < np; p++) {
                 float *v = nxt + p * R * c;
                 act_d_f32(L, v, d, c);
@@ -929,7 +984,7 @@ static void jac_fwd_block(const nnp_model *m, size_t np, const float *x, float *
                 }
             }
         } else {
-            gemm_f32(np * R, L->rows, c, cur, L->rows, L->W, L->Wt, nxt, c);
+            gemm_f32(np * R, L->rows, c, cur, L->rows, L->W, L->Wt, nxt, c, split);
             for (p = 0; p < np; p++) {
                 float *v = nxt + p * R * c;
                 act_d_f32(L, v, d, c);
@@ -958,8 +1013,8 @@ static void jac_fwd_block(const nnp_model *m, size_t np, const float *x, float *
 /* ------------------------------------------------------------------------------------------------------ */
 /* Jacobian, reverse mode: forward pass keeping each layer's derivative, then n_out adjoint rows per point */
 
-static void jac_rev_block(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *v0, float *v1,
-                          float *D, float *g0, float *g1)
+NNP_INLINE void jac_rev_block_body(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *v0,
+                                   float *v1, float *D, float *g0, float *g1, int split)
 {
     const size_t n_in = m->n_in, n_out = m->n_out, L_n = m->n_layers;
     const float *in = x;
@@ -971,7 +1026,7 @@ static void jac_rev_block(const nnp_model *m, size_t np, const float *x, float *
     for (k = 0; k < L_n; k++) {
         const nnp_layer *L = &m->layers[k];
         const size_t c = L->cols;
-        gemm_f32(np, L->rows, c, in, in_stride, L->W, L->Wt, nxt, c);
+        gemm_f32(np, L->rows, c, in, in_stride, L->W, L->Wt, nxt, c, split);
         for (p = 0; p < np; p++) act_d_f32(L, nxt + p * c, D + doff + p * c, c);
         doff += np * c;
         in = nxt;
@@ -1015,7 +1070,7 @@ static void jac_rev_block(const nnp_model *m, size_t np, const float *x, float *
                 for (j = 0; j < c; j++) g[j] *= dp[j];
             }
         }
-        gemm_f32(np * n_out, c, L->rows, cur, c, L->Wt, L->W, out, L->rows);
+        gemm_f32(np * n_out, c, L->rows, cur, c, L->Wt, L->W, out, L->rows, split);
         {
             float *tmp = cur;
             cur = nxt;
@@ -1023,6 +1078,13 @@ static void jac_rev_block(const nnp_model *m, size_t np, const float *x, float *
         }
     }
 }
+
+NNP_DISPATCHED(jac_fwd_block, (const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
+                                float *buf1, float *d, int split),
+               (m, np, x, y, J, buf0, buf1, d, split))
+NNP_DISPATCHED(jac_rev_block, (const nnp_model *m, size_t np, const float *x, float *y, float *J, float *v0,
+                                float *v1, float *D, float *g0, float *g1, int split),
+               (m, np, x, y, J, v0, v1, D, g0, g1, split))
 
 int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
                  float *work, size_t work_len)
@@ -1036,7 +1098,12 @@ int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, flo
     }
     rc = check_call(m, batch, x, dy_dx, 1, work, jn);
     if (rc != NNP_OK) return rc;
-    if (mode == NNP_MODE_AUTO) mode = nnp_auto_mode(m);
+    if (mode == NNP_MODE_AUTO) {
+        mode = nnp_auto_mode(m);
+        /* One or two points: reverse mode's products are single rows, bound by loading every weight twice;
+         * forward mode shares each weight load among 1 + n_in rows and wins while n_in is small. */
+        if (mode == NNP_MODE_REVERSE && batch <= 2 && m->n_in <= 2 * (m->n_out + 1)) mode = NNP_MODE_FORWARD;
+    }
     if (mode != NNP_MODE_FORWARD && mode != NNP_MODE_REVERSE) return NNP_E_ARG;
     if (batch == 0) return NNP_OK;
     rc = ws_shape(m, mode == NNP_MODE_FORWARD ? NNP_WS_JACOBIAN_FORWARD : NNP_WS_JACOBIAN_REVERSE, &fixed,
@@ -1051,11 +1118,11 @@ int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, flo
         float *Jb = dy_dx + done * jn;
         if (mode == NNP_MODE_FORWARD) {
             t = blk * (m->n_in + 1) * m->max_cols;
-            jac_fwd_block(m, np, xb, yb, Jb, work, work + t, work + 2 * t);
+            jac_fwd_block(m, np, xb, yb, Jb, work, work + t, work + 2 * t, batch == 1);
         } else {
             size_t vsz = blk * m->max_cols, dsz = blk * m->sum_cols, gsz = blk * m->n_out * m->max_cols;
             jac_rev_block(m, np, xb, yb, Jb, work, work + vsz, work + 2 * vsz, work + 2 * vsz + dsz,
-                          work + 2 * vsz + dsz + gsz);
+                          work + 2 * vsz + dsz + gsz, batch == 1);
         }
     }
     return NNP_OK;

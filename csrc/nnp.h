@@ -76,7 +76,8 @@ extern "C" {
 #define NNP_ACT_EXPONENTIAL 14
 #define NNP_ACT_COUNT 15
 
-/* Jacobian modes. AUTO picks forward mode (cost ~ n_in) or reverse mode (cost ~ n_out) by shape. */
+/* Jacobian modes. AUTO picks forward mode (cost ~ n_in) or reverse mode (cost ~ n_out) by shape, and takes forward
+ * mode for batches of one or two points when n_in <= 2 (n_out + 1) (single-row products are load-bound). */
 #define NNP_MODE_AUTO 0
 #define NNP_MODE_FORWARD 1
 #define NNP_MODE_REVERSE 2
@@ -117,7 +118,8 @@ size_t nnp_n_layers(const nnp_model *m);
 int nnp_layer_info(const nnp_model *m, size_t k, size_t *rows, size_t *cols, int *activation, float *p0,
                    float *p1);
 
-/* The mode NNP_MODE_AUTO resolves to for this model: NNP_MODE_FORWARD or NNP_MODE_REVERSE (or an error). */
+/* The mode NNP_MODE_AUTO resolves to for this model and batches of more than two points: NNP_MODE_FORWARD or
+ * NNP_MODE_REVERSE (or an error). */
 int nnp_auto_mode(const nnp_model *m);
 
 /*
