@@ -31,6 +31,12 @@ except ImportError as _exc:  # pragma: no cover - exercised only when the extens
     _IMPORT_ERROR = _exc
 else:
     _IMPORT_ERROR = None
+    # bound once: attribute lookups are a noticeable part of a single-point call
+    _from_buffer = ffi.from_buffer
+    _first_nonfinite_f32 = lib.nnp_first_nonfinite_f32
+    _jacobian = lib.nnp_jacobian
+    _forward = lib.nnp_forward
+_empty = np.empty
 
 WEIGHTS = "model.nnp"
 MODES = {"auto": 0, "forward": 1, "reverse": 2}
@@ -142,20 +148,19 @@ class Kernel:
 
     # ----- scratch memory ----------------------------------------------------------------------------------------
     def _work32(self):
-        w = getattr(self._local, "w32", None)
-        if w is None:
-            arr = np.empty(self._ws32_len, np.float32)
-            w = (arr, ffi.from_buffer("float[]", arr))
-            self._local.w32 = w
-        return w[1]
+        try:
+            return self._local.w32
+        except AttributeError:
+            # the cdata keeps the numpy array alive
+            w = self._local.w32 = ffi.from_buffer("float[]", np.empty(self._ws32_len, np.float32))
+            return w
 
     def _work64(self):
-        w = getattr(self._local, "w64", None)
-        if w is None:
-            arr = np.empty(self._ws64_len, np.float64)
-            w = (arr, ffi.from_buffer("double[]", arr))
-            self._local.w64 = w
-        return w[1]
+        try:
+            return self._local.w64
+        except AttributeError:
+            w = self._local.w64 = ffi.from_buffer("double[]", np.empty(self._ws64_len, np.float64))
+            return w
 
     def _get_pool(self):
         if self._pool is None:
@@ -222,6 +227,21 @@ class Kernel:
     # ----- evaluation --------------------------------------------------------------------------------------------
     def forward(self, x, *, nan_policy: str = "raise", threads: int | None = None) -> np.ndarray:
         """``y [batch, n_out]`` float32."""
+        n_in = self.n_in
+        if (type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == n_in and nan_policy == "raise"
+                and x.flags.c_contiguous and 0 < x.shape[0] < PARALLEL_MIN_BATCH):  # fast path, as in jacobian()
+            n = x.shape[0]
+            xb = _from_buffer("float[]", x)
+            if _first_nonfinite_f32(xb, n * n_in) == n * n_in:
+                y = _empty((n, self.n_out), _F32)
+                try:
+                    w = self._local.w32
+                except AttributeError:
+                    w = self._work32()
+                rc = _forward(self._m, n, xb, _from_buffer("float[]", y), w, self._ws32_len)
+                if rc:
+                    self._check(rc)
+                return y
         x = self._prep32(x, nan_policy)
         n = x.shape[0]
         y = np.empty((n, self.n_out), np.float32)
@@ -247,6 +267,26 @@ class Kernel:
             cmode = MODES[mode]
         except (KeyError, TypeError):
             raise InputError(f"mode must be one of {tuple(MODES)}, got {mode!r}") from None
+        n_in = self.n_in
+        # Fast path for the common small call: a C-contiguous float32 [batch, n_in] array, which as_batch would
+        # return unchanged; its finiteness is checked in C (same rule as as_batch, which reports a failure).
+        if (type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == n_in and nan_policy == "raise"
+                and x.flags.c_contiguous and 0 < x.shape[0] < PARALLEL_MIN_BATCH):
+            n = x.shape[0]
+            xb = _from_buffer("float[]", x)
+            if _first_nonfinite_f32(xb, n * n_in) == n * n_in:
+                n_out = self.n_out
+                y = _empty((n, n_out), _F32)
+                dy = _empty((n, n_out, n_in), _F32)
+                try:
+                    w = self._local.w32
+                except AttributeError:
+                    w = self._work32()
+                rc = _jacobian(self._m, cmode, n, xb, _from_buffer("float[]", y), _from_buffer("float[]", dy), w,
+                               self._ws32_len)
+                if rc:
+                    self._check(rc)
+                return y, dy
         x = self._prep32(x, nan_policy)
         n = x.shape[0]
         n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws32_len
