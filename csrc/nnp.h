@@ -25,6 +25,11 @@
  * Output buffers must not overlap input buffers or the workspace. A batch of 0 is valid and does nothing
  * (pointers may then be NULL). A model is read-only after nnp_load(): one model may be used by several
  * threads at once, each with its own workspace and output buffers.
+ *
+ * Results do not depend on how a batch is split into calls or blocks, with one exception: a call for a
+ * single point uses faster one-row kernels that sum in a different order, so it may differ from the same
+ * point inside a larger batch by float32 rounding. NaN and Inf inputs propagate; nothing traps. On x86-64
+ * the compute loops are built for the baseline ISA and for AVX2+FMA, chosen at run time.
  */
 #ifndef NNP_H
 #define NNP_H

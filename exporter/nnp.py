@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,7 +60,6 @@ class Layer:
     activation: str = "linear"
     p0: float = 0.0
     p1: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         self.W = np.asarray(self.W, dtype=np.float32)
