@@ -12,7 +12,7 @@ fastest of these at each workload and batch size).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -68,11 +68,18 @@ def auto_mode(w) -> str:
     return choose_mode(w.n_in, w.n_out, "auto")
 
 
+_IMPORTABLE = {}
+
+
 def _have(module, extra_hint):
     def check():
-        if importlib.util.find_spec(module) is None:
-            return f"{module} is not installed ({extra_hint})"
-        return None
+        if module not in _IMPORTABLE:
+            try:
+                importlib.import_module(module)
+                _IMPORTABLE[module] = None
+            except ImportError as exc:
+                _IMPORTABLE[module] = f"{module} is not installed ({extra_hint}): {exc}"
+        return _IMPORTABLE[module]
 
     return check
 
@@ -200,7 +207,9 @@ def make_tf(compiled):
 
         fn = _tf_fn(w)
         if compiled:
-            fn = tf.function(fn)
+            # no Python control flow to convert; autograph=False also keeps tracing independent of the source
+            # file on disk (autograph re-reads it)
+            fn = tf.function(fn, autograph=False)
         return Runner(call=fn, prepare=tf.constant, to_numpy=lambda out: (out[0].numpy(), out[1].numpy()))
 
     return make

@@ -151,9 +151,12 @@ def section_machine(res, command):
     lines.append(f"- CPU: {m.get('cpu')} ({m.get('cpu_flags')}), {m.get('logical_cpus')} logical CPUs "
                  f"({m.get('affinity_cpus')} usable), {m.get('memory_gib')} GiB memory; {m.get('platform')}")
     la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
+    loads = [r["loadavg_1m"] for r in res.rows.values() if r.get("loadavg_1m") is not None]
     if la0 and la1:
-        lines.append(f"- Load average (1 min) at start {la0[0]:.2f}, at end {la1[0]:.2f}: the machine was shared "
-                     f"with other work, so single numbers carry noise; ratios are taken within one run.")
+        span = f", between {min(loads):.2f} and {max(loads):.2f} during the cases" if loads else ""
+        lines.append(f"- Load average (1 min) at start {la0[0]:.2f}, at end {la1[0]:.2f}{span}, on "
+                     f"{m.get('logical_cpus')} CPUs. A load above the CPU count means other work shared the machine "
+                     f"and single numbers carry that noise; every ratio compares cases of the same run.")
     order = ["python", "numpy", "tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "jax",
              "jaxlib", "torch", "pytest-benchmark", "nnpartials"]
     lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
@@ -220,6 +223,8 @@ def section_tables(res):
                     note = "**failed**: " + (r.get("reason") or "")
                 elif r.get("timer", "").startswith("C program"):
                     note = "timed by the C program"
+                if r.get("note") and r["status"] == "ok":
+                    note = (note + "; " if note else "") + "weights written by the suite†"
                 name = SHORT.get(p, p)
                 if p in ANALYTIC_NNP or p == "c_kernel_fd":
                     name = f"**{name}**"
@@ -305,6 +310,42 @@ def section_targets(res):
         lines.append(f"| {t} | {m} | {vv} |")
     lines.append("")
     return lines
+
+
+def section_overheads(res):
+    """Fixed costs per call at batch 1: what the Python wrappers add to the graph or the C call."""
+    lines = ["## Where the time goes at batch 1", "",
+             "The same call with and without the Python layer, measured in the same run: `Partials.jacobian` against "
+             "the bare onnxruntime session on the same companion graph (input validation, chunking, output copies), "
+             "and `Kernel.jacobian` against the C program calling `nnp_jacobian` (input validation, cffi, "
+             "allocation of the outputs).", "",
+             "| workload | ORT forward only | companion graph (auto mode) | Partials.jacobian | wrapper adds | "
+             "C alone | Kernel.jacobian | wrapper adds |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    b = 1
+    if b not in res.batches:
+        return []
+    for w in res.workloads:
+        ap = res.auto_path(w)
+        tg, tp = res.t(w, b, ap), res.t(w, b, "partials")
+        tc, tk = res.t(w, b, "c_alone"), res.t(w, b, "c_kernel")
+        lines.append(f"| {w} | {fmt_time(res.t(w, b, 'ort_forward'))} | {fmt_time(tg)} | {fmt_time(tp)} | "
+                     f"{fmt_time(tp - tg) if tp is not None and tg is not None else '—'} | {fmt_time(tc)} | "
+                     f"{fmt_time(tk)} | {fmt_time(tk - tc) if tk is not None and tc is not None else '—'} |")
+    lines.append("")
+    return lines
+
+
+def weight_notes(res):
+    per = {}
+    for r in res.rows.values():
+        if r.get("note") and r.get("status") == "ok":
+            per.setdefault(r["workload"], r["note"])
+    if not per:
+        return []
+    return ["† C core weight file: " + "; ".join(f"{w}: {n}" for w, n in sorted(per.items())) + ". The suite then "
+            "writes the same network with the C core's own writer (`nnpartials.exporter.nnp.write_nnp`, "
+            "normalization folded into the first layer); the C paths are otherwise unchanged and pass the same "
+            "agreement check.", ""]
 
 
 def section_first_call(res):
@@ -414,6 +455,8 @@ def render(data, out_dir, command, notes_path=None):
     if chart_ok:
         lines += ["![time per call ÷ fastest peer, per workload and batch size (log scale)](ratios.png)", ""]
     lines += section_tables(res)
+    lines += weight_notes(res)
+    lines += section_overheads(res)
     lines += section_first_call(res)
     lines += section_flops(res)
     lines += section_machine(res, command)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import time
 
 import numpy as np
@@ -130,6 +131,7 @@ def test_partials(benchmark, bench, workload, batch_id, path):
         else:
             _run_timed(benchmark, bench, rec, runner, w, x, batch, batch_id)
         rec["status"] = "ok"
+        rec["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     except SkipCase as exc:
         rec["status"], rec["reason"] = "skipped", str(exc)
         pytest.skip(str(exc))
