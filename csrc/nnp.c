@@ -10,6 +10,13 @@
  * so that its activations stay in cache. Every product is a small matrix product C = A B computed by
  * register-tiled kernels whose inner loops run over contiguous columns (the compiler vectorizes them).
  */
+/* The library never reads floating-point exception flags, so GCC may treat floating-point operations as
+ * non-trapping (Clang's default). This lets it turn the selects of piecewise activations into vector code; it
+ * permits no reassociation, so results do not change. Also passed as -fno-trapping-math by the builds. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "nnp.h"
 
 #include <float.h>
