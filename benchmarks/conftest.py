@@ -111,6 +111,9 @@ class BenchContext:
         self.workload_info = {}
         self.machine = machine_info()
         self._tf_configured = False
+        from benchmarks.contention import QuietGate
+
+        self.gate = QuietGate()
 
     # -- setup ---------------------------------------------------------------------------------------------
     def _configure_tf(self):
@@ -146,7 +149,11 @@ class BenchContext:
             w = self.workload(name)
             t0 = time.perf_counter()
             b = nnpartials.export(w.keras_model, os.path.join(self.tmp, f"{name}-{mode}"), mode=mode, overwrite=True)
-            self.exports[f"{name}/{mode}"] = {"seconds": time.perf_counter() - t0,
+            secs = time.perf_counter() - t0
+            import onnx
+
+            nodes = {f: len(onnx.load_model_from_string(b.read(f)).graph.node) for f in ("model.onnx", "model.jac.onnx")}
+            self.exports[f"{name}/{mode}"] = {"seconds": secs, "nodes": nodes,
                                               "c_core": b.manifest.get("c_core", {}).get("available"),
                                               "c_core_reason": b.manifest.get("c_core", {}).get("reason")}
             self._bundles[key] = b
@@ -210,7 +217,9 @@ class BenchContext:
                 "config": {"min_round_s": config.MIN_ROUND_S, "target_s_small": config.TARGET_S_SMALL,
                            "target_s_large": config.TARGET_S_LARGE, "min_rounds_small": config.MIN_ROUNDS_SMALL,
                            "min_rounds_large": config.MIN_ROUNDS_LARGE, "max_call_s": config.MAX_CALL_S,
-                           "max_gb": config.MAX_GB, "agree": config.AGREE, "check_rows": config.CHECK_ROWS}}
+                           "max_gb": config.MAX_GB, "agree": config.AGREE, "check_rows": config.CHECK_ROWS,
+                           "quiet_threshold": self.gate.threshold, "quiet_per_case_s": self.gate.per_case_s,
+                           "quiet_budget_s": self.gate.budget_s, "quiet_spent_s": self.gate.spent}}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(data, f, indent=1)

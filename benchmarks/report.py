@@ -79,6 +79,10 @@ def fmt_ratio(r):
     return f"{r:.2f}×" if r < 10 else f"{r:.3g}×" if r < 1000 else f"{r:.0f}×"
 
 
+def fmt_pct(v):
+    return "—" if v is None else f"{100 * v:.0f}%"
+
+
 def fmt_gflops(g):
     if g is None:
         return "—"
@@ -145,6 +149,7 @@ class Results:
 def section_machine(res, command):
     m = res.machine
     v = m.get("versions", {})
+    cfg = res.data.get("config", {})
     lines = ["## Machine and settings", ""]
     lines.append(f"- Command: `{command}`")
     lines.append(f"- Run: {m.get('started')} → {m.get('finished')} (UTC), commit `{m.get('git_commit')}`")
@@ -157,6 +162,15 @@ def section_machine(res, command):
         lines.append(f"- Load average (1 min) at start {la0[0]:.2f}, at end {la1[0]:.2f}{span}, on "
                      f"{m.get('logical_cpus')} CPUs. A load above the CPU count means other work shared the machine "
                      f"and single numbers carry that noise; every ratio compares cases of the same run.")
+    others = [r["others_cpu"] for r in res.rows.values() if r.get("others_cpu") is not None]
+    if others:
+        srt = sorted(others)
+        busy = sum(1 for o in others if o > 0.25)
+        lines.append(f"- Other processes during the timed regions: median {100 * srt[len(srt) // 2]:.0f}%, max "
+                     f"{100 * srt[-1]:.0f}% of the machine; {busy} of {len(others)} cases above 25%. Before each "
+                     f"case the suite waited (at most {cfg.get('quiet_per_case_s'):g} s, {cfg.get('quiet_budget_s'):g} s "
+                     f"in all; {cfg.get('quiet_spent_s', 0):.0f} s spent) for other processes to use less than "
+                     f"{100 * cfg.get('quiet_threshold', 0):.0f}% of it.")
     order = ["python", "numpy", "tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "jax",
              "jaxlib", "torch", "pytest-benchmark", "nnpartials"]
     lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
@@ -202,15 +216,16 @@ def section_tables(res):
              "Time per call is for the whole batch. ×peer: time / fastest peer (TensorFlow, JAX, PyTorch) in the same "
              "run and case (below 1 is faster than every peer). ×fwd: time / onnxruntime forward pass alone "
              "(the floor of the onnxruntime path). First call: setup (session, tf.function, jit, kernel) + first "
-             "call (tracing, compilation), excluded from the time per call.", ""]
+             "call (tracing, compilation), excluded from the time per call. Others' CPU: share of the machine that "
+             "other processes used while the case was timed (0% = the case had the machine to itself).", ""]
     for w in res.workloads:
         lines += [f"### {WORKLOAD_TITLE.get(w, w)}", ""]
         for b in res.batches:
             fp = res.fastest_peer(w, b)
             lines.append(f"**batch {BATCH_LABEL.get(b, b)}** — fastest peer: {SHORT.get(fp, fp) if fp else 'none measured'}")
             lines.append("")
-            lines.append("| path | time per call | ×peer | ×fwd | GFLOP/s | first call | note |")
-            lines.append("|---|---:|---:|---:|---:|---:|---|")
+            lines.append("| path | time per call | ×peer | ×fwd | GFLOP/s | first call | others' CPU | note |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
             for p in res.paths(w, b):
                 r = res.get(w, b, p)
                 first = None
@@ -230,7 +245,7 @@ def section_tables(res):
                     name = f"**{name}**"
                 lines.append(f"| {name} | {fmt_time(res.t(w, b, p))} | {fmt_ratio(res.ratio_peer(w, b, p))} | "
                              f"{fmt_ratio(res.ratio_fwd(w, b, p))} | {fmt_gflops(res.gflops(w, b, p))} | "
-                             f"{fmt_time(first)} | {note.replace('|', '/')} |")
+                             f"{fmt_time(first)} | {fmt_pct(r.get('others_cpu'))} | {note.replace('|', '/')} |")
             lines.append("")
     return lines
 
@@ -371,8 +386,15 @@ def section_first_call(res):
         lines.append("")
     ex = res.data.get("exports", {})
     if ex:
-        lines.append("Export (one-off, `nnpartials.export`): " + ", ".join(
+        lines.append("Export (one-off, `nnpartials.export`, per workload and mode): " + ", ".join(
             f"{k} {v['seconds']:.1f} s" for k, v in sorted(ex.items())) + ".")
+        lines.append("")
+        lines.append("Graph sizes (ONNX nodes): " + "; ".join(
+            f"{w}: forward graph {ex[f'{w}/forward']['nodes']['model.onnx']}, companion graph "
+            f"{ex[f'{w}/forward']['nodes']['model.jac.onnx']} (forward mode) / "
+            f"{ex[f'{w}/reverse']['nodes']['model.jac.onnx']} (reverse mode)"
+            for w in res.workloads if f"{w}/forward" in ex and f"{w}/reverse" in ex and "nodes" in ex[f"{w}/forward"])
+            + ".")
         lines.append("")
     return lines
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from benchmarks import config
+from benchmarks.contention import Meter
 from benchmarks.conftest import SkipCase
 from benchmarks.paths import BY_NAME, PATHS
 from benchmarks.workloads import NAMES
@@ -149,6 +150,7 @@ def _run_timed(benchmark, bench, rec, runner, w, x, batch, batch_id):
         benchmark.pedantic(runner.call, args=(xin,))
         return
     large = batch_id == config.LARGE
+    rec["quiet_wait_s"] = bench.gate.wait()
     # warm-up, then a rough time per call for calibration
     t, _ = _timed(runner.call, xin)
     for _ in range(0 if large else 3):
@@ -163,17 +165,24 @@ def _run_timed(benchmark, bench, rec, runner, w, x, batch, batch_id):
     if t >= config.SLOW_CALL_S:  # a slow call at a small batch (finite differences): fewer rounds suffice
         lo = min(lo, config.MIN_ROUNDS_LARGE)
     rounds = int(min(hi, max(lo, round(target / (t * iterations)))))
-    benchmark.pedantic(runner.call, args=(xin,), rounds=rounds, iterations=iterations)
+    with Meter() as m:
+        benchmark.pedantic(runner.call, args=(xin,), rounds=rounds, iterations=iterations)
+    rec["others_cpu"] = m.others
     s = benchmark.stats.stats
     rec.update(median_s=s.median, min_s=s.min, max_s=s.max, iqr_s=s.iqr, mean_s=s.mean, rounds=s.rounds,
                iterations=iterations, timer="pytest-benchmark (perf_counter)")
-    benchmark.extra_info.update({k: rec.get(k) for k in ("setup_s", "first_call_s", "max_err", "flops_per_call")})
+    benchmark.extra_info.update({k: rec.get(k) for k in ("setup_s", "first_call_s", "max_err", "flops_per_call",
+                                                         "others_cpu")})
 
 
 def _run_self_timed(benchmark, bench, rec, prog, w, x, batch):
     """The C program times itself (clock_gettime around repeated calls); pytest-benchmark is not used here."""
     if benchmark.enabled:
-        stats, y, j = prog.run(x, min_sample_s=0.02 if batch > 1000 else 0.05, samples=5 if batch > 1000 else 15)
+        rec["quiet_wait_s"] = bench.gate.wait()
+        with Meter() as m:
+            stats, y, j = prog.run(x, min_sample_s=0.02 if batch > 1000 else 0.05,
+                                   samples=5 if batch > 1000 else 15)
+        rec["others_cpu"] = m.others
     else:
         stats, y, j = prog.run(x, min_sample_s=0.0, samples=1)
     rec["max_err"] = check_agreement(bench, w, batch, (y, j))
