@@ -48,6 +48,11 @@ MIN_ROUNDS_LARGE, MAX_ROUNDS_LARGE = 3, 15
 #: A call at least this slow gets MIN_ROUNDS_LARGE rounds whatever the batch.
 SLOW_CALL_S = 0.25
 
+#: A case during whose timing other processes used more than this share of the machine is timed again (after a
+#: wait for a quiet moment), up to MAX_ATTEMPTS times in all; the least disturbed attempt is kept.
+DISTURBED = 0.2
+MAX_ATTEMPTS = 3
+
 #: Agreement before timing: |J - J_ref| <= AGREE * max(1, max|J_ref|), J_ref the float64 numpy reference.
 AGREE = 1e-5
 #: Rows compared at large batches (the first and the last this many).

@@ -77,6 +77,15 @@ def _git_commit():
         return None
 
 
+def _dirty(paths):
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", *paths], capture_output=True, text=True,
+                             timeout=10, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+        return [line[3:] for line in out.splitlines() if line.strip()]
+    except Exception:  # pragma: no cover
+        return None
+
+
 def machine_info() -> dict:
     from benchmarks import cbench
 
@@ -94,6 +103,7 @@ def machine_info() -> dict:
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
+        "uncommitted": _dirty(["csrc", "exporter", "runtime", "nnpartials", "benchmarks/c"]),
         "tiny": config.TINY,
         "batches": dict((str(k), v) for k, v in config.BATCHES),
         "argv": sys.argv,
@@ -218,6 +228,7 @@ class BenchContext:
                            "target_s_large": config.TARGET_S_LARGE, "min_rounds_small": config.MIN_ROUNDS_SMALL,
                            "min_rounds_large": config.MIN_ROUNDS_LARGE, "max_call_s": config.MAX_CALL_S,
                            "max_gb": config.MAX_GB, "agree": config.AGREE, "check_rows": config.CHECK_ROWS,
+                           "disturbed": config.DISTURBED, "max_attempts": config.MAX_ATTEMPTS,
                            "quiet_threshold": self.gate.threshold, "quiet_per_case_s": self.gate.per_case_s,
                            "quiet_budget_s": self.gate.budget_s, "quiet_spent_s": self.gate.spent}}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -19,6 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 PEER = "peer"
+#: A peer ahead by less than this factor is called level (the run-to-run noise on a shared machine is larger).
+TIE = 1.10
 ANALYTIC_NNP = ("ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone")
 BATCH_LABEL = {1: "1", 1000: "1,000", 100000: "100,000"}
 WORKLOAD_ORDER = ("seed", "physics", "wide")
@@ -152,7 +154,9 @@ def section_machine(res, command):
     cfg = res.data.get("config", {})
     lines = ["## Machine and settings", ""]
     lines.append(f"- Command: `{command}`")
-    lines.append(f"- Run: {m.get('started')} → {m.get('finished')} (UTC), commit `{m.get('git_commit')}`")
+    dirty = m.get("uncommitted")
+    lines.append(f"- Run: {m.get('started')} → {m.get('finished')} (UTC), commit `{m.get('git_commit')}`"
+                 + (f" with uncommitted changes to {', '.join(dirty)}" if dirty else ""))
     lines.append(f"- CPU: {m.get('cpu')} ({m.get('cpu_flags')}), {m.get('logical_cpus')} logical CPUs "
                  f"({m.get('affinity_cpus')} usable), {m.get('memory_gib')} GiB memory; {m.get('platform')}")
     la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
@@ -170,7 +174,10 @@ def section_machine(res, command):
                      f"{100 * srt[-1]:.0f}% of the machine; {busy} of {len(others)} cases above 25%. Before each "
                      f"case the suite waited (at most {cfg.get('quiet_per_case_s'):g} s, {cfg.get('quiet_budget_s'):g} s "
                      f"in all; {cfg.get('quiet_spent_s', 0):.0f} s spent) for other processes to use less than "
-                     f"{100 * cfg.get('quiet_threshold', 0):.0f}% of it.")
+                     f"{100 * cfg.get('quiet_threshold', 0):.0f}% of it. A case during which they used more than "
+                     f"{100 * cfg.get('disturbed', 0.2):.0f}% was timed again the same way (up to "
+                     f"{cfg.get('max_attempts', 3)} attempts), keeping the least disturbed attempt "
+                     f"({sum(1 for r in res.rows.values() if len(r.get('others_cpu_attempts') or []) > 1)} cases).")
     order = ["python", "numpy", "tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "jax",
              "jaxlib", "torch", "pytest-benchmark", "nnpartials"]
     lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
@@ -426,8 +433,9 @@ def _explain(res, w, b, bn, faster):
     t_fwd = res.t(w, b, "ort_forward")
     if t_fwd is not None and t_fwd > t_peer:
         facts.append(f"onnxruntime's forward pass alone takes {fmt_time(t_fwd)}, more than {SHORT[fp]}'s whole "
-                     f"y + dy/dx ({fmt_time(t_peer)}): the gap is the runtime's cost per call and per kernel, not "
-                     f"the derivative graph")
+                     f"y + dy/dx ({fmt_time(t_peer)}): the gap lies in how onnxruntime runs the same layers "
+                     + ("(a fixed cost per call and per node at this size)" if b == 1 else
+                        "(its matrix and elementwise kernels at this size)") + ", not in the derivative graph")
     elif t_fwd is not None:
         facts.append(f"the companion graph costs {res.t(w, b, res.auto_path(w)) / t_fwd:.2f}× onnxruntime's own "
                      f"forward pass ({fmt_time(t_fwd)})" if res.t(w, b, res.auto_path(w)) else "")
@@ -452,10 +460,13 @@ def section_behind(res):
                  "mode, `Partials`, the C core from Python or from C), with facts from the same run:")
     lines.append("")
     for w, b, bn, faster in items:
-        peers = ", ".join(f"{SHORT[p]} ({r:.2f}× faster)" for p, r in faster)
+        peers = ", ".join(f"{SHORT[p]} {fmt_time(res.t(w, b, p))} ({r:.2f}× faster)" for p, r in faster)
+        tie = " Within 10%: level at this run's noise." if faster[0][1] < TIE else ""
+        facts = _explain(res, w, b, bn, faster)
         lines.append(f"- **{w}, batch {BATCH_LABEL.get(b, b)}**: best nnpartials path {SHORT[bn]} "
-                     f"{fmt_time(res.t(w, b, bn))}; faster: {peers}. " + "; ".join(_explain(res, w, b, bn, faster))
-                     + ".")
+                     f"{fmt_time(res.t(w, b, bn))}; faster: {peers}.{tie}"
+                     + (" " + "; ".join(f[0].upper() + f[1:] for f in facts[:1])
+                        + ("; " + "; ".join(facts[1:]) if facts[1:] else "") + "." if facts else ""))
     lines.append("")
     return lines
 

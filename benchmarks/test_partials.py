@@ -167,26 +167,65 @@ def _run_timed(benchmark, bench, rec, runner, w, x, batch, batch_id):
     rounds = int(min(hi, max(lo, round(target / (t * iterations)))))
     with Meter() as m:
         benchmark.pedantic(runner.call, args=(xin,), rounds=rounds, iterations=iterations)
-    rec["others_cpu"] = m.others
-    s = benchmark.stats.stats
-    rec.update(median_s=s.median, min_s=s.min, max_s=s.max, iqr_s=s.iqr, mean_s=s.mean, rounds=s.rounds,
-               iterations=iterations, timer="pytest-benchmark (perf_counter)")
+    st = benchmark.stats.stats
+    best = dict(median_s=st.median, min_s=st.min, max_s=st.max, iqr_s=st.iqr, mean_s=st.mean, rounds=st.rounds,
+                iterations=iterations, others_cpu=m.others, timer="pytest-benchmark (perf_counter)")
+    attempts = [m.others]
+    while _disturbed(best["others_cpu"]) and len(attempts) < config.MAX_ATTEMPTS:
+        # other processes took a large share of the machine: wait for a quiet moment and time again, the same way
+        bench.gate.wait()
+        with Meter() as m:
+            samples = _time_rounds(runner.call, xin, rounds, iterations)
+        attempts.append(m.others)
+        if m.others is not None and m.others < best["others_cpu"]:
+            best = dict(_stats(samples), rounds=rounds, iterations=iterations, others_cpu=m.others,
+                        timer="perf_counter rounds (repeated: an earlier attempt was disturbed)")
+    rec.update(best)
+    rec["others_cpu_attempts"] = attempts
     benchmark.extra_info.update({k: rec.get(k) for k in ("setup_s", "first_call_s", "max_err", "flops_per_call",
-                                                         "others_cpu")})
+                                                         "others_cpu", "median_s")})
+
+
+def _disturbed(others):
+    return others is not None and others > config.DISTURBED
+
+
+def _time_rounds(fn, x, rounds, iterations):
+    perf = time.perf_counter
+    samples = []
+    for _ in range(rounds):
+        t0 = perf()
+        for _ in range(iterations):
+            fn(x)
+        samples.append((perf() - t0) / iterations)
+    return samples
+
+
+def _stats(samples):
+    a = np.asarray(samples, dtype=np.float64)
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return dict(median_s=float(med), min_s=float(a.min()), max_s=float(a.max()), iqr_s=float(q3 - q1),
+                mean_s=float(a.mean()))
 
 
 def _run_self_timed(benchmark, bench, rec, prog, w, x, batch):
     """The C program times itself (clock_gettime around repeated calls); pytest-benchmark is not used here."""
-    if benchmark.enabled:
+    if not benchmark.enabled:
+        stats, y, j = prog.run(x, min_sample_s=0.0, samples=1)
+        rec["max_err"] = check_agreement(bench, w, batch, (y, j))
+        return
+    best, attempts = None, []
+    while best is None or (_disturbed(best[0]) and len(attempts) < config.MAX_ATTEMPTS):
         rec["quiet_wait_s"] = bench.gate.wait()
         with Meter() as m:
             stats, y, j = prog.run(x, min_sample_s=0.02 if batch > 1000 else 0.05,
                                    samples=5 if batch > 1000 else 15)
-        rec["others_cpu"] = m.others
-    else:
-        stats, y, j = prog.run(x, min_sample_s=0.0, samples=1)
+        attempts.append(m.others)
+        if best is None or (m.others is not None and m.others < best[0]):
+            best = (m.others, stats, y, j)
+    others, stats, y, j = best
     rec["max_err"] = check_agreement(bench, w, batch, (y, j))
-    if benchmark.enabled:
-        rec.update(median_s=stats["median_ns"] * 1e-9, min_s=stats["min_ns"] * 1e-9, max_s=stats["max_ns"] * 1e-9,
-                   rounds=stats["samples"], iterations=stats["reps"], timer="C program (clock_gettime)")
+    rec.update(median_s=stats["median_ns"] * 1e-9, min_s=stats["min_ns"] * 1e-9, max_s=stats["max_ns"] * 1e-9,
+               rounds=stats["samples"], iterations=stats["reps"], timer="C program (clock_gettime)",
+               others_cpu=others, others_cpu_attempts=attempts)
     benchmark.extra_info.update(c_program=stats)
