@@ -68,7 +68,7 @@ typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) 
 #define NNP_MODEL_TAG 0x4d50504eu /* "NPPM": marks an initialised model */
 /* A block of points is sized so that its activation buffers hold about this many floats. */
 #define NNP_BLOCK_FLOATS 16384u
-#define NNP_MAX_BLOCK 64u
+#define NNP_MAX_BLOCK 72u
 /* rounding part of the finite-difference error estimate, in units of DBL_EPSILON * max(1, |f|) / h */
 #ifndef NNP_FD_ROUNDING
 #define NNP_FD_ROUNDING 16.0
@@ -88,6 +88,9 @@ struct nnp_model {
     size_t n_in, n_out, n_layers;
     size_t max_cols; /* largest layer output width */
     size_t sum_cols; /* sum of layer output widths */
+    size_t pattern_bits; /* bits of an activation pattern: one per unit of a non-linear layer, each layer
+                            padded to whole bytes */
+    int piecewise;       /* every activation is piecewise linear: linear, relu, leaky_relu, relu6, hard_sigmoid */
     const nnp_layer *layers;
 };
 
@@ -387,6 +390,18 @@ int nnp_load(const unsigned char *buf, size_t len, void *storage, size_t storage
     m->max_cols = info.max_cols;
     m->sum_cols = info.sum_cols;
     m->layers = layers;
+    m->pattern_bits = 0;
+    m->piecewise = 1;
+    for (k = 0; k < info.n_layers; k++) {
+        switch (layers[k].act) {
+        case NNP_ACT_LINEAR: break;
+        case NNP_ACT_RELU:
+        case NNP_ACT_LEAKY_RELU:
+        case NNP_ACT_RELU6:
+        case NNP_ACT_HARD_SIGMOID: m->pattern_bits += 8 * ((layers[k].cols + 7) / 8); break;
+        default: m->piecewise = 0; break;
+        }
+    }
     *out = m;
     return NNP_OK;
 }
@@ -422,6 +437,37 @@ int nnp_auto_mode(const nnp_model *m)
     /* Forward mode costs about (1 + n_in) matrix products per layer, reverse mode (1 + n_out) plus keeping
      * every layer's derivative; forward mode wins ties (one pass, less memory). */
     return (m->n_out < m->n_in) ? NNP_MODE_REVERSE : NNP_MODE_FORWARD;
+}
+
+/* Pattern cache sizes (see the pattern cache section below) */
+#define NNP_CACHE_MIN_BATCH 256u
+#define NNP_CACHE_BYTES ((size_t)1 << 20)
+#define NNP_CACHE_MAX_ENTRY_SLOTS 1024u
+
+typedef struct {
+    size_t pw;    /* 4-byte slots of a pattern (one bit per unit of a non-linear layer, zero padded) */
+    size_t jn;    /* floats of one Jacobian */
+    size_t slots; /* slots of one entry: tag, pattern, Jacobian */
+    size_t cap;   /* entries (power of two) */
+    size_t table; /* slots of the table */
+    size_t extra; /* slots per point of the block: current patterns and hashes, and the queue of misses
+                     (derivatives, pattern, hash, destination, Jacobian) */
+} cache_shape_t;
+
+static int cache_shape(const nnp_model *m, cache_shape_t *cs)
+{
+    size_t cap = 1;
+    if (!m->piecewise) return 0;
+    cs->pw = (m->pattern_bits + 31) / 32;
+    cs->jn = m->n_in * m->n_out; /* <= NNP_MAX_DIM^2: fits */
+    if (cs->pw + cs->jn + 1 > NNP_CACHE_MAX_ENTRY_SLOTS) return 0;
+    cs->slots = 1 + cs->pw + cs->jn;
+    while (cap * 2 * cs->slots * 4 <= NNP_CACHE_BYTES && cap < 65536) cap *= 2; /* fits in a typical L2 */
+    if (cap < 64) return 0;
+    cs->cap = cap;
+    cs->table = cap * cs->slots;
+    cs->extra = (cs->pw + 1) + (m->sum_cols + cs->pw + 1 + 2 + cs->jn);
+    return 1;
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -467,6 +513,7 @@ static size_t max_block(size_t per_point)
     size_t b = per_point ? NNP_BLOCK_FLOATS / per_point : NNP_MAX_BLOCK;
     if (b < 1) b = 1;
     if (b > NNP_MAX_BLOCK) b = NNP_MAX_BLOCK;
+    if (b >= 24) b -= b % 24; /* whole row groups of the kernels (6 and 8 rows) */
     return b;
 }
 
@@ -488,6 +535,13 @@ int nnp_workspace(const nnp_model *m, int op, size_t batch, size_t *n_elems)
     if (batch == 0) {
         *n_elems = 0;
         return NNP_OK;
+    }
+    if (op == NNP_WS_JACOBIAN_REVERSE && batch >= NNP_CACHE_MIN_BATCH) {
+        cache_shape_t cs;
+        if (cache_shape(m, &cs)) { /* room for the pattern cache (a few hundred kB at most) */
+            fixed = cs.table;
+            per_point += cs.extra;
+        }
     }
     blk = max_block(per_point);
     if (blk > batch) blk = batch;
@@ -612,10 +666,16 @@ typedef float nnp_v8u __attribute__((vector_size(32), aligned(4), may_alias));
     }
 #endif
 
+NNP_KERNEL(6, 2)
+NNP_KERNEL(5, 2)
 NNP_KERNEL(4, 2)
 NNP_KERNEL(3, 2)
 NNP_KERNEL(2, 2)
 NNP_KERNEL(1, 2)
+NNP_KERNEL(8, 1)
+NNP_KERNEL(7, 1)
+NNP_KERNEL(6, 1)
+NNP_KERNEL(5, 1)
 NNP_KERNEL(4, 1)
 NNP_KERNEL(3, 1)
 NNP_KERNEL(2, 1)
@@ -644,20 +704,30 @@ NNP_INLINE float dot8(size_t k, const float *a, const float *b)
     return s;
 }
 
+/* rows in groups of GROUP (kernel KG), then the remainder (at most 7 rows) with a kernel of its size */
 #define NNP_ROWS(NV, GROUP, KG)                                                                                \
     do {                                                                                                       \
         const float *Bj = B + j;                                                                               \
         for (i = 0; i + GROUP <= m; i += GROUP) KG(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc);       \
-        switch (m - i) {                                                                                       \
-        case 3: k3x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;                            \
-        case 2: k2x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;                            \
-        case 1: k1x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;                            \
-        default: break;                                                                                        \
-        }                                                                                                      \
+        NNP_REM_##NV(m - i)                                                                                    \
     } while (0)
+#define NNP_REM_CASE(R, NV)                                                                                    \
+    case R: k##R##x##NV(k, A + i * lda, lda, Bj, ldb, C + i * ldc + j, ldc); break;
+#define NNP_REM_4(r)                                                                                           \
+    switch (r) {                                                                                               \
+        NNP_REM_CASE(2, 4) NNP_REM_CASE(1, 4) default: break;                                                  \
+    }
+#define NNP_REM_2(r)                                                                                           \
+    switch (r) {                                                                                               \
+        NNP_REM_CASE(5, 2) NNP_REM_CASE(4, 2) NNP_REM_CASE(3, 2) NNP_REM_CASE(2, 2) NNP_REM_CASE(1, 2)         \
+        default: break;                                                                                        \
+    }
+#define NNP_REM_1(r)                                                                                           \
+    switch (r) {                                                                                               \
+        NNP_REM_CASE(7, 1) NNP_REM_CASE(6, 1) NNP_REM_CASE(5, 1) NNP_REM_CASE(4, 1) NNP_REM_CASE(3, 1)         \
+        NNP_REM_CASE(2, 1) NNP_REM_CASE(1, 1) default: break;                                                  \
+    }
 
-/* split: a call for a single point; its one-row products may use the split-sum kernels. Otherwise every row is
- * summed in order, so results do not depend on how a batch is cut into blocks. */
 NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B,
                           const float *Bt, float *C, size_t ldc, int split)
 {
@@ -677,8 +747,8 @@ NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t l
     }
     if (m <= 3) /* few rows: wide tiles keep enough independent accumulators */
         for (; j + 32 <= n; j += 32) NNP_ROWS(4, 3, k3x4);
-    for (; j + 16 <= n; j += 16) NNP_ROWS(2, 4, k4x2);
-    for (; j + 8 <= n; j += 8) NNP_ROWS(1, 4, k4x1);
+    for (; j + 16 <= n; j += 16) NNP_ROWS(2, 6, k6x2);
+    for (; j + 8 <= n; j += 8) NNP_ROWS(1, 8, k8x1);
     for (; j < n; j++)
         for (i = 0; i < m; i++) C[i * ldc + j] = dot8(k, A + i * lda, Bt + j * k);
 }
@@ -1020,17 +1090,15 @@ NNP_INLINE void jac_fwd_block_body(const nnp_model *m, size_t np, const float *x
 /* ------------------------------------------------------------------------------------------------------ */
 /* Jacobian, reverse mode: forward pass keeping each layer's derivative, then n_out adjoint rows per point */
 
-NNP_INLINE void jac_rev_block_body(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *v0,
-                                   float *v1, float *D, float *g0, float *g1, int split)
+/* Reverse mode, first half: values, keeping every layer's derivatives. D holds, per layer k, a [np][cols_k]
+ * block at offset np * (sum of the widths before k). */
+NNP_INLINE void rev_fwd_body(const nnp_model *m, size_t np, const float *x, float *y, float *v0, float *v1,
+                             float *D, int split)
 {
-    const size_t n_in = m->n_in, n_out = m->n_out, L_n = m->n_layers;
     const float *in = x;
-    size_t in_stride = n_in, k, p, i, j, doff;
+    size_t in_stride = m->n_in, k, p, doff = 0;
     float *cur = v0, *nxt = v1;
-
-    /* forward: D holds, per layer, a [np][cols] block of derivatives */
-    doff = 0;
-    for (k = 0; k < L_n; k++) {
+    for (k = 0; k < m->n_layers; k++) {
         const nnp_layer *L = &m->layers[k];
         const size_t c = L->cols;
         gemm_f32(np, L->rows, c, in, in_stride, L->W, L->Wt, nxt, c, split);
@@ -1044,21 +1112,31 @@ NNP_INLINE void jac_rev_block_body(const nnp_model *m, size_t np, const float *x
             nxt = tmp;
         }
     }
-    if (y) memcpy(y, cur, np * n_out * sizeof(float));
+    if (y) memcpy(y, cur, np * m->n_out * sizeof(float));
+}
 
-    /* backward. Adjoint rows are indexed (p * n_out + i). Start: row (p, i) = D_L[p][i] * W_L[:, i] */
+/* Reverse mode, second half: n_out adjoint rows per point, from the derivatives D alone, laid out as above for
+ * blocks of ldp >= np points. Writes J [np][n_out][n_in]. */
+NNP_INLINE void rev_bwd_body(const nnp_model *m, size_t np, size_t ldp, float *J, const float *D, float *g0,
+                             float *g1, int split)
+{
+    const size_t n_out = m->n_out, L_n = m->n_layers;
+    size_t k, p, i, j, doff = ldp * m->sum_cols;
+    float *cur, *nxt;
+
+    /* Adjoint rows are indexed (p * n_out + i). Start: row (p, i) = D_L[p][i] * W_L[:, i] */
     {
         const nnp_layer *L = &m->layers[L_n - 1];
         const size_t rws = L->rows;
         float *out;
-        doff -= np * L->cols;
+        doff -= ldp * L->cols;
         out = (L_n == 1) ? J : g0;
         for (p = 0; p < np; p++)
             for (i = 0; i < n_out; i++) {
-                const float s = D[doff + p * n_out + i];
+                const float sc = D[doff + p * n_out + i];
                 const float *wt = L->Wt + i * rws;
                 float *g = out + (p * n_out + i) * rws;
-                for (j = 0; j < rws; j++) g[j] = s * wt[j];
+                for (j = 0; j < rws; j++) g[j] = sc * wt[j];
             }
     }
     cur = g0;
@@ -1069,7 +1147,7 @@ NNP_INLINE void jac_rev_block_body(const nnp_model *m, size_t np, const float *x
         const nnp_layer *L = &m->layers[k];
         const size_t c = L->cols;
         float *out = (k == 0) ? J : nxt;
-        doff -= np * c;
+        doff -= ldp * c;
         for (p = 0; p < np; p++) {
             const float *dp = D + doff + p * c;
             for (i = 0; i < n_out; i++) {
@@ -1089,9 +1167,205 @@ NNP_INLINE void jac_rev_block_body(const nnp_model *m, size_t np, const float *x
 NNP_DISPATCHED(jac_fwd_block, (const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
                                 float *buf1, float *d, int split),
                (m, np, x, y, J, buf0, buf1, d, split))
-NNP_DISPATCHED(jac_rev_block, (const nnp_model *m, size_t np, const float *x, float *y, float *J, float *v0,
-                                float *v1, float *D, float *g0, float *g1, int split),
-               (m, np, x, y, J, v0, v1, D, g0, g1, split))
+NNP_DISPATCHED(rev_fwd, (const nnp_model *m, size_t np, const float *x, float *y, float *v0, float *v1, float *D,
+                          int split),
+               (m, np, x, y, v0, v1, D, split))
+NNP_DISPATCHED(rev_bwd, (const nnp_model *m, size_t np, size_t ldp, float *J, const float *D, float *g0, float *g1,
+                          int split),
+               (m, np, ldp, J, D, g0, g1, split))
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Pattern cache (reverse mode, piecewise-linear networks)                                                */
+/*
+ * When every activation is piecewise linear, a point's derivatives D take one of two values per unit, and
+ * the reverse pass depends on D alone. Points with the same activation pattern therefore have bit-for-bit the
+ * same Jacobian: the cache stores it once per pattern (exact match on the whole pattern, not just a hash) and
+ * copies it for the other points. Large batches in a bounded region of input space share few patterns, so
+ * most reverse passes are skipped. The table lives in the caller's workspace and is cleared at every call.
+ *
+ * Entry (4-byte slots): tag (hash | 1, 0 = empty), pattern words, then the Jacobian (n_out * n_in floats).
+ */
+static void put_slot(float *slot, uint32_t v) { memcpy(slot, &v, sizeof v); }
+
+static uint32_t get_slot(const float *slot)
+{
+    uint32_t v;
+    memcpy(&v, slot, sizeof v);
+    return v;
+}
+
+/* Activation patterns of a block of np points: for point p, pat + p * 4 * pw bytes hold one bit per unit of
+ * each non-linear layer (each layer starting on a byte; bit u % 8 of byte u / 8 is unit u), 1 when its
+ * derivative is not the low value of the activation (0 for relu, relu6, hard_sigmoid; alpha for leaky_relu),
+ * zero padded to 4 * pw bytes. */
+NNP_INLINE void patterns_scalar(const nnp_model *m, size_t np, const float *D, unsigned char *pat, size_t pw)
+{
+    size_t p, k, u, doff, n;
+    for (p = 0; p < np; p++) {
+        unsigned char *b = pat + p * 4 * pw;
+        memset(b, 0, 4 * pw);
+        doff = n = 0;
+        for (k = 0; k < m->n_layers; k++) {
+            const nnp_layer *L = &m->layers[k];
+            const float *d = D + doff + p * L->cols;
+            doff += np * L->cols;
+            if (L->act == NNP_ACT_LINEAR) continue;
+            {
+                const float low = (L->act == NNP_ACT_LEAKY_RELU) ? L->p0 : 0.0f;
+                for (u = 0; u < L->cols; u++) b[n + u / 8] |= (unsigned char)((d[u] != low) << (u % 8));
+                n += (L->cols + 7) / 8;
+            }
+        }
+    }
+}
+
+static void block_patterns_base(const nnp_model *m, size_t np, const float *D, unsigned char *pat, size_t pw)
+{
+    patterns_scalar(m, np, D, pat, pw);
+}
+
+#if NNP_X86_DISPATCH
+#include <immintrin.h>
+
+__attribute__((target("avx2,fma"))) static void block_patterns_avx2(const nnp_model *m, size_t np, const float *D,
+                                                                     unsigned char *pat, size_t pw)
+{
+    size_t p, k, u, doff, n;
+    for (p = 0; p < np; p++) {
+        unsigned char *b = pat + p * 4 * pw;
+        memset(b, 0, 4 * pw);
+        doff = n = 0;
+        for (k = 0; k < m->n_layers; k++) {
+            const nnp_layer *L = &m->layers[k];
+            const float *d = D + doff + p * L->cols;
+            doff += np * L->cols;
+            if (L->act == NNP_ACT_LINEAR) continue;
+            {
+                const float low = (L->act == NNP_ACT_LEAKY_RELU) ? L->p0 : 0.0f;
+                const __m256 lv = _mm256_set1_ps(low);
+                for (u = 0; u + 8 <= L->cols; u += 8)
+                    b[n + u / 8] = (unsigned char)_mm256_movemask_ps(
+                        _mm256_cmp_ps(_mm256_loadu_ps(d + u), lv, _CMP_NEQ_UQ));
+                for (; u < L->cols; u++) b[n + u / 8] |= (unsigned char)((d[u] != low) << (u % 8));
+                n += (L->cols + 7) / 8;
+            }
+        }
+    }
+}
+#endif
+
+static void block_patterns(const nnp_model *m, size_t np, const float *D, unsigned char *pat, size_t pw)
+{
+#if NNP_X86_DISPATCH
+    if (have_avx2_fma()) {
+        block_patterns_avx2(m, np, D, pat, pw);
+        return;
+    }
+#endif
+    block_patterns_base(m, np, D, pat, pw);
+}
+
+static uint32_t pattern_hash(const unsigned char *pat, size_t pw)
+{
+    uint64_t h = 0x9e3779b97f4a7c15u, w;
+    size_t i, n = 4 * pw;
+    for (i = 0; i + 8 <= n; i += 8) {
+        memcpy(&w, pat + i, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdu;
+        h ^= h >> 32;
+    }
+    if (i < n) {
+        w = 0;
+        memcpy(&w, pat + i, n - i);
+        h = (h ^ w) * 0xff51afd7ed558ccdu;
+    }
+    h ^= h >> 29;
+    return (uint32_t)h | 1u;
+}
+
+/* The entry holding pattern pat, or the empty entry where it belongs (the table is at most 3/4 full). */
+static float *cache_find(const cache_shape_t *cs, float *table, const unsigned char *pat, uint32_t h)
+{
+    size_t i = h & (cs->cap - 1), n;
+    for (n = 0; n < cs->cap; n++) {
+        float *e = table + i * cs->slots;
+        uint32_t tag = get_slot(e);
+        if (tag == 0) return e;
+        if (tag == h && memcmp(e + 1, pat, 4 * cs->pw) == 0) return e;
+        i = (i + 1) & (cs->cap - 1);
+    }
+    return NULL;
+}
+
+/* Scratch of the cached reverse mode, carved from the workspace. */
+typedef struct {
+    float *table;           /* cs.table slots */
+    float *pat, *hash;      /* current block: [blk][pw] patterns, [blk] hashes */
+    float *qD;              /* queue of misses: derivatives, laid out for blocks of blk points */
+    float *qpat, *qhash;    /* their patterns and hashes */
+    float *qdest;           /* their point indices (size_t, two slots each) */
+    float *qJ;              /* their Jacobians */
+    size_t nq, count, blk;  /* queued misses, cache entries, block size */
+} cache_state_t;
+
+/* Reverse passes for the queued misses (one full block at a time), their Jacobians into place and the cache. */
+static void cache_flush(const nnp_model *m, const cache_shape_t *cs, cache_state_t *st, float *dy_dx, float *g0,
+                        float *g1)
+{
+    size_t q;
+    if (st->nq == 0) return;
+    rev_bwd(m, st->nq, st->blk, st->qJ, st->qD, g0, g1, 0);
+    for (q = 0; q < st->nq; q++) {
+        const unsigned char *pat = (const unsigned char *)(st->qpat + q * cs->pw);
+        const uint32_t h = get_slot(st->qhash + q);
+        size_t dest;
+        float *e;
+        memcpy(&dest, st->qdest + 2 * q, sizeof dest);
+        memcpy(dy_dx + dest * cs->jn, st->qJ + q * cs->jn, cs->jn * sizeof(float));
+        if (st->count >= cs->cap / 4 * 3) continue; /* three quarters full: stop inserting */
+        e = cache_find(cs, st->table, pat, h);
+        if (e != NULL && get_slot(e) == 0) {
+            put_slot(e, h);
+            memcpy(e + 1, pat, 4 * cs->pw);
+            memcpy(e + 1 + cs->pw, st->qJ + q * cs->jn, cs->jn * sizeof(float));
+            st->count++;
+        }
+    }
+    st->nq = 0;
+}
+
+/* One block through the cache: values and derivatives, then each point's Jacobian from the cache or queued. */
+static void cache_block(const nnp_model *m, const cache_shape_t *cs, cache_state_t *st, size_t np, size_t first,
+                        const float *x, float *y, float *dy_dx, float *v0, float *v1, float *D, float *g0, float *g1)
+{
+    size_t p, k;
+    rev_fwd(m, np, x, y, v0, v1, D, 0);
+    block_patterns(m, np, D, (unsigned char *)st->pat, cs->pw);
+    for (p = 0; p < np; p++) {
+        unsigned char *pat = (unsigned char *)(st->pat + p * cs->pw);
+        uint32_t h;
+        float *e;
+        h = pattern_hash(pat, cs->pw);
+        e = cache_find(cs, st->table, pat, h);
+        if (e != NULL && get_slot(e) != 0) {
+            memcpy(dy_dx + (first + p) * cs->jn, e + 1 + cs->pw, cs->jn * sizeof(float));
+            continue;
+        }
+        {   /* queue the miss: its derivatives (layout of a block of blk points), pattern, hash, index */
+            size_t off = 0, qoff = 0, dest = first + p, q = st->nq;
+            for (k = 0; k < m->n_layers; k++) {
+                const size_t c = m->layers[k].cols;
+                memcpy(st->qD + qoff + q * c, D + off + p * c, c * sizeof(float));
+                off += np * c;
+                qoff += st->blk * c;
+            }
+            memcpy(st->qpat + q * cs->pw, pat, 4 * cs->pw);
+            put_slot(st->qhash + q, h);
+            memcpy(st->qdest + 2 * q, &dest, sizeof dest);
+            if (++st->nq == st->blk) cache_flush(m, cs, st, dy_dx, g0, g1);
+        }
+    }
+}
 
 int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
                  float *work, size_t work_len)
@@ -1116,6 +1390,43 @@ int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, flo
     rc = ws_shape(m, mode == NNP_MODE_FORWARD ? NNP_WS_JACOBIAN_FORWARD : NNP_WS_JACOBIAN_REVERSE, &fixed,
                   &per_point);
     if (rc != NNP_OK) return rc;
+    if (mode == NNP_MODE_REVERSE && batch >= NNP_CACHE_MIN_BATCH) {
+        cache_shape_t cs;
+        if (sizeof(size_t) <= 2 * sizeof(float) && cache_shape(m, &cs)) {
+            const size_t pp = per_point + cs.extra; /* no overflow: ws_shape checked per_point, extra is small */
+            size_t full = max_block(pp), e;
+            if (full > batch) full = batch;
+            if (work_len >= cs.table && (work_len - cs.table) / pp >= full) {
+                cache_state_t st;
+                size_t vsz, dsz, gsz;
+                float *w;
+                blk = block_for(cs.table, pp, batch, work_len);
+                vsz = blk * m->max_cols;
+                dsz = blk * m->sum_cols;
+                gsz = blk * m->n_out * m->max_cols;
+                w = work + 2 * vsz + dsz + 2 * gsz; /* after v0, v1, D, g0, g1 */
+                st.pat = w;
+                st.hash = st.pat + blk * cs.pw;
+                st.qD = st.hash + blk;
+                st.qpat = st.qD + dsz;
+                st.qhash = st.qpat + blk * cs.pw;
+                st.qdest = st.qhash + blk;
+                st.qJ = st.qdest + 2 * blk;
+                st.table = work + blk * pp; /* = st.qJ + blk * jn */
+                st.nq = st.count = 0;
+                st.blk = blk;
+                for (e = 0; e < cs.cap; e++) put_slot(st.table + e * cs.slots, 0);
+                for (done = 0; done < batch; done += blk) {
+                    size_t np = batch - done < blk ? batch - done : blk;
+                    cache_block(m, &cs, &st, np, done, x + done * m->n_in, y ? y + done * m->n_out : NULL, dy_dx,
+                                work, work + vsz, work + 2 * vsz, work + 2 * vsz + dsz,
+                                work + 2 * vsz + dsz + gsz);
+                }
+                cache_flush(m, &cs, &st, dy_dx, work + 2 * vsz + dsz, work + 2 * vsz + dsz + gsz);
+                return NNP_OK;
+            }
+        }
+    }
     blk = block_for(fixed, per_point, batch, work_len);
     if (blk == 0) return NNP_E_WORKSPACE;
     for (done = 0; done < batch; done += blk) {
@@ -1128,8 +1439,8 @@ int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, flo
             jac_fwd_block(m, np, xb, yb, Jb, work, work + t, work + 2 * t, batch == 1);
         } else {
             size_t vsz = blk * m->max_cols, dsz = blk * m->sum_cols, gsz = blk * m->n_out * m->max_cols;
-            jac_rev_block(m, np, xb, yb, Jb, work, work + vsz, work + 2 * vsz, work + 2 * vsz + dsz,
-                          work + 2 * vsz + dsz + gsz, batch == 1);
+            rev_fwd(m, np, xb, yb, work, work + vsz, work + 2 * vsz, batch == 1);
+            rev_bwd(m, np, np, Jb, work + 2 * vsz, work + 2 * vsz + dsz, work + 2 * vsz + dsz + gsz, batch == 1);
         }
     }
     return NNP_OK;

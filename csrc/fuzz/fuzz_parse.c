@@ -3,7 +3,8 @@
  *
  * Each input is tried twice: as given, and with the file_size field and the CRC-32 repaired, so that the
  * fuzzer reaches the checks behind them. When a file loads, every operation runs on a few points taken from
- * the input (models are capped in size so that runs stay fast).
+ * the input (models are capped in size so that runs stay fast), and small models also run a batch large enough
+ * for the reverse-mode pattern cache, checked bit for bit against the same batch without it.
  */
 #include "../nnp.h"
 
@@ -21,6 +22,28 @@ static uint32_t crc32_bitwise(const unsigned char *p, size_t n)
         for (k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
     }
     return ~c;
+}
+
+/* Reverse mode on a batch large enough for the pattern cache, with and without it: must agree bit for bit. */
+static void differential(const nnp_model *m, const unsigned char *buf, size_t len)
+{
+    const size_t batch = 260, n_in = nnp_n_in(m), n_out = nnp_n_out(m);
+    size_t wbig = 0, wsmall = 0, i;
+    float *x, *J1, *J2, *work;
+    if (nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, batch, &wbig) != NNP_OK ||
+        nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, 4, &wsmall) != NNP_OK)
+        abort();
+    x = (float *)malloc(batch * n_in * sizeof(float));
+    J1 = (float *)malloc(batch * n_in * n_out * sizeof(float));
+    J2 = (float *)malloc(batch * n_in * n_out * sizeof(float));
+    work = (float *)malloc(wbig * sizeof(float));
+    if (x && J1 && J2 && work) {
+        for (i = 0; i < batch * n_in; i++) x[i] = (float)((double)buf[(7 * i) % len] / 32.0 - 4.0);
+        if (nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, NULL, J1, work, wsmall) != NNP_OK) abort();
+        if (nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, NULL, J2, work, wbig) != NNP_OK) abort();
+        if (memcmp(J1, J2, batch * n_in * n_out * sizeof(float)) != 0) abort();
+    }
+    free(x); free(J1); free(J2); free(work);
 }
 
 static void exercise(const unsigned char *buf, size_t len)
@@ -68,6 +91,7 @@ static void exercise(const unsigned char *buf, size_t len)
         if (nnp_fd_jacobian_f64(m, batch, xd, yd, Jd, err, wd, wmax) != NNP_OK) abort();
     }
     free(x); free(y); free(J); free(work); free(xd); free(yd); free(Jd); free(err); free(wd);
+    if (need <= (1u << 16) && n_in * n_out <= 64) differential(m, buf, len);
     free(storage);
 }
 

@@ -720,6 +720,66 @@ static void test_arguments(void)
     free(f);
 }
 
+/* Reverse mode with the pattern cache (full workspace, batch >= 256) against reverse mode without it (a
+ * workspace sized for a small batch): bit-for-bit the same Jacobians. Points repeat (cache hits) or are spread
+ * out (many patterns, filling the table past the point where it stops inserting). */
+static void check_cache(size_t n_in, const size_t *widths, size_t nw, unsigned act, size_t batch, double spread,
+                        size_t distinct, const char *what)
+{
+    tmodel tm = make_model(n_in, widths, nw, act, NNP_ACT_LINEAR);
+    unsigned char *file;
+    size_t len, wbig, wsmall, i, n_out = widths[nw - 1], jn;
+    void *storage = NULL;
+    nnp_model *m;
+    float *x, *J1, *J2, *y1, *y2, *work;
+    int rc;
+    if (act == NNP_ACT_RELU6) tm.L[0].act = NNP_ACT_HARD_SIGMOID, default_params(NNP_ACT_HARD_SIGMOID, &tm.L[0].p0,
+                                                                                 &tm.L[0].p1);
+    file = write_model(&tm, &len);
+    m = load_copy(file, len, &storage);
+    free(file);
+    if (!m) {
+        free_model(&tm);
+        return;
+    }
+    jn = n_in * n_out;
+    nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, batch, &wbig);
+    nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, 8, &wsmall);
+    x = (float *)xmalloc(batch * n_in * sizeof(float));
+    y1 = (float *)xmalloc(batch * n_out * sizeof(float));
+    y2 = (float *)xmalloc(batch * n_out * sizeof(float));
+    J1 = (float *)xmalloc(batch * jn * sizeof(float));
+    J2 = (float *)xmalloc(batch * jn * sizeof(float));
+    work = (float *)xmalloc(wbig * sizeof(float));
+    for (i = 0; i < batch * n_in; i++)
+        x[i] = (float)urange(-spread, spread);
+    if (distinct) /* repeat the first `distinct` points */
+        for (i = distinct * n_in; i < batch * n_in; i++) x[i] = x[i % (distinct * n_in)];
+    rc = nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, y1, J1, work, wsmall);
+    CHECK_RC(rc, NNP_OK, "reverse without cache");
+    rc = nnp_jacobian(m, NNP_MODE_REVERSE, batch, x, y2, J2, work, wbig);
+    CHECK_RC(rc, NNP_OK, "reverse with cache");
+    CHECK(wbig > wsmall + 1000, "%s: the full workspace has room for the cache", what);
+    CHECK(memcmp(J1, J2, batch * jn * sizeof(float)) == 0, "%s: cached Jacobians differ", what);
+    CHECK(memcmp(y1, y2, batch * n_out * sizeof(float)) == 0, "%s: cached y differs", what);
+    free(x); free(y1); free(y2); free(J1); free(J2); free(work); free(storage);
+    free_model(&tm);
+}
+
+static void test_pattern_cache(void)
+{
+    static const size_t seed[] = {64, 64, 32, 32, 16, 16, 8, 1};
+    static const size_t multi[] = {12, 9, 3};
+    static const size_t wide[] = {64, 1};
+    check_cache(2, seed, 8, NNP_ACT_LEAKY_RELU, 3000, 2.0, 0, "leaky seed, random points");
+    check_cache(2, seed, 8, NNP_ACT_LEAKY_RELU, 2000, 2.0, 37, "leaky seed, 37 points repeated");
+    check_cache(4, multi, 3, NNP_ACT_RELU, 1500, 1.5, 0, "relu 4->12,9,3");
+    check_cache(4, multi, 3, NNP_ACT_RELU6, 1500, 8.0, 0, "hard_sigmoid + relu6 4->12,9,3");
+    check_cache(5, multi, 3, NNP_ACT_LEAKY_RELU, 700, 1.0, 5, "leaky 5->12,9,3 repeated");
+    /* 64 relu units in 6-D: nearly every point has its own pattern; the table fills up and stops inserting */
+    check_cache(6, wide, 2, NNP_ACT_RELU, 40000, 3.0, 0, "relu 6->64->1, table full");
+}
+
 static int write_model_file(const char *path)
 {
     static const size_t w[] = {8, 6, 2};
@@ -744,6 +804,7 @@ int main(int argc, char **argv)
     }
     test_activations();
     test_kinks();
+    test_pattern_cache();
     test_corruptions();
     test_arguments();
     if (getenv("NNP_TEST_VERBOSE")) printf("largest fd error / estimate: %.3g\n", max_ratio);
