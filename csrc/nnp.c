@@ -10,11 +10,14 @@
  * so that its activations stay in cache. Every product is a small matrix product C = A B computed by
  * register-tiled kernels whose inner loops run over contiguous columns (the compiler vectorizes them).
  */
-/* The library never reads floating-point exception flags, so GCC may treat floating-point operations as
- * non-trapping (Clang's default). This lets it turn the selects of piecewise activations into vector code; it
- * permits no reassociation, so results do not change. Also passed as -fno-trapping-math by the builds. */
+/* Floating-point code generation, whatever flags the library is built with (the builds also pass them):
+ * - the library never reads floating-point exception flags, so GCC may treat floating-point operations as
+ *   non-trapping (Clang's default), which lets it turn the selects of piecewise activations into vector code;
+ * - a * b + c may be fused into one multiply-add (GCC's ISO modes turn that off; Clang fuses within an
+ *   expression by default, which covers the kernels).
+ * Neither permits reassociation. */
 #if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
 #endif
 
 #include "nnp.h"
