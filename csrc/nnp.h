@@ -132,6 +132,12 @@ int nnp_auto_mode(const nnp_model *m);
  * needs for a batch of `batch` points. Any workspace at least this large works; a smaller one that still
  * holds one point's worth also works (the batch is then processed in smaller blocks). The size does not
  * grow past a fixed block of points, so large batches need no large workspace.
+ *
+ * Reverse mode (NNP_WS_JACOBIAN, NNP_WS_JACOBIAN_REVERSE) on batches of 256 points or more: when every
+ * activation is piecewise linear (linear, relu, leaky_relu, relu6, hard_sigmoid), the size includes a cache of
+ * at most 1 MiB. Points with the same activation pattern have the same Jacobian (the reverse pass depends on
+ * the pattern only), so the cache keeps one per pattern and copies it: the results are bit for bit those of
+ * the full computation. A workspace without room for the cache works too, without it.
  */
 int nnp_workspace(const nnp_model *m, int op, size_t batch, size_t *n_elems);
 
