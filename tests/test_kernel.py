@@ -179,8 +179,9 @@ def test_empty_batch():
     assert fd.shape == (0, 2, 3) and err.shape == (0, 2, 3)
 
 
-def test_thread_split_equals_single_thread():
-    layers = make_layers("swish", n_in=2, widths=(16, 8), n_out=1)
+@pytest.mark.parametrize("act", ["swish", "leaky_relu"])  # leaky_relu: reverse mode goes through the pattern cache
+def test_thread_split_equals_single_thread(act):
+    layers = make_layers(act, n_in=2, widths=(16, 8), n_out=1)
     k = Kernel(write_nnp(layers), threads=4)
     x = points(3 * kernel_mod.PARALLEL_MIN_BATCH + 17, n_in=2)
     for mode in ("auto", "forward", "reverse"):
