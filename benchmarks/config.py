@@ -27,6 +27,8 @@ THREADS = int(os.environ.get("NNP_BENCH_THREADS") or os.cpu_count() or 1)
 MAX_CALL_S = float(os.environ.get("NNP_BENCH_MAX_CALL_S", "20"))
 MAX_GB = float(os.environ.get("NNP_BENCH_MAX_GB", "2"))
 RECORD = os.environ.get("NNP_BENCH_RECORD") or None
+#: A record of an earlier pass whose medians predict batch-100,000 times when a pass re-runs only some cases.
+PRIOR = os.environ.get("NNP_BENCH_PRIOR") or None
 
 
 def _names(var):
@@ -60,8 +62,13 @@ CHECK_ROWS = 512
 
 
 def configure_threads():
-    """Environment settings that must precede the import of the numeric libraries."""
+    """Environment settings that must precede the import of the numeric libraries.
+
+    With fewer threads than CPUs, the process is also pinned to that many CPUs: XLA's CPU runtime does not obey
+    its thread flags, and the affinity mask holds every library (and the C program) to the same count."""
     t = str(THREADS)
+    if hasattr(os, "sched_setaffinity") and THREADS < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:THREADS]))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(var, t)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -80,5 +87,6 @@ def thread_settings() -> dict:
         "onnxruntime": f"intra_op_num_threads={THREADS}, sequential execution",
         "jax": os.environ.get("XLA_FLAGS", ""),
         "torch": f"set_num_threads({THREADS}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+        "affinity": f"{len(os.sched_getaffinity(0))} CPUs" if hasattr(os, "sched_getaffinity") else "n/a",
         "c_core": f"Kernel(threads={THREADS}): batches of >= 4,096 points split across threads; C alone: one thread",
     }

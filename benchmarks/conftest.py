@@ -217,8 +217,21 @@ class BenchContext:
 
     # -- record --------------------------------------------------------------------------------------------
     def median(self, workload, batch_id, path):
-        r = self.records.get(f"{workload}/{batch_id}/{path}")
-        return r.get("median_s") if r and r.get("status") == "ok" else None
+        """Median of a case of this session, else of the prior record (``NNP_BENCH_PRIOR``), else None."""
+        key = f"{workload}/{batch_id}/{path}"
+        for r in (self.records.get(key), self._prior().get(key)):
+            if r and r.get("status") == "ok" and r.get("median_s") is not None:
+                return r["median_s"]
+        return None
+
+    def _prior(self):
+        if not hasattr(self, "_prior_records"):
+            self._prior_records = {}
+            if config.PRIOR and os.path.exists(config.PRIOR):
+                with open(config.PRIOR) as f:
+                    for r in json.load(f).get("results", []):
+                        self._prior_records[f"{r['workload']}/{r['batch']}/{r['path']}"] = r
+        return self._prior_records
 
     def dump(self, path):
         self.machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

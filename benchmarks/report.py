@@ -19,6 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 PEER = "peer"
+#: A group (workload, batch) with a case during which other processes used more than this share of the machine
+#: is measured again, whole, by the report command.
+DISTURBED_GROUP = 0.25
 #: A peer ahead by less than this factor is called level (the run-to-run noise on a shared machine is larger).
 TIE = 1.10
 ANALYTIC_NNP = ("ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone")
@@ -48,8 +51,10 @@ WORKLOAD_TITLE = {
 
 
 # ----- running ----------------------------------------------------------------------------------------------
-def run_suite(record, command, tiny=False, extra=()):
+def run_suite(record, command, tiny=False, extra=(), prior=None):
     env = dict(os.environ, NNP_BENCH_RECORD=record, NNP_BENCH_COMMAND=command)
+    if prior:
+        env["NNP_BENCH_PRIOR"] = prior
     if tiny:
         env["NNP_BENCH_TINY"] = "1"
     cmd = [sys.executable, "-m", "pytest", os.path.join(HERE), "-p", "no:cacheprovider", "-q", "-rs",
@@ -58,6 +63,69 @@ def run_suite(record, command, tiny=False, extra=()):
     cmd += list(extra)
     print("running:", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+def disturbed_groups(data, threshold=DISTURBED_GROUP):
+    """(workload, batch) groups with a timed case during which other processes used > threshold of the machine."""
+    out = set()
+    for r in data.get("results", []):
+        if r.get("status") == "ok" and (r.get("others_cpu") or 0) > threshold:
+            out.add((r["workload"], int(r["batch"])))
+    return sorted(out, key=lambda g: (WORKLOAD_ORDER.index(g[0]) if g[0] in WORKLOAD_ORDER else 99, g[1]))
+
+
+def _group_others(data, group):
+    vals = [r.get("others_cpu") or 0.0 for r in data.get("results", [])
+            if (r["workload"], int(r["batch"])) == group and r.get("status") == "ok"]
+    return max(vals) if vals else 1.0
+
+
+def _split_k(extra):
+    """(pytest arguments without -k EXPR, EXPR or None)."""
+    rest, expr, it = [], None, iter(extra)
+    for a in it:
+        if a == "-k":
+            expr = next(it, None)
+        elif a.startswith("-k") and len(a) > 2:
+            expr = a[2:]
+        else:
+            rest.append(a)
+    return rest, expr
+
+
+def remeasure(record, command, extra, passes):
+    """Run the disturbed (workload, batch) groups again, whole, and keep each group's less disturbed pass."""
+    for k in range(passes):
+        with open(record) as f:
+            data = json.load(f)
+        groups = disturbed_groups(data)
+        if not groups:
+            return
+        print(f"re-measuring groups disturbed by other processes: {groups}", flush=True)
+        sub = f"{record}.pass{k + 2}.json"
+        sel = " or ".join(f"{w}-b{b}-" for w, b in groups)
+        rest, user_k = _split_k(extra)
+        run_suite(sub, command, extra=rest + ["-k", f"({user_k}) and ({sel})" if user_k else sel], prior=record)
+        if not os.path.exists(sub):
+            return
+        with open(sub) as f:
+            new = json.load(f)
+        os.remove(sub)
+        data.setdefault("passes", [])
+        for g in groups:
+            before, after = _group_others(data, g), _group_others(new, g)
+            kept = after < before
+            data["passes"].append({"pass": k + 2, "workload": g[0], "batch": g[1], "others_before": before,
+                                   "others_after": after, "kept": "new" if kept else "first"})
+            if kept:
+                data["results"] = [r for r in data["results"] if (r["workload"], int(r["batch"])) != g] + \
+                    [r for r in new["results"] if (r["workload"], int(r["batch"])) == g]
+        data["machine"]["finished"] = new["machine"].get("finished")
+        data["machine"]["loadavg_end"] = new["machine"].get("loadavg_end")
+        data["config"]["quiet_spent_s"] = data["config"].get("quiet_spent_s", 0) + new["config"].get("quiet_spent_s", 0)
+        with open(record, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
 
 
 # ----- formatting -------------------------------------------------------------------------------------------
@@ -178,6 +246,12 @@ def section_machine(res, command):
                      f"{100 * cfg.get('disturbed', 0.2):.0f}% was timed again the same way (up to "
                      f"{cfg.get('max_attempts', 3)} attempts), keeping the least disturbed attempt "
                      f"({sum(1 for r in res.rows.values() if len(r.get('others_cpu_attempts') or []) > 1)} cases).")
+    reps = [p for p in res.data.get("passes", [])]
+    if reps:
+        lines.append("- Groups re-measured whole in a later pass because other processes disturbed them: " + ", ".join(
+            f"{p['workload']} batch {BATCH_LABEL.get(p['batch'], p['batch'])} (pass {p['pass']}: worst case "
+            f"{100 * p['others_before']:.0f}% → {100 * p['others_after']:.0f}%, kept the {p['kept']} pass)"
+            for p in reps) + ".")
     order = ["python", "numpy", "tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "jax",
              "jaxlib", "torch", "pytest-benchmark", "nnpartials"]
     lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
@@ -581,14 +655,19 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny sizes, timing disabled (checks the machinery)")
     ap.add_argument("--out-dir", default=HERE, help="where RESULTS.md, ratios.png and results.json go")
     ap.add_argument("--record", default=None, help="the JSON record (default: OUT_DIR/results.json)")
+    ap.add_argument("--repasses", type=int, default=1,
+                    help="re-measure groups disturbed by other processes up to this many times (default 1)")
     args = ap.parse_args(argv)
     record = args.record or os.path.join(args.out_dir, "results.json")
     command = "python -m benchmarks.report" + (" --tiny" if args.tiny else "") + \
         (f" -- {' '.join(extra)}" if extra else "")
     if not args.no_run:
-        rc = run_suite(os.path.abspath(record), command, tiny=args.tiny, extra=extra)
+        record = os.path.abspath(record)
+        rc = run_suite(record, command, tiny=args.tiny, extra=extra)
         if rc not in (0,):
             print(f"the benchmark suite exited with {rc}; rendering what was recorded", file=sys.stderr)
+        if not args.tiny:
+            remeasure(record, command, extra, args.repasses)
     with open(record) as f:
         data = json.load(f)
     command = data.get("machine", {}).get("report_command") or command
