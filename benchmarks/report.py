@@ -297,7 +297,8 @@ def section_tables(res):
              "Time per call is for the whole batch. ×peer: time / fastest peer (TensorFlow, JAX, PyTorch) in the same "
              "run and case (below 1 is faster than every peer). ×fwd: time / onnxruntime forward pass alone "
              "(the floor of the onnxruntime path). First call: setup (session, tf.function, jit, kernel) + first "
-             "call (tracing, compilation), excluded from the time per call. Others' CPU: share of the machine that "
+             "call (tracing, compilation), excluded from the time per call. (fastest round): the fastest round's time per "
+             "call, for spotting bimodal timings. Others' CPU: share of the machine that "
              "other processes used while the case was timed (0% = the case had the machine to itself).", ""]
     for w in res.workloads:
         lines += [f"### {WORKLOAD_TITLE.get(w, w)}", ""]
@@ -305,8 +306,9 @@ def section_tables(res):
             fp = res.fastest_peer(w, b)
             lines.append(f"**batch {BATCH_LABEL.get(b, b)}** — fastest peer: {SHORT.get(fp, fp) if fp else 'none measured'}")
             lines.append("")
-            lines.append("| path | time per call | ×peer | ×fwd | GFLOP/s | first call | others' CPU | note |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            lines.append("| path | time per call | (fastest round) | ×peer | ×fwd | GFLOP/s | first call | others' CPU | "
+                         "note |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
             for p in res.paths(w, b):
                 r = res.get(w, b, p)
                 first = None
@@ -324,7 +326,9 @@ def section_tables(res):
                 name = SHORT.get(p, p)
                 if p in ANALYTIC_NNP or p == "c_kernel_fd":
                     name = f"**{name}**"
-                lines.append(f"| {name} | {fmt_time(res.t(w, b, p))} | {fmt_ratio(res.ratio_peer(w, b, p))} | "
+                tmin = r.get("min_s") if r.get("status") == "ok" else None
+                lines.append(f"| {name} | {fmt_time(res.t(w, b, p))} | {fmt_time(tmin)} | "
+                             f"{fmt_ratio(res.ratio_peer(w, b, p))} | "
                              f"{fmt_ratio(res.ratio_fwd(w, b, p))} | {fmt_gflops(res.gflops(w, b, p))} | "
                              f"{fmt_time(first)} | {fmt_pct(r.get('others_cpu'))} | {note.replace('|', '/')} |")
             lines.append("")
@@ -523,9 +527,36 @@ def _explain(res, w, b, bn, faster):
     return [f for f in facts if f]
 
 
+USER_PATHS = ("auto", "partials", "c_kernel")
+
+
+def paths_behind(res):
+    """[(workload, batch, [(path, ratio to the fastest peer)])] for the user-facing nnpartials paths (the companion
+    graph a default export ships, Partials, Kernel) that are slower than the fastest peer."""
+    out = []
+    for w in res.workloads:
+        for b in res.batches:
+            slow = []
+            for p in USER_PATHS:
+                p = res.auto_path(w) if p == "auto" else p
+                r = res.ratio_peer(w, b, p)
+                if r is not None and r > 1.0:
+                    slow.append((p, r))
+            if slow:
+                out.append((w, b, slow))
+    return out
+
+
 def section_behind(res):
     lines = ["## Where nnpartials is behind", ""]
+    slow = paths_behind(res)
     items = behind(res)
+    if slow:
+        lines.append("User-facing nnpartials paths (the companion graph an auto-mode export ships, `Partials`, "
+                     "`Kernel`) slower than the fastest peer, as time ÷ fastest peer: " + "; ".join(
+                         f"{w} batch {BATCH_LABEL.get(b, b)}: " + ", ".join(f"{SHORT[p]} {fmt_ratio(r)}" for p, r in ps)
+                         for w, b, ps in slow) + ".")
+        lines.append("")
     if not items:
         lines += ["In this run, at every workload and batch size, some nnpartials path (companion graph, `Partials`, "
                   "or the C core) was at least as fast as every peer measured.", ""]

@@ -102,3 +102,17 @@ def test_report_ratios_and_verdicts():
     assert verdicts == ["met", "not met", "met", "not met", "not met"]
     behind = report.behind(res)
     assert [(w, b) for w, b, _, _ in behind] == [("seed", 100000)]
+
+
+def test_report_finds_disturbed_groups_and_merges_k_expressions():
+    from benchmarks import report
+
+    data = {"results": [
+        dict(_rec("seed", 1, "ort_forward", 1e-5, "floor"), others_cpu=0.5),
+        dict(_rec("seed", 1000, "ort_forward", 1e-4, "floor"), others_cpu=0.01),
+        dict(_rec("wide", 1, "tf_function", 1e-4, "peer"), others_cpu=None),
+    ]}
+    assert report.disturbed_groups(data) == [("seed", 1)]
+    assert report._split_k(["-x", "-k", "ort_", "-q"]) == (["-x", "-q"], "ort_")
+    assert report._split_k(["-kseed"]) == ([], "seed")
+    assert report._split_k(["-q"]) == (["-q"], None)
