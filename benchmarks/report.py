@@ -287,7 +287,9 @@ def section_flops(res):
         "(companion graph in forward mode, jacfwd), K = n_out for reverse mode (companion graph in reverse mode, "
         "GradientTape, jacrev), K = min(n_in, n_out) for the C core's automatic mode. The float64 "
         "finite-difference Jacobian counts F·(1 + 4·n_in) (central differences with steps h and h/2). "
-        "GFLOP/s = counted FLOPs of the whole batch ÷ time per call; the forward pass alone counts F.",
+        "GFLOP/s = counted FLOPs of the whole batch ÷ time per call; the forward pass alone counts F. A rate above "
+        "what the hardware can deliver means the path skipped counted work (the C core reuses the exact Jacobian of "
+        "an activation pattern shared by several points of a piecewise-linear network such as the seed network).",
         "",
     ]
 
