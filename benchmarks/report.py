@@ -1,10 +1,11 @@
 """Run the benchmark suite and write ``benchmarks/RESULTS.md`` with a chart of the ratios.
 
-    python -m benchmarks.report                 # run the full suite (about 10-15 minutes on 2 cores), then render
+    python -m benchmarks.report                 # run the full suite (about 5 minutes on a quiet 2-core machine)
     python -m benchmarks.report --no-run        # render again from benchmarks/results.json
     python -m benchmarks.report --tiny --out-dir /tmp/r   # tiny sizes, timing disabled (checks the machinery)
 
-Anything after ``--`` goes to pytest (e.g. ``-- -k seed``). The raw record of the run is ``results.json``.
+Anything after ``--`` goes to pytest (e.g. ``-- -k seed``). The raw record of the run is ``results.json``. Groups
+(workload, batch) that other processes disturbed are measured again, whole, once (``--repasses``).
 """
 
 from __future__ import annotations
@@ -601,7 +602,7 @@ def render(data, out_dir, command, notes_path=None):
     lines += section_flops(res)
     lines += section_machine(res, command)
     lines += section_behind(res)
-    if notes_path and os.path.exists(notes_path):
+    if notes_path and os.path.exists(notes_path) and not res.machine.get("tiny"):
         with open(notes_path) as f:
             lines += [f.read().rstrip(), ""]
     path = os.path.join(out_dir, "RESULTS.md")
