@@ -194,15 +194,17 @@ def _batchnorm(c):
 
 
 # ----- elementwise nonlinearities -------------------------------------------------------------------------
+# Masks of relu-like ops are taken from the output where y > 0 <=> x > 0: the pre-activation then has a single
+# consumer, so onnxruntime can fuse MatMul + Add + activation in the companion graph as in the forward graph.
 @rule("Relu")
 def _relu(c):
-    return [Scale(c.b.cast_float(c.positive_mask(c.x)))]
+    return [Scale(c.b.op("Sign", [c.y]))]  # y = relu(x) >= 0, so sign(y) is the 0/1 mask (0 at the kink)
 
 
 @rule("LeakyRelu")
 def _leaky_relu(c):
-    alpha = c.attr("alpha", 0.01)
-    return [Scale(c.b.where(c.positive_mask(c.x), 1.0, float(alpha)))]
+    alpha = float(c.attr("alpha", 0.01))
+    return [Scale(c.b.where(c.positive_mask(c.y if alpha > 0 else c.x), 1.0, alpha))]
 
 
 @rule("PRelu")
@@ -217,13 +219,14 @@ def _prelu(c):
 @rule("Elu")
 def _elu(c):
     alpha = float(c.attr("alpha", 1.0))
-    return [Scale(c.b.where(c.positive_mask(c.x), 1.0, c.b.add(c.y, alpha)))]
+    return [Scale(c.b.where(c.positive_mask(c.y if alpha > 0 else c.x), 1.0, c.b.add(c.y, alpha)))]
 
 
 @rule("Selu")
 def _selu(c):
     alpha, gamma = float(c.attr("alpha", 1.67326319217681884765625)), float(c.attr("gamma", 1.05070102214813232421875))
-    return [Scale(c.b.where(c.positive_mask(c.x), gamma, c.b.add(c.y, alpha * gamma)))]
+    pos = c.positive_mask(c.y if alpha > 0 and gamma > 0 else c.x)
+    return [Scale(c.b.where(pos, gamma, c.b.add(c.y, alpha * gamma)))]
 
 
 @rule("Tanh")
