@@ -61,6 +61,8 @@ class Partials:
         self.input_names = [i["name"] for i in m["inputs"]]
         self.input_widths = [int(i["shape"][1]) for i in m["inputs"]]
         self.n_in = sum(self.input_widths)
+        self._offsets = np.concatenate([[0], np.cumsum(self.input_widths)]).astype(int)
+        self._sessions_outputs = m.get("outputs", [])
         self.n_out = self.bundle.n_out
         self.input_columns = self.bundle.input_columns
         self.output_columns = self.bundle.output_columns
@@ -103,18 +105,20 @@ class Partials:
     # ----- input handling -------------------------------------------------------------------------------------
     def _inputs(self, x, nan_policy):
         policy = nan_policy or self.nan_policy
-        if len(self.input_names) > 1 and isinstance(x, dict):
+        if len(self.input_names) == 1:
+            return [as_batch(x, self.n_in, name="x", nan_policy=policy)]
+        if isinstance(x, dict):
             missing = [n for n in self.input_names if n not in x]
             if missing:
                 raise InputError(f"missing inputs {missing}; expected {self.input_names}")
             parts = [as_batch(x[n], w, name=n, nan_policy=policy) for n, w in zip(self.input_names, self.input_widths)]
-        elif len(self.input_names) > 1 and isinstance(x, (list, tuple)) and len(x) == len(self.input_names) \
+        elif isinstance(x, (list, tuple)) and len(x) == len(self.input_names) \
                 and all(np.ndim(p) == 2 or (np.ndim(p) == 1 and len(p) == w) for p, w in zip(x, self.input_widths)) \
                 and not all(np.ndim(p) == 1 and len(x) == self.n_in for p in x):
             parts = [as_batch(p, w, name=n, nan_policy=policy) for p, n, w in zip(x, self.input_names, self.input_widths)]
         else:
             arr = as_batch(x, self.n_in, name="x", nan_policy=policy)
-            parts = np.split(arr, np.cumsum(self.input_widths)[:-1], axis=1) if len(self.input_widths) > 1 else [arr]
+            parts = np.split(arr, self._offsets[1:-1], axis=1)
         rows = {p.shape[0] for p in parts}
         if len(rows) != 1:
             raise InputError(f"inputs have different batch sizes {[p.shape[0] for p in parts]}")
@@ -128,8 +132,10 @@ class Partials:
             return self._kernel.forward(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
                                         nan_policy="propagate")
         n = parts[0].shape[0]
-        y = np.empty((n, self.n_out), np.float32)
         sess = self._sessions["forward"]
+        if 0 < n <= self.max_batch and len(self._sessions_outputs) == 1:
+            return sess.run(None, dict(zip(self.input_names, parts)))[0].reshape(n, self.n_out)
+        y = np.empty((n, self.n_out), np.float32)
         for s in range(0, n, self.max_batch):
             outs = sess.run(None, {nm: p[s:s + self.max_batch] for nm, p in zip(self.input_names, parts)})
             y[s:s + self.max_batch] = np.concatenate([o.reshape(o.shape[0], -1) for o in outs], axis=1)
@@ -142,10 +148,13 @@ class Partials:
             return self._kernel.jacobian(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
                                          nan_policy="propagate")
         n = parts[0].shape[0]
+        sess = self._sessions["jacobian"]
+        if 0 < n <= self.max_batch:  # one call: onnxruntime's fresh output arrays are returned as they are
+            outs = sess.run(None, dict(zip(self.input_names, parts)))
+            return outs[0], (outs[1] if len(outs) == 2 else np.concatenate(outs[1:], axis=2))
         y = np.empty((n, self.n_out), np.float32)
         dy = np.empty((n, self.n_out, self.n_in), np.float32)
-        sess = self._sessions["jacobian"]
-        offs = np.concatenate([[0], np.cumsum(self.input_widths)])
+        offs = self._offsets
         for s in range(0, n, self.max_batch):
             outs = sess.run(None, {nm: p[s:s + self.max_batch] for nm, p in zip(self.input_names, parts)})
             y[s:s + self.max_batch] = outs[0]
