@@ -15,6 +15,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
+    sys.path.append(ROOT)
 
 pytest.importorskip("pytest_benchmark", reason="the benchmark suite needs pytest-benchmark (the [test] extra)")
 
