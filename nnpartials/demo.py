@@ -18,7 +18,6 @@ the network; the data, lying on one line, determine only the derivative *along* 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

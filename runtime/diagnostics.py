@@ -347,7 +347,7 @@ class Diagnosis:
             f"normalisation: {self.normalization.source}",
             "singular values (std along principal directions, normalised units): "
             + ", ".join(f"{s:.4g}" for s in g.singular_values),
-            f"relative: " + ", ".join(f"{r:.3g}" for r in g.relative)
+            "relative: " + ", ".join(f"{r:.3g}" for r in g.relative)
             + f"; effective rank {g.effective_rank} of {self.n_in} (rank_rtol={g.rank_rtol:g})",
         ]
         for d in g.supported_directions:

@@ -109,3 +109,22 @@ def residual_model(seed=0):
         r = keras.layers.Dense(8, activation="gelu")(h)
         h = keras.layers.Add()([h, r])
     return keras.Model(inp, keras.layers.Dense(4)(h), name="residual")
+
+
+def kink_distance(layers, x):
+    """Smallest distance of a pre-activation to a kink of a piecewise activation, per point (float64)."""
+    from nnpartials.exporter.nnp import activation_ref
+
+    a = np.asarray(x, np.float64)
+    d = np.full(a.shape[0], np.inf)
+    for L in layers:
+        z = a @ L.W.astype(np.float64) + L.b
+        if L.activation in ("relu", "leaky_relu", "elu", "selu"):
+            d = np.minimum(d, np.abs(z).min(axis=1))
+        elif L.activation == "relu6":
+            d = np.minimum(d, np.minimum(np.abs(z), np.abs(z - 6)).min(axis=1))
+        elif L.activation == "hard_sigmoid":
+            t = L.p0 * z + L.p1
+            d = np.minimum(d, np.minimum(np.abs(t), np.abs(t - 1)).min(axis=1) / abs(L.p0))
+        a = activation_ref(L.activation, z, L.p0, L.p1)
+    return d

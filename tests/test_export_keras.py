@@ -44,7 +44,6 @@ def test_dense_activation_matches_gradient_tape(act):
 
 
 def test_seed_network_matches_gradient_tape():
-    t = np.linspace(0, 6 * np.pi, 2000)
     check_against_tape(models.seed_model(), low=0.0, high=6 * np.pi * 1.5)
 
 

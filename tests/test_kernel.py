@@ -9,6 +9,7 @@ import pytest
 
 from nnpartials import tolerances
 from nnpartials.errors import BundleError, InputError, InputTypeError, WeightFileError
+from models import kink_distance
 from nnpartials.exporter.nnp import SELU_ALPHA, SELU_SCALE, Layer, forward_ref, write_nnp
 
 kernel_mod = pytest.importorskip("nnpartials.runtime.kernel")
@@ -43,25 +44,6 @@ def ref_jacobian(layers, x, h=1e-6):
         e[j] = h
         cols.append((forward_ref(layers, x + e) - forward_ref(layers, x - e)) / (2 * h))
     return np.stack(cols, axis=2)  # [n, n_out, n_in]
-
-
-def kink_distance(layers, x):
-    """Smallest distance of a pre-activation to a kink, per point."""
-    a = np.asarray(x, np.float64)
-    d = np.full(a.shape[0], np.inf)
-    for L in layers:
-        z = a @ L.W.astype(np.float64) + L.b
-        if L.activation in ("relu", "leaky_relu", "elu", "selu"):
-            d = np.minimum(d, np.abs(z).min(axis=1))
-        elif L.activation == "relu6":
-            d = np.minimum(d, np.minimum(np.abs(z), np.abs(z - 6)).min(axis=1))
-        elif L.activation == "hard_sigmoid":
-            t = L.p0 * z + L.p1
-            d = np.minimum(d, np.minimum(np.abs(t), np.abs(t - 1)).min(axis=1) / abs(L.p0))
-        from nnpartials.exporter.nnp import activation_ref
-
-        a = activation_ref(L.activation, z, L.p0, L.p1)
-    return d
 
 
 def points(n, n_in=3, seed=1, scale=2.0):

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import models  # noqa: E402  (tests/models.py)
+from models import kink_distance  # noqa: E402
 
 from nnpartials import tolerances  # noqa: E402
 from nnpartials.errors import NotLowerableError  # noqa: E402
@@ -21,7 +22,7 @@ pytest.importorskip("nnpartials._core", reason="the C extension is not built")
 
 from nnpartials.exporter.keras_export import keras_to_onnx, load_model  # noqa: E402
 from nnpartials.exporter.lower import lower_layers, lower_onnx  # noqa: E402
-from nnpartials.exporter.nnp import activation_ref, read_nnp  # noqa: E402
+from nnpartials.exporter.nnp import read_nnp  # noqa: E402
 from nnpartials.exporter.reference import tf_jacobian  # noqa: E402
 from nnpartials.runtime.kernel import Kernel  # noqa: E402
 
@@ -42,22 +43,6 @@ def ort_forward(model, x):
 def tape_jacobian(keras_model, x):
     y, js = tf_jacobian(load_model(keras_model), [x])
     return y, js[0]
-
-
-def kink_distance(layers, x):
-    a = np.asarray(x, np.float64)
-    d = np.full(a.shape[0], np.inf)
-    for L in layers:
-        z = a @ L.W.astype(np.float64) + L.b
-        if L.activation in ("relu", "leaky_relu", "elu", "selu"):
-            d = np.minimum(d, np.abs(z).min(axis=1))
-        elif L.activation == "relu6":
-            d = np.minimum(d, np.minimum(np.abs(z), np.abs(z - 6)).min(axis=1))
-        elif L.activation == "hard_sigmoid":
-            t = L.p0 * z + L.p1
-            d = np.minimum(d, np.minimum(np.abs(t), np.abs(t - 1)).min(axis=1) / abs(L.p0))
-        a = activation_ref(L.activation, z, L.p0, L.p1)
-    return d
 
 
 def sample(n_in, n=N_POINTS, seed=0):
