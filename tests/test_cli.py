@@ -68,3 +68,22 @@ def test_partials_large_input_chunks(seed_bundle, tmp_path, ext):
     _, J = nnpartials.Partials(seed_bundle).jacobian(x)
     got = np.load(out)["dy_dx"] if ext == ".npz" else np.loadtxt(out, delimiter=",", skiprows=1)[:, 3:5]
     np.testing.assert_allclose(got.reshape(J.shape), J, rtol=1e-6, atol=1e-8)
+
+
+def test_every_subpackage_is_packaged():
+    """A non-editable install ships only the packages pyproject lists: every folder with an __init__.py counts."""
+    import os
+    import tomllib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        cfg = tomllib.load(f)["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    dirs = {v: k for k, v in cfg["package-dir"].items()}
+    found = set()
+    for top, pkg in dirs.items():
+        for d, _, files in os.walk(os.path.join(root, top)):
+            if "__init__.py" in files and "__pycache__" not in d:
+                rel = os.path.relpath(d, os.path.join(root, top))
+                found.add(pkg if rel == "." else pkg + "." + rel.replace(os.sep, "."))
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
