@@ -91,16 +91,20 @@ class _Engine:
         s = self.b.shape(name)
         return s is not None and len(s) > 0 and s[0] is None
 
+    def _scale(self, term, d, d_shape, y):
+        """``s * d`` for a Scale term (both modes): the product and whether it has a real batch axis."""
+        full = d in self.full
+        if isinstance(term.s, (int, float)) and float(term.s) == 1.0:
+            return d, full
+        b = self.b
+        s = self._scale_tensor(term.s)
+        r = b.op("Mul", [d, s], shape=broadcast_shapes(d_shape or (), b.shape(s) or ()))
+        return r, full or (self._is_batched(s) and len(b.shape(s)) == len(b.shape(y)))
+
     def _fwd(self, term, d, x, y):
         b = self.b
         if isinstance(term, Scale):
-            full = d in self.full
-            if isinstance(term.s, (int, float)) and float(term.s) == 1.0:
-                r = d
-            else:
-                s = self._scale_tensor(term.s)
-                r = b.op("Mul", [d, s], shape=broadcast_shapes(self._dshape(x) or (), b.shape(s) or ()))
-                full = full or (self._is_batched(s) and len(b.shape(s)) == len(b.shape(y)))
+            r, full = self._scale(term, d, self._dshape(x), y)
             ys, rs = self._dshape(y), b.shape(r)
             if ys is not None and rs is not None and tuple(rs[2:]) != tuple(ys[2:]):
                 r = b.op("Expand", [r, b.const([1, 1] + list(ys[2:]), np.int64)], shape=ys)
@@ -122,13 +126,7 @@ class _Engine:
         b = self.b
         xs = b.shape(x)
         if isinstance(term, Scale):
-            full = g in self.full
-            if isinstance(term.s, (int, float)) and float(term.s) == 1.0:
-                r = g
-            else:
-                s = self._scale_tensor(term.s)
-                r = b.op("Mul", [g, s], shape=broadcast_shapes(b.shape(g) or (), b.shape(s) or ()))
-                full = full or (self._is_batched(s) and len(b.shape(s)) == len(b.shape(y)))
+            r, full = self._scale(term, g, b.shape(g), y)
             rs = b.shape(r)
             if xs is None or rs is None:
                 raise ExportError(f"unknown shape while differentiating {x!r}")
