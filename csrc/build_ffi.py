@@ -1,7 +1,7 @@
 """cffi build script for ``nnpartials._core`` (API mode, out-of-line), compiled from ``csrc/nnp.c``.
 
 Used by ``setup.py`` (``cffi_modules=["csrc/build_ffi.py:ffibuilder"]``). The cdef below mirrors ``csrc/nnp.h``;
-``tests/test_c_ffi_sync.py`` checks that they agree.
+``tests/test_c_build.py::test_cdef_matches_header`` checks that they agree.
 """
 
 import os
