@@ -204,6 +204,10 @@ def _relu(c):
 @rule("LeakyRelu")
 def _leaky_relu(c):
     alpha = float(c.attr("alpha", 0.01))
+    if 0.0 < alpha < 1.0:
+        # clip(ceil(y), alpha, 1): ceil(y) >= 1 where y > 0 and <= 0 elsewhere, so this is exactly 1 or alpha
+        # (alpha at the kink, as TensorFlow), in two cheap unary passes instead of a compare and a select.
+        return [Scale(c.b.op("Clip", [c.b.op("Ceil", [c.y]), c.b.const(alpha), c.b.const(1.0)], shape=c.b.shapes.get(c.y)))]
     return [Scale(c.b.where(c.positive_mask(c.y if alpha > 0 else c.x), 1.0, alpha))]
 
 

@@ -132,6 +132,10 @@ UNARY = [
     ("Abs", {}, (-3, 3), (0,)),
     ("Relu", {}, (-3, 3), (0,)),
     ("LeakyRelu", {"alpha": 0.2}, (-3, 3), (0,)),
+    # slopes outside (0, 1) take the compare-and-select mask instead of clip(ceil(y), alpha, 1)
+    ("LeakyRelu", {"alpha": 1.5}, (-3, 3), (0,)),
+    ("LeakyRelu", {"alpha": -0.4}, (-3, 3), (0,)),
+    ("LeakyRelu", {"alpha": 0.0}, (-3, 3), (0,)),
     ("Elu", {"alpha": 0.7}, (-3, 3), (0,)),
     ("Selu", {}, (-3, 3), (0,)),
     ("Tanh", {}, (-3, 3), ()),
@@ -150,7 +154,8 @@ UNARY = [
 ]
 
 
-@pytest.mark.parametrize("op,attrs,rng,kinks", UNARY, ids=[u_[0] for u_ in UNARY])
+@pytest.mark.parametrize("op,attrs,rng,kinks", UNARY,
+                         ids=[u_[0] + "".join(f"-{k}={v}" for k, v in u_[1].items()) for u_ in UNARY])
 def test_unary_rule(op, attrs, rng, kinks):
     m = make_model(op, [("x", (3,))], (3,), attrs=dict(attrs))
     check_rule(m, {"x": u((3,), *rng, kinks=kinks)})
@@ -321,6 +326,20 @@ def test_kink_convention(op, attrs, expected):
         sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
         _, j = sess.run(None, {"x": np.zeros((1, 1), np.float32)})
         assert j[0, 0, 0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.5, -0.4])
+def test_leaky_relu_mask_near_the_kink(alpha):
+    """Exactly 1 or alpha next to the kink too: tiny, subnormal and signed-zero inputs, as TensorFlow."""
+    tiny = np.float32(np.finfo(np.float32).smallest_subnormal)
+    x = np.array([[0.0], [-0.0], [tiny], [-tiny], [1e-30], [-1e-30], [3e38], [-3e38]], np.float32)
+    want = np.where(x > 0, 1.0, alpha).astype(np.float32)  # tf.nn.leaky_relu's gradient: x > 0 ? 1 : alpha
+    m = make_model("LeakyRelu", [("x", (1,))], (1,), attrs={"alpha": alpha})
+    for mode in ("forward", "reverse"):
+        jm, _ = build_jacobian_model(m, mode=mode)
+        sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+        _, j = sess.run(None, {"x": x})
+        np.testing.assert_array_equal(j[:, 0, 0], want[:, 0])
 
 
 # ----- unsupported ops ------------------------------------------------------------------------------------------
