@@ -264,6 +264,7 @@ class _Engine:
         g = self.model.graph
         for src, name, dims in outs:
             b.new_nodes.append(helper.make_node("Identity", [src], [name], name=f"nnp_out_{name}"))
+        fold_scales_into_matmul(b, keep=set(n.input[0] for n in b.new_nodes[-len(outs):]) | set(self.outputs))
         g.node.extend(b.new_nodes)
         g.initializer.extend(b.new_inits)
         del g.output[:]
@@ -274,6 +275,44 @@ class _Engine:
         self.model.doc_string = (f"nnpartials companion Jacobian graph ({self.mode} mode): y [batch, n_out], "
                                  f"dy_dx[b, i, j] = d y[b, i] / d x[b, j]")
         return self.model
+
+
+def fold_scales_into_matmul(b, keep=()):
+    """Among the derivative nodes, rewrite ``Mul(MatMul(a, W), c)`` as ``MatMul(a, W * c)`` where W and c are
+    constants, c varies along the last axis only and the product has no other use. This is what a constant
+    elementwise factor after the last product becomes, e.g. the 1/std of a Normalization layer in reverse mode:
+    one node and one pass over the batch fewer. The result differs from the two-step product by float32
+    rounding only. The forward graph's own nodes are left as they are."""
+    nodes = b.new_nodes
+    graph_nodes = list(b.graph.node)
+    uses: dict[str, int] = {}
+    for n in graph_nodes + nodes:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    producer = {n.output[0]: n for n in nodes if n.op_type == "MatMul"}
+    drop = set()
+    for n in nodes:
+        if n.op_type != "Mul":
+            continue
+        for t, c in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+            mm = producer.get(t)
+            cv, tshape = b.value(c), b.shape(t)
+            if mm is None or cv is None or uses.get(t) != 1 or t in keep or tshape is None:
+                continue
+            w = b.value(mm.input[1])
+            if w is None or w.ndim != 2 or cv.dtype != np.float32 or w.dtype != np.float32:
+                continue
+            if cv.ndim > len(tshape) or any(d != 1 for d in cv.shape[:-1]) or \
+                    (cv.ndim and cv.shape[-1] not in (1, w.shape[1])):
+                continue
+            mm.input[1] = b.const(w * cv.reshape(-1), hint="wscaled")
+            mm.output[0] = n.output[0]
+            drop.add(id(n))
+            break
+    if drop:
+        b.new_nodes = [n for n in nodes if id(n) not in drop]
+        used = {i for n in graph_nodes + b.new_nodes for i in n.input}
+        b.new_inits = [t for t in b.new_inits if t.name in used]
 
 
 def build_jacobian_model(model: onnx.ModelProto, mode: str = "auto") -> tuple[onnx.ModelProto, dict]:

@@ -234,6 +234,37 @@ def test_matmul_rule():
     check_rule(make_model("MatMul", [("x", (4,))], (5,), consts={"w": w}), {"x": u((4,))})
 
 
+def _two_node_model(nodes, consts, n_in, n_out):
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", n_out])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_constant_scale_folds_into_the_last_product():
+    """Reverse mode turns x * c -> MatMul(., w) into MatMul(g, w^T) -> Mul(., c): folded into one MatMul."""
+    w = RNG.normal(size=(3, 4)).astype(np.float32)
+    c = RNG.uniform(0.5, 2.0, size=(3,)).astype(np.float32)
+    m = _two_node_model([helper.make_node("Mul", ["x", "c"], ["s"]), helper.make_node("MatMul", ["s", "w"], ["out"])],
+                        {"c": c, "w": w}, 3, 4)
+    check_rule(m, {"x": u((3,))})
+    jm, _ = build_jacobian_model(m, mode="reverse")
+    derivative_nodes = list(jm.graph.node)[2:]
+    assert not [n for n in derivative_nodes if n.op_type == "Mul"], [n.op_type for n in derivative_nodes]
+
+
+def test_constant_scale_is_not_folded_into_a_shared_product():
+    """The fold must leave a product that something else also reads: out = (x - x * c) @ w sends the product's
+    adjoint both to x directly and, times -1, to x * c."""
+    w = RNG.normal(size=(3, 4)).astype(np.float32)
+    c = RNG.uniform(0.5, 2.0, size=(3,)).astype(np.float32)
+    m = _two_node_model([helper.make_node("Mul", ["x", "c"], ["p"]), helper.make_node("Sub", ["x", "p"], ["s"]),
+                         helper.make_node("MatMul", ["s", "w"], ["out"])], {"c": c, "w": w}, 3, 4)
+    check_rule(m, {"x": u((3,))})
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_rule(trans_b):
     w = RNG.normal(size=(5, 4) if trans_b else (4, 5)).astype(np.float32)
