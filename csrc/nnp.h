@@ -27,9 +27,10 @@
  * threads at once, each with its own workspace and output buffers.
  *
  * Results do not depend on how a batch is split into calls or blocks, with one exception: a call for a
- * single point uses faster one-row kernels that sum in a different order, so it may differ from the same
- * point inside a larger batch by float32 rounding. NaN and Inf inputs propagate; nothing traps. On x86-64
- * the compute loops are built for the baseline ISA and for AVX2+FMA, chosen at run time.
+ * single point uses faster one-row kernels (in reverse mode with n_out <= 2, a path of its own) that sum in a
+ * different order, so it may differ from the same point inside a larger batch by float32 rounding. NaN and
+ * Inf inputs propagate; nothing traps. On x86-64 the compute loops are built for the baseline ISA and for
+ * AVX2+FMA, chosen at run time.
  */
 #ifndef NNP_H
 #define NNP_H
@@ -81,8 +82,10 @@ extern "C" {
 #define NNP_ACT_EXPONENTIAL 14
 #define NNP_ACT_COUNT 15
 
-/* Jacobian modes. AUTO picks forward mode (cost ~ n_in) or reverse mode (cost ~ n_out) by shape, and takes forward
- * mode for batches of one or two points when n_in <= 2 (n_out + 1) (single-row products are load-bound). */
+/* Jacobian modes. AUTO picks forward mode (cost ~ n_in) or reverse mode (cost ~ n_out) by shape: reverse mode when
+ * n_out < n_in. For one point with n_out <= 2 (and n_out < n_in) that is the single-point reverse path (one
+ * forward pass, then one backward pass per output, fused kernels); otherwise, for batches of one or two points,
+ * AUTO takes forward mode when n_in <= 2 (n_out + 1) (single-row products are load-bound). */
 #define NNP_MODE_AUTO 0
 #define NNP_MODE_FORWARD 1
 #define NNP_MODE_REVERSE 2

@@ -85,8 +85,15 @@ static void exercise(const unsigned char *buf, size_t len)
             xd[i] = x[i];
         }
         if (nnp_forward(m, batch, x, y, work, wmax) != NNP_OK) abort();
-        for (mode = NNP_MODE_AUTO; mode <= NNP_MODE_REVERSE; mode++)
+        for (mode = NNP_MODE_AUTO; mode <= NNP_MODE_REVERSE; mode++) {
             if (nnp_jacobian(m, mode, batch, x, y, J, work, wmax) != NNP_OK) abort();
+            /* one point: its own kernels (the single-point reverse path when n_out <= 2) */
+            if (nnp_jacobian(m, mode, 1, x, y, J, work, wmax) != NNP_OK) abort();
+        }
+        /* one point with exactly the reverse-mode workspace it asks for */
+        if (nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, 1, &w) != NNP_OK ||
+            nnp_jacobian(m, NNP_MODE_REVERSE, 1, x, NULL, J, work, w) != NNP_OK)
+            abort();
         if (nnp_forward_f64(m, batch, xd, yd, wd, wmax) != NNP_OK) abort();
         if (nnp_fd_jacobian_f64(m, batch, xd, yd, Jd, err, wd, wmax) != NNP_OK) abort();
     }

@@ -480,6 +480,177 @@ static void test_activations(void)
     }
 }
 
+/* One point at a time (batch 1): reverse mode with n_out <= 2 runs the single-point path (its own kernels: bias,
+ * activation and derivative fused, the backward pass over W). Compare it, point by point, with the batch paths,
+ * forward mode and the float64 reference; check the automatic mode's choice, y == NULL, NaN inputs and the
+ * workspace checks. */
+static void check_single_point(size_t n_in, const size_t *widths, size_t nw, unsigned act, unsigned out_act,
+                               size_t npts, const char *what)
+{
+    tmodel tm = make_model(n_in, widths, nw, act, out_act);
+    unsigned char *file;
+    size_t len, n_out = widths[nw - 1], jn, i, b, wr1, wf1, wa1, wbig, wmin;
+    void *storage = NULL;
+    nnp_model *m;
+    float *x, *yb, *Jb, *y1, *J1, *J1n, *Ja, *Jf, *work;
+    double *xd, *yref, *Jref, err_y = 0, err_j = 0, err_b = 0, err_f = 0, lo = -2.5, hi = 2.5;
+    int rc, sp_auto;
+    if (act == NNP_ACT_EXPONENTIAL || out_act == NNP_ACT_EXPONENTIAL) lo = -1, hi = 1;
+    file = write_model(&tm, &len);
+    m = load_copy(file, len, &storage);
+    free(file);
+    if (!m) {
+        free_model(&tm);
+        return;
+    }
+    jn = n_in * n_out;
+    x = (float *)xmalloc(npts * n_in * sizeof(float));
+    xd = (double *)xmalloc(n_in * sizeof(double));
+    yb = (float *)xmalloc(npts * n_out * sizeof(float));
+    Jb = (float *)xmalloc(npts * jn * sizeof(float));
+    y1 = (float *)xmalloc(n_out * sizeof(float));
+    J1 = (float *)xmalloc(jn * sizeof(float));
+    J1n = (float *)xmalloc(jn * sizeof(float));
+    Ja = (float *)xmalloc(jn * sizeof(float));
+    Jf = (float *)xmalloc(jn * sizeof(float));
+    yref = (double *)xmalloc(n_out * sizeof(double));
+    Jref = (double *)xmalloc(jn * sizeof(double));
+    nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, 1, &wr1);
+    nnp_workspace(m, NNP_WS_JACOBIAN_FORWARD, 1, &wf1);
+    nnp_workspace(m, NNP_WS_JACOBIAN, 1, &wa1);
+    nnp_workspace(m, NNP_WS_JACOBIAN, npts, &wbig);
+    CHECK(wa1 >= wr1 && wa1 >= wf1, "%s: auto workspace covers both modes", what);
+    if (wbig < wa1) wbig = wa1;
+    work = (float *)xmalloc(wbig * sizeof(float));
+    for (i = 0; i < npts * n_in; i++) x[i] = (float)urange(lo, hi);
+    /* the batch (blocked) reverse path for all points at once */
+    rc = nnp_jacobian(m, NNP_MODE_REVERSE, npts, x, yb, Jb, work, wbig);
+    CHECK_RC(rc, NNP_OK, "batch reverse");
+    /* AUTO for one point takes the single-point path exactly when n_out < n_in and n_out <= 2 */
+    sp_auto = n_out < n_in && n_out <= 2;
+    for (b = 0; b < npts; b++) {
+        const float *xb = x + b * n_in;
+        double ys = 1, js = 1;
+        for (i = 0; i < n_in; i++) xd[i] = xb[i];
+        ref_eval(&tm, xd, yref, Jref);
+        for (i = 0; i < n_out; i++) ys = fmax(ys, fabs(yref[i]));
+        for (i = 0; i < jn; i++) js = fmax(js, fabs(Jref[i]));
+        rc = nnp_jacobian(m, NNP_MODE_REVERSE, 1, xb, y1, J1, work, wr1);
+        CHECK_RC(rc, NNP_OK, "single-point reverse");
+        rc = nnp_jacobian(m, NNP_MODE_REVERSE, 1, xb, NULL, J1n, work, wr1);
+        CHECK_RC(rc, NNP_OK, "single-point reverse, y NULL");
+        CHECK(memcmp(J1, J1n, jn * sizeof(float)) == 0, "%s: y == NULL changes J (point %lu)", what,
+              (unsigned long)b);
+        rc = nnp_jacobian(m, NNP_MODE_FORWARD, 1, xb, NULL, Jf, work, wf1);
+        CHECK_RC(rc, NNP_OK, "single-point forward");
+        rc = nnp_jacobian(m, NNP_MODE_AUTO, 1, xb, NULL, Ja, work, wa1);
+        CHECK_RC(rc, NNP_OK, "single-point auto");
+        CHECK(memcmp(Ja, sp_auto ? J1 : Jf, jn * sizeof(float)) == 0, "%s: auto for one point takes %s mode", what,
+              sp_auto ? "reverse" : "forward");
+        for (i = 0; i < n_out; i++) {
+            err_y = fmax(err_y, fabs(y1[i] - yref[i]) / ys);
+            err_y = fmax(err_y, fabs(y1[i] - yb[b * n_out + i]) / ys);
+        }
+        for (i = 0; i < jn; i++) {
+            err_j = fmax(err_j, fabs(J1[i] - Jref[i]) / js);
+            err_b = fmax(err_b, fabs(J1[i] - Jb[b * jn + i]) / js);
+            err_f = fmax(err_f, fabs(J1[i] - Jf[i]) / js);
+        }
+    }
+    CHECK(err_y <= 2e-6, "%s: single-point y error %.3g", what, err_y);
+    CHECK(err_j <= 1e-5, "%s: single-point jacobian error %.3g", what, err_j);
+    CHECK(err_b <= 1e-5, "%s: single-point vs batch reverse %.3g", what, err_b);
+    CHECK(err_f <= 1e-5, "%s: single-point reverse vs forward %.3g", what, err_f);
+    if (getenv("NNP_TEST_VERBOSE"))
+        printf("  %-36s y %.2e  jac %.2e  vs batch %.2e  vs fwd %.2e\n", what, err_y, err_j, err_b, err_f);
+
+    /* NaN and infinite inputs propagate as in the batch path */
+    {
+        float xs[2 * 64];
+        size_t q;
+        if (n_in <= 64) {
+            for (q = 0; q < 2 * n_in; q++) xs[q] = 0.25f;
+            xs[0] = (float)NAN;
+            xs[n_in] = (float)INFINITY;
+            rc = nnp_jacobian(m, NNP_MODE_REVERSE, 2, xs, yb, Jb, work, wbig);
+            CHECK_RC(rc, NNP_OK, "batch reverse, non-finite");
+            for (q = 0; q < 2; q++) {
+                rc = nnp_jacobian(m, NNP_MODE_REVERSE, 1, xs + q * n_in, y1, J1, work, wr1);
+                CHECK_RC(rc, NNP_OK, "single-point reverse, non-finite");
+                for (i = 0; i < n_out; i++)
+                    CHECK(isnan(y1[i]) == isnan(yb[q * n_out + i]) && isinf(y1[i]) == isinf(yb[q * n_out + i]),
+                          "%s: non-finite input %lu: y[%lu] %g, batch %g", what, (unsigned long)q, (unsigned long)i,
+                          (double)y1[i], (double)yb[q * n_out + i]);
+                for (i = 0; i < jn; i++)
+                    CHECK(isnan(J1[i]) == isnan(Jb[q * jn + i]) && isinf(J1[i]) == isinf(Jb[q * jn + i]),
+                          "%s: non-finite input %lu: J[%lu] %g, batch %g", what, (unsigned long)q, (unsigned long)i,
+                          (double)J1[i], (double)Jb[q * jn + i]);
+            }
+        }
+    }
+
+    /* workspace: the reverse one works (checked above); anything smaller than the single-point path needs is an
+     * error in reverse mode, and AUTO falls back to forward mode when its workspace is large enough for that */
+    if (n_out <= 2) {
+        size_t mc = 0, sc = 0, k;
+        for (k = 0; k < nw; k++) {
+            mc = widths[k] > mc ? widths[k] : mc;
+            sc += widths[k];
+        }
+        wmin = 4 * mc + sc;
+        CHECK(wr1 >= wmin, "%s: reverse workspace %lu holds the single-point path's %lu", what, (unsigned long)wr1,
+              (unsigned long)wmin);
+        rc = nnp_jacobian(m, NNP_MODE_REVERSE, 1, x, y1, J1, work, wmin);
+        CHECK_RC(rc, NNP_OK, "single-point reverse, exact workspace");
+        rc = nnp_jacobian(m, NNP_MODE_REVERSE, 1, x, y1, J1, work, wmin - 1);
+        CHECK_RC(rc, NNP_E_WORKSPACE, "single-point reverse, workspace too small");
+        if (sp_auto && wf1 < wmin) {
+            rc = nnp_jacobian(m, NNP_MODE_AUTO, 1, x, NULL, Ja, work, wf1);
+            CHECK_RC(rc, NNP_OK, "auto, forward-mode workspace");
+            rc = nnp_jacobian(m, NNP_MODE_FORWARD, 1, x, NULL, Jf, work, wf1);
+            CHECK(memcmp(Ja, Jf, jn * sizeof(float)) == 0, "%s: auto falls back to forward mode", what);
+        }
+    }
+    free(x); free(xd); free(yb); free(Jb); free(y1); free(J1); free(J1n); free(Ja); free(Jf); free(yref);
+    free(Jref); free(work); free(storage);
+    free_model(&tm);
+}
+
+static void test_single_point(void)
+{
+    static const size_t seed[] = {64, 64, 32, 32, 16, 16, 8, 1};
+    static const size_t odd[] = {16, 12, 9, 2};       /* widths not multiples of 8, n_out 2 */
+    static const size_t one1[] = {1}, one2[] = {2};   /* one layer */
+    static const size_t thin[] = {33, 17, 1};         /* n_in 1 (forward mode for AUTO) */
+    static const size_t wide[] = {8, 24, 40, 72, 2};  /* a layer wider than 64, inner sizes 24 and 40 */
+    static const size_t big[] = {130, 7, 2};          /* 130 columns: blocks of 64 and a tail */
+    static const size_t sq[] = {16, 16, 1};
+    static const size_t in64[] = {64, 1};             /* the last backward product has 64 rows */
+    static const size_t in12[] = {8, 1};              /* ... 12 rows: a group of 8 and 4 left */
+    static const size_t deep3[] = {20, 40, 24, 3};    /* n_out 3: the batch path */
+    unsigned a;
+    char what[96];
+    for (a = 0; a < NNP_ACT_COUNT; a++) {
+        sprintf(what, "%s 5->16,12,9,2", act_names[a]);
+        check_single_point(5, odd, 4, a, NNP_ACT_LINEAR, 25, what);
+        sprintf(what, "%s 9->8,24,40,72,2 (same out)", act_names[a]);
+        check_single_point(9, wide, 5, a, a, 12, what);
+        sprintf(what, "%s 7->2 one layer", act_names[a]);
+        check_single_point(7, one2, 1, a, a, 12, what);
+        sprintf(what, "%s 1->33,17,1", act_names[a]);
+        check_single_point(1, thin, 3, a, NNP_ACT_LINEAR, 12, what);
+    }
+    check_single_point(2, seed, 8, NNP_ACT_LEAKY_RELU, NNP_ACT_LINEAR, 60, "leaky seed 2->64..8->1");
+    check_single_point(2, seed, 8, NNP_ACT_RELU, NNP_ACT_RELU, 40, "relu seed 2->64..8->1 (relu out)");
+    check_single_point(2, seed, 8, NNP_ACT_TANH, NNP_ACT_SIGMOID, 20, "tanh seed 2->64..8->1 (sigmoid out)");
+    check_single_point(3, one1, 1, NNP_ACT_LEAKY_RELU, NNP_ACT_LEAKY_RELU, 20, "leaky 3->1 one layer");
+    check_single_point(13, big, 3, NNP_ACT_ELU, NNP_ACT_LINEAR, 10, "elu 13->130,7,2");
+    check_single_point(16, sq, 3, NNP_ACT_SWISH, NNP_ACT_LINEAR, 10, "swish 16->16,16,1");
+    check_single_point(64, in64, 2, NNP_ACT_LEAKY_RELU, NNP_ACT_LINEAR, 10, "leaky 64->64,1");
+    check_single_point(12, in12, 2, NNP_ACT_RELU6, NNP_ACT_LINEAR, 10, "relu6 12->8,1");
+    check_single_point(4, deep3, 4, NNP_ACT_GELU, NNP_ACT_LINEAR, 10, "gelu 4->20,40,24,3 (batch path)");
+}
+
 /* Derivatives exactly at kinks: one layer, W = identity, b = 0, so z = x. */
 static void test_kinks(void)
 {
@@ -532,6 +703,74 @@ static void test_kinks(void)
             CHECK_RC(rc, NNP_OK, "kink jacobian");
             CHECK(J == cases[c].want, "%s'(%g) = %.9g, want %.9g (mode %d)", act_names[cases[c].act],
                   (double)cases[c].x, (double)J, (double)cases[c].want, mode);
+        }
+        free(storage);
+    }
+}
+
+/* Kinks, signed zeros and NaN in 8 units at once (W = identity, b = 0, then a linear layer 8 -> 2 with
+ * J[0][j] = f'(x_j) and J[1][j] = (j + 1) f'(x_j)): the single-point path's vector epilogue must give the same
+ * derivatives as the batch path and forward mode, bit for bit. */
+static void test_kinks_vector(void)
+{
+    static const float xs[8] = {0.0f, -0.0f, 6.0f, -3.0f, 3.0f, 1e-30f, -1e-30f, 2.5f};
+    unsigned a;
+    for (a = 0; a < NNP_ACT_COUNT; a++) {
+        tlayer L[2];
+        tmodel tm;
+        float W1[64], b1[8], W2[16], b2[2], x3[24], y1[2], yb[6], J1[16], Jb[48], Jf[16], work[4096];
+        unsigned char *file;
+        size_t len, i, q;
+        void *storage = NULL;
+        nnp_model *m;
+        int rc, nan_case;
+        for (i = 0; i < 64; i++) W1[i] = (i % 9 == 0) ? 1.0f : 0.0f;
+        for (i = 0; i < 8; i++) {
+            b1[i] = 0.0f;
+            W2[2 * i] = 1.0f;
+            W2[2 * i + 1] = (float)(i + 1);
+        }
+        b2[0] = b2[1] = 0.0f;
+        L[0].rows = L[0].cols = 8;
+        L[0].act = a;
+        default_params(a, &L[0].p0, &L[0].p1);
+        L[0].W = W1;
+        L[0].b = b1;
+        L[1].rows = 8;
+        L[1].cols = 2;
+        L[1].act = NNP_ACT_LINEAR;
+        L[1].p0 = L[1].p1 = 0.0f;
+        L[1].W = W2;
+        L[1].b = b2;
+        tm.n_in = 8;
+        tm.n_out = 2;
+        tm.n_layers = 2;
+        tm.L = L;
+        file = write_model(&tm, &len);
+        m = load_copy(file, len, &storage);
+        free(file);
+        if (!m) continue;
+        for (nan_case = 0; nan_case < 2; nan_case++) {
+            for (q = 0; q < 3; q++)
+                for (i = 0; i < 8; i++) x3[q * 8 + i] = xs[i];
+            if (nan_case)
+                for (q = 0; q < 3; q++) x3[q * 8 + 3] = (float)NAN;
+            rc = nnp_jacobian(m, NNP_MODE_REVERSE, 3, x3, yb, Jb, work, 4096);
+            CHECK_RC(rc, NNP_OK, "kinks, batch reverse");
+            rc = nnp_jacobian(m, NNP_MODE_REVERSE, 1, x3, y1, J1, work, 4096);
+            CHECK_RC(rc, NNP_OK, "kinks, single point");
+            rc = nnp_jacobian(m, NNP_MODE_FORWARD, 1, x3, NULL, Jf, work, 4096);
+            CHECK_RC(rc, NNP_OK, "kinks, forward");
+            for (i = 0; i < 16; i++) {
+                CHECK(memcmp(&J1[i], &Jb[i], sizeof(float)) == 0, "%s kinks: J[%lu] single point %g, batch %g",
+                      act_names[a], (unsigned long)i, (double)J1[i], (double)Jb[i]);
+                CHECK(memcmp(&J1[i], &Jf[i], sizeof(float)) == 0, "%s kinks: J[%lu] single point %g, forward %g",
+                      act_names[a], (unsigned long)i, (double)J1[i], (double)Jf[i]);
+            }
+            for (i = 0; i < 2; i++)
+                CHECK(fabs(y1[i] - yb[i]) <= 1e-6 * fmax(1.0, fabs(yb[i])) || (isnan(y1[i]) && isnan(yb[i])),
+                      "%s kinks: y[%lu] single point %g, batch %g", act_names[a], (unsigned long)i, (double)y1[i],
+                      (double)yb[i]);
         }
         free(storage);
     }
@@ -803,7 +1042,9 @@ int main(int argc, char **argv)
         return 2;
     }
     test_activations();
+    test_single_point();
     test_kinks();
+    test_kinks_vector();
     test_pattern_cache();
     test_corruptions();
     test_arguments();
