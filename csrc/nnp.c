@@ -1544,12 +1544,13 @@ NNP_INLINE size_t sp_matvec(size_t k, size_t n, const float *x, const float *M, 
 }
 #endif
 
-/* y (may be NULL) and J [n_out][n_in] of the point x. Workspace: v0, v1 [max_cols], D [sum_cols], g0, g1
- * [max_cols]. */
+/* y (may be NULL) and J [n_out][n_in] of the point x. Workspace (SP_WORK floats): v0, v1 [max_cols] for the
+ * values, then the adjoints (g0, g1: the same buffers), D [sum_cols]. */
+#define SP_WORK(m) (2 * (m)->max_cols + (m)->sum_cols)
 NNP_INLINE void sp_jac_body(const nnp_model *m, const float *x, float *y, float *J, float *work)
 {
     const size_t n_out = m->n_out, n_in = m->n_in, nl = m->n_layers, mc = m->max_cols;
-    float *v0 = work, *v1 = work + mc, *D = work + 2 * mc, *g0 = D + m->sum_cols, *g1 = g0 + mc;
+    float *v0 = work, *v1 = work + mc, *D = work + 2 * mc, *g0 = v0, *g1 = v1;
     const float *in = x;
     size_t k, i, j, doff = 0;
     for (k = 0; k < nl; k++) {
@@ -1834,8 +1835,8 @@ int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, flo
     if (mode != NNP_MODE_FORWARD && mode != NNP_MODE_REVERSE) return NNP_E_ARG;
     if (batch == 0) return NNP_OK;
     if (mode == NNP_MODE_REVERSE && batch == 1 && m->n_out <= NNP_SP_MAX_OUT) {
-        /* v0, v1, D, g0, g1: within the reverse-mode workspace of one point (its per-point size is at least this) */
-        if (work_len >= 4 * m->max_cols + m->sum_cols) {
+        /* within the reverse-mode workspace of one point (its per-point size is at least SP_WORK) */
+        if (work_len >= SP_WORK(m)) {
             sp_jac(m, x, y, dy_dx, work);
             return NNP_OK;
         }
