@@ -1246,17 +1246,17 @@ NNP_INLINE void hsum8x8(const nnp_v8 *a, nnp_v8 *r)
         const nnp_v8 z_ = {0, 0, 0, 0, 0, 0, 0, 0}, o_ = {1, 1, 1, 1, 1, 1, 1, 1};                             \
         const float a_ = (E)->p0;                                                                              \
         const nnp_v8 av_ = {a_, a_, a_, a_, a_, a_, a_, a_};                                                   \
-        float *out_ = (E)->out + (J), *d_ = (E)->d + (J);                                                      \
-        const float *D_ = (E)->D + (J);                                                                        \
+        float *out_ = (E)->out + (J), *d_;                                                                     \
         int q_;                                                                                                \
-        switch ((E)->kind) {                                                                                   \
+        switch ((E)->kind) { /* d and D are only offset where they are used (they may be NULL) */            \
         case SP_STORE:                                                                                         \
             for (q_ = 0; q_ < NV; q_++) NNP_ST(out_ + 8 * q_, V[q_]);                                          \
             break;                                                                                             \
         case SP_SCALE:                                                                                         \
-            for (q_ = 0; q_ < NV; q_++) NNP_ST(out_ + 8 * q_, V[q_] * NNP_LD(D_ + 8 * q_));                    \
+            for (q_ = 0; q_ < NV; q_++) NNP_ST(out_ + 8 * q_, V[q_] * NNP_LD((E)->D + (J) + 8 * q_));          \
             break;                                                                                             \
         case SP_RELU:                                                                                          \
+            d_ = (E)->d + (J);                                                                                 \
             for (q_ = 0; q_ < NV; q_++) {                                                                      \
                 const nnp_v8i neg_ = V[q_] < z_, pos_ = V[q_] > z_;                                            \
                 NNP_ST(out_ + 8 * q_, (nnp_v8)(~neg_ & (nnp_v8i)V[q_]));                                       \
@@ -1264,6 +1264,7 @@ NNP_INLINE void hsum8x8(const nnp_v8 *a, nnp_v8 *r)
             }                                                                                                  \
             break;                                                                                             \
         default: /* SP_LEAKY */                                                                                \
+            d_ = (E)->d + (J);                                                                                 \
             for (q_ = 0; q_ < NV; q_++) {                                                                      \
                 const nnp_v8i pos_ = V[q_] > z_;                                                               \
                 NNP_ST(out_ + 8 * q_, (nnp_v8)((pos_ & (nnp_v8i)V[q_]) | (~pos_ & (nnp_v8i)(av_ * V[q_]))));   \
