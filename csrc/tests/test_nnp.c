@@ -310,6 +310,16 @@ static nnp_model *load_copy(const unsigned char *buf, size_t len, void **storage
     return m;
 }
 
+/* tm written to the file format and loaded into fresh storage (NULL, with a failure counted, if that fails) */
+static nnp_model *load_tmodel(const tmodel *tm, void **storage_out)
+{
+    size_t len;
+    unsigned char *file = write_model(tm, &len);
+    nnp_model *m = load_copy(file, len, storage_out);
+    free(file);
+    return m;
+}
+
 static const char *act_names[NNP_ACT_COUNT] = {"linear", "relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid",
                                                "hard_sigmoid", "softplus", "softsign", "swish", "gelu",
                                                "gelu_tanh", "relu6", "exponential"};
@@ -317,17 +327,14 @@ static const char *act_names[NNP_ACT_COUNT] = {"linear", "relu", "leaky_relu", "
 /* Compare everything for one model on `batch` random points in [-lo, hi]^n_in. */
 static void check_model(const tmodel *tm, size_t batch, double lo, double hi, const char *what)
 {
-    unsigned char *file;
-    size_t len, b, i, n_in = tm->n_in, n_out = tm->n_out, jn = n_in * n_out, wlen, wf, wr, wd, skipped = 0;
+    size_t b, i, n_in = tm->n_in, n_out = tm->n_out, jn = n_in * n_out, wlen, wf, wr, wd, skipped = 0;
     void *storage = NULL;
     nnp_model *m;
     float *x, *y, *yj, *Jf, *Jr, *Ja, *work;
     double *xd, *yd, *yref, *Jref, *Jfd, *err, *wd64, max_fwd = 0, max_jac = 0, max_fd = 0, max_mode = 0;
     int rc;
 
-    file = write_model(tm, &len);
-    m = load_copy(file, len, &storage);
-    free(file); /* the model must not refer to the file */
+    m = load_tmodel(tm, &storage); /* the file is freed: the model must not refer to it */
     if (!m) return;
     CHECK(nnp_n_in(m) == n_in && nnp_n_out(m) == n_out && nnp_n_layers(m) == tm->n_layers, "%s: shape", what);
 
@@ -488,17 +495,14 @@ static void check_single_point(size_t n_in, const size_t *widths, size_t nw, uns
                                size_t npts, const char *what)
 {
     tmodel tm = make_model(n_in, widths, nw, act, out_act);
-    unsigned char *file;
-    size_t len, n_out = widths[nw - 1], jn, i, b, wr1, wf1, wa1, wbig, wmin;
+    size_t n_out = widths[nw - 1], jn, i, b, wr1, wf1, wa1, wbig, wmin;
     void *storage = NULL;
     nnp_model *m;
     float *x, *yb, *Jb, *y1, *J1, *J1n, *Ja, *Jf, *work;
     double *xd, *yref, *Jref, err_y = 0, err_j = 0, err_b = 0, err_f = 0, lo = -2.5, hi = 2.5;
     int rc, sp_auto;
     if (act == NNP_ACT_EXPONENTIAL || out_act == NNP_ACT_EXPONENTIAL) lo = -1, hi = 1;
-    file = write_model(&tm, &len);
-    m = load_copy(file, len, &storage);
-    free(file);
+    m = load_tmodel(&tm, &storage);
     if (!m) {
         free_model(&tm);
         return;
@@ -677,8 +681,6 @@ static void test_kinks(void)
         tlayer L;
         tmodel tm;
         float W = 1.0f, bb = 0.0f, J = -1, y, work[256];
-        unsigned char *file;
-        size_t len;
         void *storage = NULL;
         nnp_model *m;
         int mode;
@@ -689,9 +691,7 @@ static void test_kinks(void)
         L.b = &bb;
         tm.n_in = tm.n_out = tm.n_layers = 1;
         tm.L = &L;
-        file = write_model(&tm, &len);
-        m = load_copy(file, len, &storage);
-        free(file);
+        m = load_tmodel(&tm, &storage);
         if (!m) continue;
         if (cases[c].act != NNP_ACT_HARD_SIGMOID || cases[c].x != 0.0f) {
             /* finite differences straddle the kink: the error estimate must cover the actual error */
@@ -722,8 +722,7 @@ static void test_kinks_vector(void)
         tlayer L[2];
         tmodel tm;
         float W1[64], b1[8], W2[16], b2[2], x3[24], y1[2], yb[6], J1[16], Jb[48], Jf[16], work[4096];
-        unsigned char *file;
-        size_t len, i, q;
+        size_t i, q;
         void *storage = NULL;
         nnp_model *m;
         int rc, nan_case;
@@ -749,9 +748,7 @@ static void test_kinks_vector(void)
         tm.n_out = 2;
         tm.n_layers = 2;
         tm.L = L;
-        file = write_model(&tm, &len);
-        m = load_copy(file, len, &storage);
-        free(file);
+        m = load_tmodel(&tm, &storage);
         if (!m) continue;
         for (nan_case = 0; nan_case < 2; nan_case++) {
             for (q = 0; q < 3; q++)
@@ -969,17 +966,14 @@ static void check_cache(size_t n_in, const size_t *widths, size_t nw, unsigned a
                         size_t distinct, const char *what)
 {
     tmodel tm = make_model(n_in, widths, nw, act, NNP_ACT_LINEAR);
-    unsigned char *file;
-    size_t len, wbig, wsmall, i, n_out = widths[nw - 1], jn;
+    size_t wbig, wsmall, i, n_out = widths[nw - 1], jn;
     void *storage = NULL;
     nnp_model *m;
     float *x, *J1, *J2, *y1, *y2, *work;
     int rc;
     if (act == NNP_ACT_RELU6) tm.L[0].act = NNP_ACT_HARD_SIGMOID, default_params(NNP_ACT_HARD_SIGMOID, &tm.L[0].p0,
                                                                                  &tm.L[0].p1);
-    file = write_model(&tm, &len);
-    m = load_copy(file, len, &storage);
-    free(file);
+    m = load_tmodel(&tm, &storage);
     if (!m) {
         free_model(&tm);
         return;
