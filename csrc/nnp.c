@@ -1641,9 +1641,19 @@ static uint32_t get_slot(const float *slot)
  * each non-linear layer (each layer starting on a byte; bit u % 8 of byte u / 8 is unit u), 1 when its
  * derivative is not the low value of the activation (0 for relu, relu6, hard_sigmoid; alpha for leaky_relu),
  * zero padded to 4 * pw bytes. */
-NNP_INLINE void patterns_scalar(const nnp_model *m, size_t np, const float *D, unsigned char *pat, size_t pw)
+/* Pattern bits of one layer's derivatives d[0..cols) into b (bit u % 8 of byte u / 8, or-ed in) */
+typedef void (*nnp_layer_bits_fn)(const float *d, size_t cols, float low, unsigned char *b);
+
+static void layer_bits_scalar(const float *d, size_t cols, float low, unsigned char *b)
 {
-    size_t p, k, u, doff, n;
+    size_t u;
+    for (u = 0; u < cols; u++) b[u / 8] |= (unsigned char)((d[u] != low) << (u % 8));
+}
+
+NNP_INLINE void patterns_body(const nnp_model *m, size_t np, const float *D, unsigned char *pat, size_t pw,
+                              nnp_layer_bits_fn layer_bits)
+{
+    size_t p, k, doff, n;
     for (p = 0; p < np; p++) {
         unsigned char *b = pat + p * 4 * pw;
         memset(b, 0, 4 * pw);
@@ -1653,47 +1663,34 @@ NNP_INLINE void patterns_scalar(const nnp_model *m, size_t np, const float *D, u
             const float *d = D + doff + p * L->cols;
             doff += np * L->cols;
             if (L->act == NNP_ACT_LINEAR) continue;
-            {
-                const float low = (L->act == NNP_ACT_LEAKY_RELU) ? L->p0 : 0.0f;
-                for (u = 0; u < L->cols; u++) b[n + u / 8] |= (unsigned char)((d[u] != low) << (u % 8));
-                n += (L->cols + 7) / 8;
-            }
+            layer_bits(d, L->cols, (L->act == NNP_ACT_LEAKY_RELU) ? L->p0 : 0.0f, b + n);
+            n += (L->cols + 7) / 8;
         }
     }
 }
 
 static void block_patterns_base(const nnp_model *m, size_t np, const float *D, unsigned char *pat, size_t pw)
 {
-    patterns_scalar(m, np, D, pat, pw);
+    patterns_body(m, np, D, pat, pw, layer_bits_scalar);
 }
 
 #if NNP_X86_DISPATCH
 #include <immintrin.h>
 
+__attribute__((target("avx2,fma"))) static void layer_bits_avx2(const float *d, size_t cols, float low,
+                                                                 unsigned char *b)
+{
+    const __m256 lv = _mm256_set1_ps(low);
+    size_t u;
+    for (u = 0; u + 8 <= cols; u += 8)
+        b[u / 8] = (unsigned char)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(d + u), lv, _CMP_NEQ_UQ));
+    layer_bits_scalar(d + u, cols - u, low, b + u / 8); /* u is a multiple of 8: the bits line up */
+}
+
 __attribute__((target("avx2,fma"))) static void block_patterns_avx2(const nnp_model *m, size_t np, const float *D,
                                                                      unsigned char *pat, size_t pw)
 {
-    size_t p, k, u, doff, n;
-    for (p = 0; p < np; p++) {
-        unsigned char *b = pat + p * 4 * pw;
-        memset(b, 0, 4 * pw);
-        doff = n = 0;
-        for (k = 0; k < m->n_layers; k++) {
-            const nnp_layer *L = &m->layers[k];
-            const float *d = D + doff + p * L->cols;
-            doff += np * L->cols;
-            if (L->act == NNP_ACT_LINEAR) continue;
-            {
-                const float low = (L->act == NNP_ACT_LEAKY_RELU) ? L->p0 : 0.0f;
-                const __m256 lv = _mm256_set1_ps(low);
-                for (u = 0; u + 8 <= L->cols; u += 8)
-                    b[n + u / 8] = (unsigned char)_mm256_movemask_ps(
-                        _mm256_cmp_ps(_mm256_loadu_ps(d + u), lv, _CMP_NEQ_UQ));
-                for (; u < L->cols; u++) b[n + u / 8] |= (unsigned char)((d[u] != low) << (u % 8));
-                n += (L->cols + 7) / 8;
-            }
-        }
-    }
+    patterns_body(m, np, D, pat, pw, layer_bits_avx2);
 }
 #endif
 
