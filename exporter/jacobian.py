@@ -264,7 +264,7 @@ class _Engine:
         g = self.model.graph
         for src, name, dims in outs:
             b.new_nodes.append(helper.make_node("Identity", [src], [name], name=f"nnp_out_{name}"))
-        fold_scales_into_matmul(b, keep=set(n.input[0] for n in b.new_nodes[-len(outs):]) | set(self.outputs))
+        fold_scales_into_matmul(b)
         g.node.extend(b.new_nodes)
         g.initializer.extend(b.new_inits)
         del g.output[:]
@@ -277,7 +277,7 @@ class _Engine:
         return self.model
 
 
-def fold_scales_into_matmul(b, keep=()):
+def fold_scales_into_matmul(b):
     """Among the derivative nodes, rewrite ``Mul(MatMul(a, W), c)`` as ``MatMul(a, W * c)`` where W and c are
     constants, c varies along the last axis only and the product has no other use. This is what a constant
     elementwise factor after the last product becomes, e.g. the 1/std of a Normalization layer in reverse mode:
@@ -297,7 +297,7 @@ def fold_scales_into_matmul(b, keep=()):
         for t, c in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
             mm = producer.get(t)
             cv, tshape = b.value(c), b.shape(t)
-            if mm is None or cv is None or uses.get(t) != 1 or t in keep or tshape is None:
+            if mm is None or cv is None or uses.get(t) != 1 or tshape is None:
                 continue
             w = b.value(mm.input[1])
             if w is None or w.ndim != 2 or cv.dtype != np.float32 or w.dtype != np.float32:
