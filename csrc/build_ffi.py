@@ -31,6 +31,7 @@ CDEF = """
 #define NNP_E_WORKSPACE -12
 #define NNP_E_ARG -13
 #define NNP_E_TOO_LARGE -14
+#define NNP_E_INPUT -15
 
 #define NNP_ACT_COUNT 15
 
@@ -60,6 +61,9 @@ int nnp_workspace(const nnp_model *m, int op, size_t batch, size_t *n_elems);
 int nnp_forward(const nnp_model *m, size_t batch, const float *x, float *y, float *work, size_t work_len);
 int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
                  float *work, size_t work_len);
+int nnp_forward_checked(const nnp_model *m, size_t batch, const float *x, float *y, float *work, size_t work_len);
+int nnp_jacobian_checked(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
+                         float *work, size_t work_len);
 int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *work,
                     size_t work_len);
 int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *dy_dx,

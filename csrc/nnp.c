@@ -132,6 +132,7 @@ const char *nnp_strerror(int code)
     case NNP_E_WORKSPACE: return "workspace too small";
     case NNP_E_ARG: return "invalid argument";
     case NNP_E_TOO_LARGE: return "size too large for this platform";
+    case NNP_E_INPUT: return "an input value is NaN or infinite";
     default: return "unknown error";
     }
 }
@@ -2072,6 +2073,28 @@ size_t nnp_first_nonfinite_f32(const float *x, size_t n)
         if ((u & 0x7f800000u) == 0x7f800000u) return i;
     }
     return n;
+}
+
+/* 0 when x[0..batch*n_in) holds a NaN or infinity; 1 otherwise, including arguments the compute functions reject
+ * (they report those). */
+static int input_finite(const nnp_model *m, size_t batch, const float *x)
+{
+    size_t len;
+    if (!model_ok(m) || x == NULL || !mul_sz(batch, m->n_in, &len)) return 1;
+    return nnp_first_nonfinite_f32(x, len) == len;
+}
+
+int nnp_forward_checked(const nnp_model *m, size_t batch, const float *x, float *y, float *work, size_t work_len)
+{
+    if (!input_finite(m, batch, x)) return NNP_E_INPUT;
+    return nnp_forward(m, batch, x, y, work, work_len);
+}
+
+int nnp_jacobian_checked(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
+                         float *work, size_t work_len)
+{
+    if (!input_finite(m, batch, x)) return NNP_E_INPUT;
+    return nnp_jacobian(m, mode, batch, x, y, dy_dx, work, work_len);
 }
 
 size_t nnp_first_nonfinite_f64(const double *x, size_t n)

@@ -63,6 +63,7 @@ extern "C" {
 #define NNP_E_WORKSPACE (-12)     /* the workspace given to a compute function is too small */
 #define NNP_E_ARG (-13)           /* an invalid argument (mode, operation, batch too large, ...) */
 #define NNP_E_TOO_LARGE (-14)     /* a size does not fit in size_t on this platform */
+#define NNP_E_INPUT (-15)         /* an input value is NaN or infinite (the *_checked functions) */
 
 /* Activation codes (FORMAT.md). */
 #define NNP_ACT_LINEAR 0
@@ -153,6 +154,15 @@ int nnp_forward(const nnp_model *m, size_t batch, const float *x, float *y, floa
  */
 int nnp_jacobian(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
                  float *work, size_t work_len);
+
+/*
+ * As nnp_forward and nnp_jacobian, after checking that every value of x[0..batch*n_in) is finite: a NaN or an
+ * infinity gives NNP_E_INPUT and nothing is written (nnp_first_nonfinite_f32 says where it is). Argument
+ * errors are reported as by the unchecked functions. One call instead of two for wrappers that validate.
+ */
+int nnp_forward_checked(const nnp_model *m, size_t batch, const float *x, float *y, float *work, size_t work_len);
+int nnp_jacobian_checked(const nnp_model *m, int mode, size_t batch, const float *x, float *y, float *dy_dx,
+                         float *work, size_t work_len);
 
 /* y = f(x) in float64 (the float32 weights are promoted exactly). */
 int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *work,

@@ -8,9 +8,11 @@ float64 finite-difference Jacobian) through the ``nnpartials._core`` cffi module
     y, dy_dx = k.jacobian(x)            # dy_dx[b, i, j] = d y[b, i] / d x[b, j], float32
     fd, err = k.fd_jacobian(x)          # float64 central differences + Richardson, with error estimates
 
-Inputs are validated (dtype, rank, width, finiteness) by :func:`nnpartials.runtime.validate.as_batch` before
-any C call. Large batches are split across a thread pool (the C calls release the GIL); the results do not
-depend on the split. A Kernel may be shared between threads.
+Inputs are validated (dtype, rank, width, finiteness) as by :func:`nnpartials.runtime.validate.as_batch` before
+anything is computed: a small C-contiguous float32 batch has its finiteness checked inside the one C call that
+then computes (``nnp_jacobian_checked``), any other input goes through ``as_batch`` first; the errors are the
+same. Large batches are split across a thread pool (the C calls release the GIL); the results do not depend on
+the split. A Kernel may be shared between threads.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ else:
     _IMPORT_ERROR = None
     # bound once: attribute lookups are a noticeable part of a single-point call
     _from_buffer = ffi.from_buffer
-    _first_nonfinite_f32 = lib.nnp_first_nonfinite_f32
-    _jacobian = lib.nnp_jacobian
-    _forward = lib.nnp_forward
+    _jacobian_checked = lib.nnp_jacobian_checked
+    _forward_checked = lib.nnp_forward_checked
+    _E_INPUT = lib.NNP_E_INPUT
 _empty = np.empty
+_ndarray = np.ndarray
 
 WEIGHTS = "model.nnp"
 MODES = {"auto": 0, "forward": 1, "reverse": 2}
@@ -227,21 +230,21 @@ class Kernel:
     # ----- evaluation --------------------------------------------------------------------------------------------
     def forward(self, x, *, nan_policy: str = "raise", threads: int | None = None) -> np.ndarray:
         """``y [batch, n_out]`` float32."""
-        n_in = self.n_in
-        if (type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == n_in and nan_policy == "raise"
-                and x.flags.c_contiguous and 0 < x.shape[0] < PARALLEL_MIN_BATCH):  # fast path, as in jacobian()
-            n = x.shape[0]
-            xb = _from_buffer("float[]", x)
-            if _first_nonfinite_f32(xb, n * n_in) == n * n_in:
+        if type(x) is _ndarray and x.dtype is _F32 and nan_policy == "raise":  # fast path, as in jacobian()
+            s = x.shape
+            if len(s) == 2 and s[1] == self.n_in and 0 < s[0] < PARALLEL_MIN_BATCH and x.flags.c_contiguous:
+                n = s[0]
                 y = _empty((n, self.n_out), _F32)
                 try:
                     w = self._local.w32
                 except AttributeError:
                     w = self._work32()
-                rc = _forward(self._m, n, xb, _from_buffer("float[]", y), w, self._ws32_len)
-                if rc:
+                rc = _forward_checked(self._m, n, _from_buffer("float[]", x), _from_buffer("float[]", y), w,
+                                      self._ws32_len)
+                if rc == 0:
+                    return y
+                if rc != _E_INPUT:
                     self._check(rc)
-                return y
         x = self._prep32(x, nan_policy)
         n = x.shape[0]
         y = np.empty((n, self.n_out), np.float32)
@@ -267,26 +270,25 @@ class Kernel:
             cmode = MODES[mode]
         except (KeyError, TypeError):
             raise InputError(f"mode must be one of {tuple(MODES)}, got {mode!r}") from None
-        n_in = self.n_in
         # Fast path for the common small call: a C-contiguous float32 [batch, n_in] array, which as_batch would
-        # return unchanged; its finiteness is checked in C (same rule as as_batch, which reports a failure).
-        if (type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 2 and x.shape[1] == n_in and nan_policy == "raise"
-                and x.flags.c_contiguous and 0 < x.shape[0] < PARALLEL_MIN_BATCH):
-            n = x.shape[0]
-            xb = _from_buffer("float[]", x)
-            if _first_nonfinite_f32(xb, n * n_in) == n * n_in:
-                n_out = self.n_out
-                y = _empty((n, n_out), _F32)
-                dy = _empty((n, n_out, n_in), _F32)
+        # return unchanged. One C call checks its finiteness (the same rule as as_batch) and computes; on a NaN or
+        # infinity it writes nothing and as_batch, below, reports where.
+        if type(x) is _ndarray and x.dtype is _F32 and nan_policy == "raise":
+            s = x.shape
+            if len(s) == 2 and s[1] == self.n_in and 0 < s[0] < PARALLEL_MIN_BATCH and x.flags.c_contiguous:
+                n = s[0]
+                y = _empty((n, self.n_out), _F32)
+                dy = _empty((n, self.n_out, self.n_in), _F32)
                 try:
                     w = self._local.w32
                 except AttributeError:
                     w = self._work32()
-                rc = _jacobian(self._m, cmode, n, xb, _from_buffer("float[]", y), _from_buffer("float[]", dy), w,
-                               self._ws32_len)
-                if rc:
+                rc = _jacobian_checked(self._m, cmode, n, _from_buffer("float[]", x), _from_buffer("float[]", y),
+                                       _from_buffer("float[]", dy), w, self._ws32_len)
+                if rc == 0:
+                    return y, dy
+                if rc != _E_INPUT:
                     self._check(rc)
-                return y, dy
         x = self._prep32(x, nan_policy)
         n = x.shape[0]
         n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws32_len

@@ -117,6 +117,10 @@ def test_standalone_example_errors(tmp_path, seed_bundle):
     assert r.returncode == 1 and "expected 2 numbers" in r.stderr
     r = subprocess.run([exe, model], input="1 abc\n", capture_output=True, text=True)
     assert r.returncode == 1
+    for line in ("nan 1", "1 -inf", "1e39 0"):  # strtod reads these; the last overflows float
+        r = subprocess.run([exe, model], input=f"0 0\n{line}\n", capture_output=True, text=True)
+        assert r.returncode == 1 and "line 2: an input value is NaN or infinite" in r.stderr, (line, r.stderr)
+        assert len(r.stdout.splitlines()) == 1  # the good line's partials, nothing for the bad one
     bad = tmp_path / "bad.nnp"
     with open(model, "rb") as f:
         bad.write_bytes(f.read()[:-1])

@@ -151,6 +151,38 @@ def test_input_validation():
     np.testing.assert_array_equal(k.forward(np.ones((2, 3), np.int64)), k.forward(np.ones((2, 3), np.float32)))
 
 
+def test_small_call_fast_path_validates_like_as_batch():
+    """Small C-contiguous float32 calls take one checked C call; a NaN or infinity anywhere in the batch gives
+    as_batch's error (same text as the onnxruntime path) and other layouts give the same numbers."""
+    from nnpartials.runtime.validate import as_batch
+
+    k = Kernel(write_nnp(make_layers("tanh")))
+    x = points(6)
+    y_ref, J_ref = k.jacobian(x, threads=1)
+    for r, c, bad in [(0, 0, np.nan), (5, 2, np.inf), (3, 1, -np.inf)]:
+        xb = x.copy()
+        xb[r, c] = bad
+        with pytest.raises(InputError) as want:
+            as_batch(xb, 3)
+        for call in (k.jacobian, k.forward):
+            with pytest.raises(InputError) as got:
+                call(xb)
+            assert str(got.value) == str(want.value)
+            assert f"row {r}, column {c}" in str(got.value)
+    # non-contiguous float32 layouts take the general path and agree with the contiguous call
+    for xv in (np.asfortranarray(x), np.repeat(x, 2, axis=1)[:, ::2], np.repeat(x, 2, axis=0)[::2]):
+        assert xv.dtype == np.float32 and not xv.flags.c_contiguous
+        y, J = k.jacobian(xv)
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(J, J_ref)
+        np.testing.assert_array_equal(k.forward(xv), y_ref)
+    # one point, every mode
+    for mode in ("auto", "forward", "reverse"):
+        y1, J1 = k.jacobian(x[:1], mode=mode)
+        np.testing.assert_allclose(J1, J_ref[:1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y1, y_ref[:1], rtol=1e-5, atol=1e-6)
+
+
 def test_empty_batch():
     k = Kernel(write_nnp(make_layers("tanh")))
     x = np.zeros((0, 3), np.float32)

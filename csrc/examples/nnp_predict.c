@@ -163,9 +163,9 @@ int main(int argc, char **argv)
             status = 1;
             goto done;
         }
-        rc = nnp_jacobian(m, NNP_MODE_AUTO, 1, x, y, J, work, wlen);
+        rc = nnp_jacobian_checked(m, NNP_MODE_AUTO, 1, x, y, J, work, wlen); /* rejects nan, inf, 1e39 */
         if (rc != NNP_OK) {
-            fprintf(stderr, "nnp_predict: %s\n", nnp_strerror(rc));
+            fprintf(stderr, "nnp_predict: line %lu: %s\n", (unsigned long)lineno, nnp_strerror(rc));
             status = 1;
             goto done;
         }

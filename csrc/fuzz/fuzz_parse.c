@@ -8,6 +8,7 @@
  */
 #include "../nnp.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +91,15 @@ static void exercise(const unsigned char *buf, size_t len)
             /* one point: its own kernels (the single-point reverse path when n_out <= 2) */
             if (nnp_jacobian(m, mode, 1, x, y, J, work, wmax) != NNP_OK) abort();
         }
+        /* the checked entry points: finite x computes, a NaN in the last value is refused */
+        if (nnp_jacobian_checked(m, NNP_MODE_AUTO, batch, x, y, J, work, wmax) != NNP_OK ||
+            nnp_forward_checked(m, batch, x, y, work, wmax) != NNP_OK)
+            abort();
+        x[batch * n_in - 1] = (float)NAN;
+        if (nnp_jacobian_checked(m, NNP_MODE_AUTO, batch, x, y, J, work, wmax) != NNP_E_INPUT ||
+            nnp_forward_checked(m, batch, x, y, work, wmax) != NNP_E_INPUT)
+            abort();
+        x[batch * n_in - 1] = (float)xd[batch * n_in - 1];
         /* one point with exactly the reverse-mode workspace it asks for */
         if (nnp_workspace(m, NNP_WS_JACOBIAN_REVERSE, 1, &w) != NNP_OK ||
             nnp_jacobian(m, NNP_MODE_REVERSE, 1, x, NULL, J, work, w) != NNP_OK)

@@ -952,8 +952,47 @@ static void test_arguments(void)
         CHECK(nnp_first_nonfinite_f64(xdd, 3) == 2, "-inf double found");
     }
     {
+        /* the checked entry points: same results as the unchecked ones on finite input; NNP_E_INPUT, with
+         * nothing written, as soon as one value of any point is NaN or infinite */
+        float xc[6] = {0.5f, -1.0f, 2.0f, 0.25f, 0.0f, -3.0f}, y1[4], y2[4], J1[12], J2[12];
+        int mode, k, i, rc;
+        for (mode = NNP_MODE_AUTO; mode <= NNP_MODE_REVERSE; mode++) {
+            size_t batch;
+            for (batch = 1; batch <= 2; batch++) {
+                CHECK_RC(nnp_jacobian(m, mode, batch, xc, y1, J1, work, 512), NNP_OK, "unchecked jacobian");
+                CHECK_RC(nnp_jacobian_checked(m, mode, batch, xc, y2, J2, work, 512), NNP_OK, "checked jacobian");
+                CHECK(memcmp(y1, y2, batch * 2 * sizeof(float)) == 0 &&
+                          memcmp(J1, J2, batch * 6 * sizeof(float)) == 0, "checked = unchecked, mode %d", mode);
+            }
+        }
+        CHECK_RC(nnp_forward(m, 2, xc, y1, work, 512), NNP_OK, "unchecked forward");
+        CHECK_RC(nnp_forward_checked(m, 2, xc, y2, work, 512), NNP_OK, "checked forward");
+        CHECK(memcmp(y1, y2, 4 * sizeof(float)) == 0, "checked forward = unchecked");
+        for (k = 0; k < 6; k++) {
+            const float bad = k % 2 ? (float)NAN : (k == 2 ? -(float)INFINITY : (float)INFINITY);
+            const float keep = xc[k];
+            xc[k] = bad;
+            for (i = 0; i < 4; i++) y2[i] = 7.0f;
+            for (i = 0; i < 12; i++) J2[i] = 7.0f;
+            rc = nnp_jacobian_checked(m, NNP_MODE_AUTO, 2, xc, y2, J2, work, 512);
+            CHECK(rc == NNP_E_INPUT, "non-finite x[%d]: got %d", k, rc);
+            rc = nnp_forward_checked(m, 2, xc, y2, work, 512);
+            CHECK(rc == NNP_E_INPUT, "forward, non-finite x[%d]: got %d", k, rc);
+            CHECK(y2[0] == 7.0f && y2[3] == 7.0f && J2[0] == 7.0f && J2[11] == 7.0f, "nothing written (x[%d])", k);
+            /* the first point alone is checked only where it is read */
+            rc = nnp_jacobian_checked(m, NNP_MODE_AUTO, 1, xc, y2, J2, work, 512);
+            CHECK(rc == (k < 3 ? NNP_E_INPUT : NNP_OK), "one point, non-finite x[%d]: got %d", k, rc);
+            xc[k] = keep;
+        }
+        CHECK_RC(nnp_jacobian_checked(NULL, NNP_MODE_AUTO, 1, xc, y2, J2, work, 512), NNP_E_NULL, "checked, NULL m");
+        CHECK_RC(nnp_jacobian_checked(m, NNP_MODE_AUTO, 1, NULL, y2, J2, work, 512), NNP_E_NULL, "checked, NULL x");
+        CHECK_RC(nnp_jacobian_checked(m, 9, 1, xc, y2, J2, work, 512), NNP_E_ARG, "checked, bad mode");
+        CHECK_RC(nnp_forward_checked(m, 0, NULL, NULL, NULL, 0), NNP_OK, "checked, empty batch");
+        CHECK_RC(nnp_forward_checked(m, (size_t)-1, xc, y2, work, 512), NNP_E_ARG, "checked, absurd batch");
+    }
+    {
         int c;
-        for (c = 0; c >= -14; c--) CHECK(strcmp(nnp_strerror(c), "unknown error") != 0, "text for %d", c);
+        for (c = 0; c >= -15; c--) CHECK(strcmp(nnp_strerror(c), "unknown error") != 0, "text for %d", c);
     }
     free(storage);
     free(f);
