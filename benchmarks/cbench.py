@@ -1,4 +1,4 @@
-"""Build and run ``benchmarks/c/nnp_bench.c``: the C core timed from C alone, without Python.
+"""Build and run ``csrc/bench/nnp_bench.c``: the C core timed from C alone, without Python.
 
 The program is compiled from ``csrc/nnp.c`` with the C library's own optimisation flags (``csrc/Makefile``:
 ``-O3 -ffp-contract=fast``, no ``-march``), so it measures what a user linking the library gets by default.
@@ -18,8 +18,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCE = os.path.join(HERE, "c", "nnp_bench.c")
 CSRC = os.path.join(ROOT, "csrc")
+SOURCE = os.path.join(CSRC, "bench", "nnp_bench.c")
 DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast"
 
 
@@ -82,5 +82,5 @@ class Program:
             out = np.fromfile(op_path, dtype="<f4")
         ny = b * self.w.n_out
         y = out[:ny].reshape(b, self.w.n_out)
-        J = out[ny:].reshape(b, self.w.n_out, self.w.n_in) if op == "jacobian" else None
+        J = out[ny:].reshape(b, self.w.n_out, self.w.n_in) if op.startswith("jacobian") else None
         return stats, y, J

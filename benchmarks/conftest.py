@@ -103,7 +103,7 @@ def machine_info() -> dict:
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "uncommitted": _dirty(["csrc", "exporter", "runtime", "nnpartials", "benchmarks/c"]),
+        "uncommitted": _dirty(["csrc", "exporter", "runtime", "nnpartials"]),
         "tiny": config.TINY,
         "batches": dict((str(k), v) for k, v in config.BATCHES),
         "argv": sys.argv,

@@ -78,7 +78,7 @@ def test_warning_free(compiler, tmp_path):
     if shutil.which(compiler) is None:
         pytest.skip(f"{compiler} is not installed")
     flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-ffp-contract=fast"]
-    for src in ("nnp.c", "tests/test_nnp.c", "examples/nnp_predict.c", "fuzz/fuzz_parse.c"):
+    for src in ("nnp.c", "tests/test_nnp.c", "examples/nnp_predict.c", "fuzz/fuzz_parse.c", "bench/nnp_bench.c"):
         _run([compiler, *flags, "-I", CSRC, "-c", os.path.join(CSRC, src), "-o", str(tmp_path / "x.o")])
     # and the portable build without vector extensions or dispatch
     _run([compiler, *flags, "-DNNP_NO_DISPATCH", "-c", os.path.join(CSRC, "nnp.c"), "-o", str(tmp_path / "y.o")])

@@ -10,8 +10,11 @@
  *   - every corruption gives its error code, every truncated prefix and every single-bit flip is rejected,
  *   - unaligned file buffers and storage, small workspaces, NULL arguments.
  *
- * Usage: test_nnp                  run the tests
- *        test_nnp --write-model F  write a small valid model (2 inputs, 2 outputs) to F and exit
+ * Usage: test_nnp                       run the tests
+ *        test_nnp --write-model F       write a small valid model (2 inputs, 2 outputs) to F and exit
+ *        test_nnp --write-seed-model F  write a seed-shaped network to F and exit (for `make bench`): 2 inputs ->
+ *                                       Dense 64, 64, 32, 32, 16, 16, 8 leaky_relu (alpha 0.3) -> Dense 1 linear,
+ *                                       with the seeded random weights of make_model
  */
 #include "../nnp.h"
 
@@ -1055,26 +1058,42 @@ static void test_pattern_cache(void)
     check_cache(6, wide, 2, NNP_ACT_RELU, 40000, 3.0, 0, "relu 6->64->1, table full");
 }
 
-static int write_model_file(const char *path)
+/* tm written to the file format at path, then freed; 0 on success */
+static int write_tmodel_file(tmodel *tm, const char *path)
 {
-    static const size_t w[] = {8, 6, 2};
-    tmodel tm = make_model(2, w, 3, NNP_ACT_TANH, NNP_ACT_LINEAR);
     size_t len;
-    unsigned char *f = write_model(&tm, &len);
+    unsigned char *f = write_model(tm, &len);
     FILE *fp = fopen(path, "wb");
     int ok = fp && fwrite(f, 1, len, fp) == len;
     if (fp && fclose(fp) != 0) ok = 0;
     free(f);
-    free_model(&tm);
+    free_model(tm);
     if (!ok) fprintf(stderr, "cannot write %s\n", path);
     return ok ? 0 : 1;
+}
+
+static int write_model_file(const char *path)
+{
+    static const size_t w[] = {8, 6, 2};
+    tmodel tm = make_model(2, w, 3, NNP_ACT_TANH, NNP_ACT_LINEAR);
+    return write_tmodel_file(&tm, path);
+}
+
+static int write_seed_model_file(const char *path)
+{
+    static const size_t w[] = {64, 64, 32, 32, 16, 16, 8, 1};
+    tmodel tm = make_model(2, w, 8, NNP_ACT_LEAKY_RELU, NNP_ACT_LINEAR);
+    size_t k;
+    for (k = 0; k + 1 < tm.n_layers; k++) tm.L[k].p0 = 0.3f;
+    return write_tmodel_file(&tm, path);
 }
 
 int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[1], "--write-model") == 0) return write_model_file(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "--write-seed-model") == 0) return write_seed_model_file(argv[2]);
     if (argc != 1) {
-        fprintf(stderr, "usage: %s [--write-model FILE]\n", argv[0]);
+        fprintf(stderr, "usage: %s [--write-model FILE | --write-seed-model FILE]\n", argv[0]);
         return 2;
     }
     test_activations();

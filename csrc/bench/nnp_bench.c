@@ -1,22 +1,33 @@
 /*
- * nnp_bench - time the nnpartials C core alone (no Python), for the benchmark suite.
+ * nnp_bench - time the nnpartials C core alone (no Python). The benchmark suite runs it for its c_alone path
+ * (cbench.py in the benchmarks folder), and `make -C csrc bench` runs it on the seed network that
+ * test_nnp --write-seed-model writes.
  *
  *     nnp_bench MODEL.nnp X.f32 BATCH [OP [MIN_SAMPLE_S [SAMPLES [OUT.f32]]]]
  *
- * X.f32 holds BATCH * n_in raw little-endian float32 values (row-major [batch][n_in]). OP is "jacobian"
- * (nnp_jacobian, NNP_MODE_AUTO, y and dy_dx; the default) or "forward" (nnp_forward, y only). The call is repeated
- * `reps` times per sample, with reps chosen so that one sample lasts at least MIN_SAMPLE_S seconds (default 0.05),
- * after a warm-up; SAMPLES samples are taken (default 15). One JSON line goes to standard output:
+ * X.f32 holds BATCH * n_in raw little-endian float32 values (row-major [batch][n_in]); the word `random` in its
+ * place means BATCH * n_in deterministic pseudo-random values in [-2, 2] (the same on every run), no file needed.
+ * OP is one of
+ *     jacobian            nnp_jacobian, NNP_MODE_AUTO, y and dy_dx (the default)
+ *     jacobian_forward    nnp_jacobian, NNP_MODE_FORWARD
+ *     jacobian_reverse    nnp_jacobian, NNP_MODE_REVERSE
+ *     forward             nnp_forward, y only
+ * each with the workspace nnp_workspace gives for it (NNP_WS_JACOBIAN, _JACOBIAN_FORWARD, _JACOBIAN_REVERSE,
+ * _FORWARD). The call is repeated `reps` times per sample, with reps chosen so that one sample lasts at least
+ * MIN_SAMPLE_S seconds (default 0.05), after a warm-up; SAMPLES samples are taken (default 15). One JSON line goes
+ * to standard output:
  *
  *     {"op": "jacobian", "batch": 1, "reps": 123456, "samples": 15, "median_ns": 412.3, "min_ns": 405.1, ...}
  *
  * median_ns and min_ns are nanoseconds per call (per whole batch). With OUT.f32, the last call's y (batch*n_out)
- * followed by dy_dx (batch*n_out*n_in, jacobian only) are written there as raw float32, for the agreement check.
+ * followed by dy_dx (batch*n_out*n_in, jacobian ops only) are written there as raw float32, for the agreement check.
+ * Times are wall-clock (CLOCK_MONOTONIC); built with -DNNP_BENCH_CPUTIME they are the process's CPU time instead
+ * (for a machine shared with other load).
  *
- * Build: cc -std=c99 -O3 -ffp-contract=fast -I csrc benchmarks/c/nnp_bench.c csrc/nnp.c -lm -o nnp_bench
+ * Build: cc -std=c99 -O3 -ffp-contract=fast csrc/bench/nnp_bench.c csrc/nnp.c -lm -o nnp_bench
  */
 #define _POSIX_C_SOURCE 199309L
-#include "nnp.h"
+#include "../nnp.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,7 +37,11 @@
 static double now_s(void)
 {
     struct timespec ts;
+#ifdef NNP_BENCH_CPUTIME
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+#else
     clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -51,6 +66,22 @@ static unsigned char *read_all(const char *path, size_t *len)
     return buf;
 }
 
+/* n deterministic pseudo-random values in [-2, 2] (xorshift64, fixed seed) */
+static float *random_points(size_t n)
+{
+    unsigned long long st = 0x9e3779b97f4a7c15ULL;
+    float *x = (float *)malloc((n ? n : 1) * sizeof(float));
+    size_t i;
+    if (!x) return NULL;
+    for (i = 0; i < n; i++) {
+        st ^= st << 13;
+        st ^= st >> 7;
+        st ^= st << 17;
+        x[i] = (float)((double)(st >> 11) * (4.0 / 9007199254740991.0) - 2.0);
+    }
+    return x;
+}
+
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -62,6 +93,15 @@ static int die(const char *what, int rc)
     fprintf(stderr, "nnp_bench: %s: %s\n", what, rc ? nnp_strerror(rc) : "failed");
     return 2;
 }
+
+/* The operations OP may name: the workspace kind and, for nnp_jacobian, the mode (-1: nnp_forward). */
+static const struct {
+    const char *name;
+    int ws, mode;
+} ops[] = {{"jacobian", NNP_WS_JACOBIAN, NNP_MODE_AUTO},
+           {"forward", NNP_WS_FORWARD, -1},
+           {"jacobian_forward", NNP_WS_JACOBIAN_FORWARD, NNP_MODE_FORWARD},
+           {"jacobian_reverse", NNP_WS_JACOBIAN_REVERSE, NNP_MODE_REVERSE}};
 
 /* Sink for a value of every call's output, so that no call can be elided. */
 static volatile float sink;
@@ -78,18 +118,25 @@ int main(int argc, char **argv)
     nnp_model *m;
     float *x, *y, *J = NULL, *work;
     double *times, t0, t;
-    int rc, jac;
+    int rc, jac, mode = -1, ws = -1;
     long s;
+    size_t k;
 
     if (argc < 4) {
-        fprintf(stderr, "usage: nnp_bench MODEL.nnp X.f32 BATCH [jacobian|forward [MIN_SAMPLE_S [SAMPLES [OUT.f32]]]]\n");
+        fprintf(stderr, "usage: nnp_bench MODEL.nnp X.f32|random BATCH "
+                        "[jacobian|forward|jacobian_forward|jacobian_reverse [MIN_SAMPLE_S [SAMPLES [OUT.f32]]]]\n");
         return 2;
     }
-    jac = strcmp(op, "jacobian") == 0;
-    if (!jac && strcmp(op, "forward") != 0) {
-        fprintf(stderr, "nnp_bench: OP must be jacobian or forward, got %s\n", op);
+    for (k = 0; k < sizeof ops / sizeof ops[0]; k++)
+        if (strcmp(op, ops[k].name) == 0) {
+            ws = ops[k].ws;
+            mode = ops[k].mode;
+        }
+    if (ws < 0) {
+        fprintf(stderr, "nnp_bench: OP must be jacobian, forward, jacobian_forward or jacobian_reverse, got %s\n", op);
         return 2;
     }
+    jac = mode >= 0;
     if (samples < 1) samples = 1;
     batch = (size_t)strtoul(argv[3], NULL, 10);
     file = read_all(argv[1], &flen);
@@ -101,7 +148,13 @@ int main(int argc, char **argv)
     free(file);
     n_in = nnp_n_in(m);
     n_out = nnp_n_out(m);
-    x = (float *)read_all(argv[2], &xlen);
+    if (strcmp(argv[2], "random") == 0) {
+        x = random_points(batch * n_in);
+        if (!x) return die("malloc", 0);
+        xlen = batch * n_in * sizeof(float);
+    } else {
+        x = (float *)read_all(argv[2], &xlen);
+    }
     if (!x || xlen != batch * n_in * sizeof(float)) {
         fprintf(stderr, "nnp_bench: %s must hold %lu float32 values (batch %lu x n_in %lu)\n", argv[2],
                 (unsigned long)(batch * n_in), (unsigned long)batch, (unsigned long)n_in);
@@ -109,7 +162,7 @@ int main(int argc, char **argv)
     }
     ylen = batch * n_out;
     jlen = ylen * n_in;
-    if ((rc = nnp_workspace(m, jac ? NNP_WS_JACOBIAN : NNP_WS_FORWARD, batch, &wlen)) != NNP_OK)
+    if ((rc = nnp_workspace(m, ws, batch, &wlen)) != NNP_OK)
         return die("nnp_workspace", rc);
     y = (float *)malloc((ylen ? ylen : 1) * sizeof(float));
     work = (float *)malloc((wlen ? wlen : 1) * sizeof(float));
@@ -119,7 +172,7 @@ int main(int argc, char **argv)
 
 #define CALL()                                                                           \
     do {                                                                                 \
-        rc = jac ? nnp_jacobian(m, NNP_MODE_AUTO, batch, x, y, J, work, wlen)            \
+        rc = jac ? nnp_jacobian(m, mode, batch, x, y, J, work, wlen)                     \
                  : nnp_forward(m, batch, x, y, work, wlen);                              \
         if (rc != NNP_OK) return die(op, rc);                                            \
         sink = y[0];                                                                     \
