@@ -7,23 +7,12 @@
  * for the reverse-mode pattern cache, checked bit for bit against the same batch without it.
  */
 #include "../nnp.h"
+#include "../tests/crc32_bitwise.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-static uint32_t crc32_bitwise(const unsigned char *p, size_t n)
-{
-    uint32_t c = 0xffffffffu;
-    size_t i;
-    int k;
-    for (i = 0; i < n; i++) {
-        c ^= p[i];
-        for (k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
-    }
-    return ~c;
-}
 
 /* Reverse mode on a batch large enough for the pattern cache, with and without it: must agree bit for bit. */
 static void differential(const nnp_model *m, const unsigned char *buf, size_t len)

@@ -1,7 +1,7 @@
 /*
  * test_nnp.c - self-contained tests of the C core.
  *
- * Builds weight files in memory (with its own writer and its own bitwise CRC-32), and checks:
+ * Builds weight files in memory (with its own writer and its own bitwise CRC-32, crc32_bitwise.h), and checks:
  *   - float32 forward against a straightforward float64 reference written here,
  *   - the analytic Jacobian (both modes) against a float64 reference Jacobian (chain rule written here),
  *   - both Jacobian modes agree, and the automatic mode equals one of them,
@@ -17,6 +17,7 @@
  *                                       with the seeded random weights of make_model
  */
 #include "../nnp.h"
+#include "crc32_bitwise.h"
 
 #include <float.h>
 #include <math.h>
@@ -83,18 +84,6 @@ typedef struct {
     tlayer *L;
 } tmodel;
 
-static uint32_t crc_bitwise(const unsigned char *p, size_t n)
-{
-    uint32_t c = 0xffffffffu;
-    size_t i;
-    int k;
-    for (i = 0; i < n; i++) {
-        c ^= p[i];
-        for (k = 0; k < 8; k++) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
-    }
-    return ~c;
-}
-
 static void put_u32(unsigned char *p, uint32_t v)
 {
     p[0] = (unsigned char)(v & 0xff);
@@ -110,7 +99,7 @@ static void put_f32(unsigned char *p, float f)
     put_u32(p, u);
 }
 
-static void fix_crc(unsigned char *buf, size_t len) { put_u32(buf + len - 4, crc_bitwise(buf, len - 4)); }
+static void fix_crc(unsigned char *buf, size_t len) { put_u32(buf + len - 4, crc32_bitwise(buf, len - 4)); }
 
 static unsigned char *write_model(const tmodel *m, size_t *len_out)
 {
