@@ -1,7 +1,8 @@
 """Build and run ``csrc/bench/nnp_bench.c``: the C core timed from C alone, without Python.
 
-The program is compiled from ``csrc/nnp.c`` with the C library's own optimisation flags (``csrc/Makefile``:
-``-O3 -ffp-contract=fast``, no ``-march``), so it measures what a user linking the library gets by default.
+The program is compiled from ``csrc/nnp.c`` with the C library's own optimisation flags (``csrc/Makefile`` and
+the cffi build: ``-O3 -ffp-contract=fast -fno-trapping-math``, no ``-march``), so it measures what a user linking
+the library gets by default.
 ``NNP_BENCH_CFLAGS`` replaces those flags (e.g. ``-O3 -march=native``).
 """
 
@@ -20,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
 SOURCE = os.path.join(CSRC, "bench", "nnp_bench.c")
-DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast"
+DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast -fno-trapping-math"
 
 
 def cflags() -> str:

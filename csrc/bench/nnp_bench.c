@@ -184,7 +184,7 @@ int main(int argc, char **argv)
         t0 = now_s();
         for (r = 0; r < reps; r++) CALL();
         t = now_s() - t0;
-        if (t >= min_sample || reps >= ((size_t)1 << 40)) break;
+        if (t >= min_sample || reps >= ((size_t)-1) / 4) break; /* no overflow, any size_t width */
         reps *= 2;
     }
     for (s = 0; s < samples; s++) {
