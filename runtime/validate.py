@@ -64,7 +64,9 @@ def as_batch(x, n_features: int, *, name: str = "x", nan_policy: str = "raise",
             raise InputError(f"{name}: expected finite values, found {arr[tuple(bad)]} at row {bad[0]}, "
                              f"column {bad[1]} ({int((~finite).sum())} non-finite in total); "
                              f"pass nan_policy='propagate' to let NaN/Inf through")
-    out = np.ascontiguousarray(arr, dtype=dtype)
+    # with nan_policy="raise" an overflowing value becomes inf and is reported just below, not warned about
+    with np.errstate(over="ignore" if nan_policy == "raise" else "warn"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
     if nan_policy == "raise" and kind == "f" and out.dtype.itemsize < arr.dtype.itemsize:
         if not np.isfinite(out).all():
             bad = np.argwhere(~np.isfinite(out))[0]
