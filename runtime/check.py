@@ -1,13 +1,22 @@
-"""Cross-check the three ways nnpartials computes partials for a bundle.
+"""Cross-check the ways nnpartials computes partials for a bundle.
 
-* onnxruntime on the companion Jacobian graph (``model.jac.onnx``), float32;
-* the C core's analytic Jacobian (``model.nnp``), float32;
-* the C core's float64 central differences with Richardson extrapolation, which carry their own error estimate.
+Always, with onnxruntime and an independent float64 reference:
+
+* the companion graph's ``y`` (``model.jac.onnx``) against the forward graph's (``model.onnx``), so a changed
+  forward graph (or companion graph) cannot pass;
+* the companion graph's ``dy_dx`` against float64 central differences of the forward graph, evaluated by onnx's
+  own reference implementation in float64 (:mod:`nnpartials.onnx_reference`), not by onnxruntime.
+
+When the bundle has a C core (``model.nnp``), also:
+
+* the C core's float32 ``y`` and analytic ``dy_dx`` against onnxruntime;
+* both analytic Jacobians against the C core's float64 central differences (Richardson, with error estimates).
 
 ``check_bundle(bundle, x=None, n_points=1000)`` returns a :class:`CheckReport`; ``report.ok`` is true when every
 comparison is within its named tolerance in :mod:`nnpartials.tolerances`. Finite-difference entries whose error
-estimate says a kink of a piecewise activation lies within a step are counted and left out of the float64
-comparisons (at a kink the one-sided derivatives differ and no finite difference is meaningful).
+estimate says a kink of a piecewise activation lies within a step are counted and left out of the comparisons
+against that finite difference (at a kink the one-sided derivatives differ and no finite difference is
+meaningful). Zero points is an error, never a pass.
 """
 
 from __future__ import annotations
@@ -48,10 +57,17 @@ class CheckReport:
     n_in: int
     n_out: int
     comparisons: list = field(default_factory=list)
+    #: float64 finite differences of the forward graph (onnx reference evaluator): error estimate and kinks
     fd_error_max: float = 0.0
     fd_error_median: float = 0.0
     fd_entries_near_kink: int = 0
     fd_entries: int = 0
+    #: whether the bundle has a C core, and the same statistics for the C core's float64 finite differences
+    c_core: bool = False
+    c_core_reason: str | None = None
+    c_fd_error_max: float = 0.0
+    c_fd_error_median: float = 0.0
+    c_fd_entries_near_kink: int = 0
 
     @property
     def ok(self) -> bool:
@@ -85,56 +101,73 @@ def _sample_box(bundle, n, seed):
     return (box[:, 0] + (box[:, 1] - box[:, 0]) * rng.random((n, n_in))).astype(np.float32), origin
 
 
+def _fd_mask(fd, err):
+    """(kept entries as 0/1 floats, count near a kink, max error of kept entries, median error)."""
+    scale = max(1.0, float(np.max(np.abs(fd)))) if fd.size else 1.0
+    smooth = err <= tolerances.CHECK_FD_KINK * scale
+    near = int(fd.size - np.count_nonzero(smooth))
+    emax = float(np.max(err[smooth])) if smooth.any() else (float(np.max(err)) if fd.size else 0.0)
+    emed = float(np.median(err)) if fd.size else 0.0
+    return np.where(smooth, 1.0, 0.0), near, emax, emed
+
+
 def check_bundle(bundle, x=None, n_points: int = DEFAULT_POINTS, seed: int = 0, providers=None) -> CheckReport:
-    """Compare onnxruntime, the C core and float64 finite differences on x (or points from the sample box)."""
-    from nnpartials.exporter.bundle import WEIGHTS, load_bundle
-    from nnpartials.runtime.kernel import Kernel
+    """Compare onnxruntime, the float64 reference and (when present) the C core on x (or sample-box points)."""
+    import onnx
+
+    from nnpartials.exporter.bundle import FORWARD, WEIGHTS, load_bundle
+    from nnpartials.onnx_reference import Float64Graph
     from nnpartials.runtime.serve import Partials
     from nnpartials.runtime.validate import as_batch
 
     b = load_bundle(bundle)
-    if WEIGHTS not in b.files:
-        reason = (b.manifest.get("c_core") or {}).get("reason")
-        raise BundleError(f"bundle {b.path!r} has no C-core weight file ({WEIGHTS})"
-                          + (f": {reason}" if reason else "") + "; only onnxruntime can evaluate it, there is "
-                          "nothing to cross-check")
     if x is None:
-        if not isinstance(n_points, (int, np.integer)) or n_points < 1:
+        if not isinstance(n_points, (int, np.integer)) or isinstance(n_points, bool) or n_points < 1:
             raise InputError(f"n_points must be a positive integer, got {n_points!r}")
         x, origin = _sample_box(b, int(n_points), seed)
     else:
-        x = as_batch(x, b.n_in, name="points")
+        x = as_batch(x, b.n_in, name="points", columns=b.input_columns)
         origin = "given points"
-    kernel = Kernel(b)
-    if (kernel.n_in, kernel.n_out) != (b.n_in, b.n_out):
-        raise BundleError(f"{b.path}: {WEIGHTS} has {kernel.n_in} inputs and {kernel.n_out} outputs, the manifest "
-                          f"{b.n_in} and {b.n_out}")
-    y_ort, J_ort = Partials(b, providers=providers).jacobian(x)
-    y_c, J_c = kernel.jacobian(x)
-    fd, err = kernel.fd_jacobian(x)
+        if x.shape[0] == 0:
+            raise InputError("points: expected at least one point to check, got 0 rows; a check on no points "
+                             "proves nothing")
+    has_c = WEIGHTS in b.files
+    report = CheckReport(bundle=b.path, n_points=int(x.shape[0]), points_from=origin, n_in=b.n_in, n_out=b.n_out,
+                         c_core=has_c, c_core_reason=None if has_c else (b.manifest.get("c_core") or {}).get("reason"))
 
-    report = CheckReport(bundle=b.path, n_points=int(x.shape[0]), points_from=origin, n_in=b.n_in, n_out=b.n_out)
-
-    def add(name, tested, reference, a, ref, tol, tol_name):
+    def add(name, tested, reference, a, ref, tol, tol_name, entries=None):
         max_abs, max_rel, scale = tolerances.scaled_error(a, ref)
         report.comparisons.append(Comparison(name, name.split()[0], tested, reference, max_abs, max_rel, scale,
-                                             float(tol), tol_name, int(np.size(a))))
+                                             float(tol), tol_name, int(np.size(a) if entries is None else entries)))
 
-    add("y", "C core", "onnxruntime", y_c, y_ort, tolerances.FORWARD_F32, "FORWARD_F32")
-    add("dy_dx", "C core", "onnxruntime", J_c, J_ort, tolerances.CHECK_PATHS_F32, "CHECK_PATHS_F32")
-    scale = max(1.0, float(np.max(np.abs(fd)))) if fd.size else 1.0
-    smooth = err <= tolerances.CHECK_FD_KINK * scale
+    p = Partials(b, providers=providers)
+    y_ort, J_ort = p.jacobian(x)
+    y_fwd = p.forward(x)
+    add("y (forward graph)", "companion graph", "forward graph", y_ort, y_fwd, tolerances.FORWARD_F32,
+        "FORWARD_F32")
+    ref = Float64Graph(onnx.load_model_from_string(b.read(FORWARD)))
+    parts = np.split(x.astype(np.float64), np.cumsum(p.input_widths)[:-1], axis=1)
+    fd, err = ref.fd_jacobian(parts)
+    keep, report.fd_entries_near_kink, report.fd_error_max, report.fd_error_median = _fd_mask(fd, err)
     report.fd_entries = int(fd.size)
-    report.fd_entries_near_kink = int(fd.size - np.count_nonzero(smooth))
-    if fd.size:
-        report.fd_error_max = float(np.max(err[smooth])) if smooth.any() else float(np.max(err))
-        report.fd_error_median = float(np.median(err))
-    keep = np.where(smooth, 1.0, 0.0)
-    add("dy_dx vs FD", "C core", "float64 FD", J_c * keep, fd * keep, tolerances.FD_F64_REL, "FD_F64_REL")
-    add("dy_dx (onnxruntime) vs FD", "onnxruntime", "float64 FD", J_ort * keep, fd * keep, tolerances.FD_F64_REL,
-        "FD_F64_REL")
-    for c in report.comparisons[2:]:
-        c.entries = int(np.count_nonzero(smooth))
+    add("dy_dx vs float64 FD of model.onnx", "onnxruntime", "float64 FD (onnx reference)", J_ort * keep, fd * keep,
+        tolerances.FD_F64_REL, "FD_F64_REL", np.count_nonzero(keep))
+    if has_c:
+        from nnpartials.runtime.kernel import Kernel
+
+        kernel = Kernel(b)  # refuses a weight file whose shape disagrees with the manifest
+        y_c, J_c = kernel.jacobian(x)
+        cfd, cerr = kernel.fd_jacobian(x)
+        ckeep, report.c_fd_entries_near_kink, report.c_fd_error_max, report.c_fd_error_median = _fd_mask(cfd, cerr)
+        add("y (C core)", "C core", "onnxruntime", y_c, y_ort, tolerances.FORWARD_F32, "FORWARD_F32")
+        add("dy_dx (C core)", "C core", "onnxruntime", J_c, J_ort, tolerances.CHECK_PATHS_F32, "CHECK_PATHS_F32")
+        add("dy_dx (C core) vs C FD", "C core", "float64 FD (C core)", J_c * ckeep, cfd * ckeep,
+            tolerances.FD_F64_REL, "FD_F64_REL", np.count_nonzero(ckeep))
+        add("dy_dx vs C FD", "onnxruntime", "float64 FD (C core)", J_ort * ckeep, cfd * ckeep,
+            tolerances.FD_F64_REL, "FD_F64_REL", np.count_nonzero(ckeep))
+    if report.fd_entries and report.fd_entries_near_kink == report.fd_entries:
+        raise InputError(f"{b.path}: every finite-difference entry at these points lies next to a kink of a piecewise "
+                         f"activation, so nothing could be checked; choose other points")
     return report
 
 

@@ -68,22 +68,40 @@ def strerror(code: int) -> str:
     return ffi.string(lib.nnp_strerror(int(code))).decode()
 
 
+def _propagate_nonfinite(x, y, dy=None):
+    """``nan_policy="propagate"``: make NaN and overflow visible in the results, as onnxruntime does.
+
+    The C core's piecewise-linear derivatives are selected by comparisons, which turn a NaN pre-activation into a
+    finite slope; without this a NaN input would get finite partials. Rule: a point with a NaN coordinate gets NaN
+    for all its outputs and partials; a point whose outputs are not all finite (an infinite coordinate, or an
+    overflow inside the network) gets NaN partials. Points that are finite throughout are untouched."""
+    if x.size == 0:
+        return
+    nan_rows = np.isnan(x).any(axis=1)
+    if nan_rows.any():
+        y[nan_rows] = np.nan
+    if dy is not None:
+        bad = ~np.isfinite(y).all(axis=1)
+        if bad.any():
+            dy[bad] = np.nan
+
+
 def _read_source(source):
-    """Return (bytes, description) of the weight file named by source."""
+    """Return (bytes, description, bundle or None) of the weight file named by source."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), "weight file bytes"
+        return bytes(source), "weight file bytes", None
     if hasattr(source, "manifest") and hasattr(source, "read"):  # a loaded Bundle
-        return source.read(WEIGHTS), os.path.join(getattr(source, "path", "bundle"), WEIGHTS)
+        return source.read(WEIGHTS), os.path.join(getattr(source, "path", "bundle"), WEIGHTS), source
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
             from nnpartials.exporter.bundle import load_bundle
 
             bundle = load_bundle(path)  # verifies the hashes
-            return bundle.read(WEIGHTS), os.path.join(path, WEIGHTS)
+            return bundle.read(WEIGHTS), os.path.join(path, WEIGHTS), bundle
         try:
             with open(path, "rb") as f:
-                return f.read(), path
+                return f.read(), path, None
         except FileNotFoundError:
             raise BundleError(f"no such weight file or bundle folder: {path!r}") from None
         except OSError as exc:
@@ -100,7 +118,7 @@ class Kernel:
 
     def __init__(self, source, *, threads: int | None = None):
         _require_core()
-        data, self.source = _read_source(source)
+        data, self.source, bundle = _read_source(source)
         need = ffi.new("size_t *")
         rc = lib.nnp_model_bytes(data, len(data), need)
         if rc != 0:
@@ -115,6 +133,15 @@ class Kernel:
         self.n_out = int(lib.nnp_n_out(self._m))
         self.n_layers = int(lib.nnp_n_layers(self._m))
         self.auto_mode = "forward" if lib.nnp_auto_mode(self._m) == 1 else "reverse"
+        #: the model's input column names (from the bundle's manifest; None for a bare weight file): a pandas
+        #: DataFrame is matched to them by name
+        self.input_columns = None
+        if bundle is not None:
+            if (self.n_in, self.n_out) != (bundle.n_in, bundle.n_out):
+                raise BundleError(f"{self.source}: the weight file has {self.n_in} inputs and {self.n_out} outputs, "
+                                  f"the manifest {bundle.n_in} inputs and {bundle.n_out} outputs; the bundle is "
+                                  f"inconsistent")
+            self.input_columns = list(bundle.input_columns)
         if threads is None:
             threads = min(os.cpu_count() or 1, 8)
         if not isinstance(threads, (int, np.integer)) or threads < 1:
@@ -220,7 +247,7 @@ class Kernel:
             if nan_policy == "raise":
                 if x.size == 0 or lib.nnp_first_nonfinite_f32(ffi.from_buffer("float[]", x), x.size) == x.size:
                     return x
-        return as_batch(x, self.n_in, name="x", nan_policy=nan_policy)
+        return as_batch(x, self.n_in, name="x", nan_policy=nan_policy, columns=self.input_columns)
 
     @staticmethod
     def _check(rc):
@@ -258,6 +285,8 @@ class Kernel:
             self._check(lib.nnp_forward(m, b - a, xb + a * n_in, yb + a * n_out, self._work32(), wl))
 
         self._run(part, n, threads)
+        if nan_policy == "propagate":
+            _propagate_nonfinite(x, y)
         return y
 
     def jacobian(self, x, mode: str = "auto", *, nan_policy: str = "raise", threads: int | None = None):
@@ -299,6 +328,8 @@ class Kernel:
         if n < PARALLEL_MIN_BATCH:  # fast path: one call, no closures
             self._check(lib.nnp_jacobian(m, cmode, n, ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y),
                                          ffi.from_buffer("float[]", dy), self._work32(), wl))
+            if nan_policy == "propagate":
+                _propagate_nonfinite(x, y, dy)
             return y, dy
         xb = ffi.from_buffer("float[]", x)
         yb = ffi.from_buffer("float[]", y)
@@ -310,11 +341,13 @@ class Kernel:
                                          self._work32(), wl))
 
         self._run(part, n, threads)
+        if nan_policy == "propagate":
+            _propagate_nonfinite(x, y, dy)
         return y, dy
 
     def forward_f64(self, x, *, nan_policy: str = "raise", threads: int | None = None) -> np.ndarray:
         """``y [batch, n_out]`` float64 (weights promoted exactly from float32)."""
-        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64)
+        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64, columns=self.input_columns)
         n = x.shape[0]
         y = np.empty((n, self.n_out), np.float64)
         if n == 0:
@@ -335,7 +368,7 @@ class Kernel:
         Central differences with steps h = cbrt(eps)·max(1, |x_j|) and h/2, Richardson-extrapolated; the error
         estimate is large where a kink of a piecewise activation lies within a step of the point.
         """
-        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64)
+        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64, columns=self.input_columns)
         n = x.shape[0]
         n_in, n_out, m, wl = self.n_in, self.n_out, self._m, self._ws64_len
         est = np.empty((n, n_out, n_in), np.float64)

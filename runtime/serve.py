@@ -65,6 +65,7 @@ class Partials:
         self._sessions_outputs = m.get("outputs", [])
         self.n_out = self.bundle.n_out
         self.input_columns = self.bundle.input_columns
+        self._input_cols = [list(i.get("columns") or []) or None for i in m["inputs"]]
         self.output_columns = self.bundle.output_columns
         self.mode = m["jacobian"]["mode"]
         self.max_batch = int(max_batch)
@@ -105,19 +106,25 @@ class Partials:
     # ----- input handling -------------------------------------------------------------------------------------
     def _inputs(self, x, nan_policy):
         policy = nan_policy or self.nan_policy
-        if len(self.input_names) == 1:
-            return [as_batch(x, self.n_in, name="x", nan_policy=policy)]
+        cols = self._input_cols
         if isinstance(x, dict):
+            unknown = [k for k in x if k not in self.input_names]
             missing = [n for n in self.input_names if n not in x]
-            if missing:
-                raise InputError(f"missing inputs {missing}; expected {self.input_names}")
-            parts = [as_batch(x[n], w, name=n, nan_policy=policy) for n, w in zip(self.input_names, self.input_widths)]
+            if missing or unknown:
+                raise InputError(f"inputs by name: expected the keys {self.input_names}, got {list(x)}"
+                                 + (f" (missing {missing})" if missing else "")
+                                 + (f" (unknown {unknown})" if unknown else ""))
+            parts = [as_batch(x[n], w, name=n, nan_policy=policy, columns=c)
+                     for n, w, c in zip(self.input_names, self.input_widths, cols)]
+        elif len(self.input_names) == 1:
+            return [as_batch(x, self.n_in, name="x", nan_policy=policy, columns=cols[0])]
         elif isinstance(x, (list, tuple)) and len(x) == len(self.input_names) \
                 and all(np.ndim(p) == 2 or (np.ndim(p) == 1 and len(p) == w) for p, w in zip(x, self.input_widths)) \
                 and not all(np.ndim(p) == 1 and len(x) == self.n_in for p in x):
-            parts = [as_batch(p, w, name=n, nan_policy=policy) for p, n, w in zip(x, self.input_names, self.input_widths)]
+            parts = [as_batch(p, w, name=n, nan_policy=policy, columns=c)
+                     for p, n, w, c in zip(x, self.input_names, self.input_widths, cols)]
         else:
-            arr = as_batch(x, self.n_in, name="x", nan_policy=policy)
+            arr = as_batch(x, self.n_in, name="x", nan_policy=policy, columns=self.input_columns)
             parts = np.split(arr, self._offsets[1:-1], axis=1)
         rows = {p.shape[0] for p in parts}
         if len(rows) != 1:

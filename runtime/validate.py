@@ -2,7 +2,9 @@
 
 Rules (documented in README):
 
-* accepted containers: numpy arrays, nested lists/tuples, pandas DataFrames (columns in the model's order);
+* accepted containers: numpy arrays, nested lists/tuples, pandas DataFrames; a DataFrame's columns are matched
+  to the model's column names (any order, extra columns ignored) when the caller knows the names, and are
+  taken by position only when they carry pandas' default labels 0, 1, 2, ...;
 * a 2-D input is ``[batch, n_features]``; a 1-D input of length ``n_features`` is one point (batch 1);
 * booleans, integers, float16/float32/float64 are converted to the backend dtype (float32 by default, float64
   for the C core's float64 path); float64 values that overflow float32 become an error, not ``inf``;
@@ -20,9 +22,31 @@ from nnpartials.errors import InputError, InputTypeError
 NAN_POLICIES = ("raise", "propagate")
 
 
-def _to_array(x, name: str) -> np.ndarray:
-    if hasattr(x, "to_numpy") and hasattr(x, "columns"):  # pandas DataFrame
-        x = x.to_numpy()
+def _is_frame(x) -> bool:
+    return hasattr(x, "to_numpy") and hasattr(x, "columns") and hasattr(x, "loc")
+
+
+def _frame_to_array(x, columns, name: str) -> np.ndarray:
+    """A DataFrame's values with its columns matched to ``columns`` by name."""
+    labels = list(x.columns)
+    if columns is None or labels == list(columns):
+        return x.to_numpy()
+    if labels == list(range(len(labels))):  # pandas' default labels: no names to match, take by position
+        return x.to_numpy()
+    dup = sorted({str(c) for c in labels if labels.count(c) > 1})
+    if dup:
+        raise InputError(f"{name}: DataFrame has duplicate column names {dup}; expected the model's columns "
+                         f"{list(columns)} once each")
+    missing = [c for c in columns if c not in labels]
+    if missing:
+        raise InputError(f"{name}: DataFrame columns {[str(c) for c in labels]} lack the model's columns {missing} "
+                         f"(columns are matched by name; expected {list(columns)}, in any order)")
+    return x[list(columns)].to_numpy()
+
+
+def _to_array(x, name: str, columns=None) -> np.ndarray:
+    if _is_frame(x):  # pandas DataFrame
+        x = _frame_to_array(x, columns, name)
     elif hasattr(x, "to_numpy") and hasattr(x, "dtype") and not isinstance(x, np.ndarray):  # pandas Series
         x = x.to_numpy()
     if isinstance(x, np.ndarray):
@@ -36,11 +60,13 @@ def _to_array(x, name: str) -> np.ndarray:
 
 
 def as_batch(x, n_features: int, *, name: str = "x", nan_policy: str = "raise",
-             dtype=np.float32) -> np.ndarray:
-    """Return ``x`` as a C-contiguous ``[batch, n_features]`` array of ``dtype``, or raise a clear error."""
+             dtype=np.float32, columns=None) -> np.ndarray:
+    """Return ``x`` as a C-contiguous ``[batch, n_features]`` array of ``dtype``, or raise a clear error.
+
+    ``columns``: the model's column names; a pandas DataFrame is then matched to them by name."""
     if nan_policy not in NAN_POLICIES:
         raise InputError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    arr = _to_array(x, name)
+    arr = _to_array(x, name, columns)
     kind = arr.dtype.kind
     if kind not in "biuf":
         raise InputTypeError(f"{name}: expected a real numeric dtype (bool, int, float), got dtype {arr.dtype}")

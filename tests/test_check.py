@@ -1,4 +1,5 @@
-"""`check_bundle` and `nnpartials check`: the three paths agree on a good bundle and a changed weight is caught."""
+"""`check_bundle` and `nnpartials check`: the paths agree on a good bundle; a changed weight, a changed forward
+graph, zero points are caught; a bundle without a C core is still checked against the float64 reference."""
 
 import hashlib
 import json
@@ -12,7 +13,7 @@ pytest.importorskip("nnpartials._core", reason="the C extension is not built")
 
 from nnpartials import tolerances  # noqa: E402
 from nnpartials.cli import main  # noqa: E402
-from nnpartials.errors import BundleError, InputError  # noqa: E402
+from nnpartials.errors import InputError  # noqa: E402
 from nnpartials.exporter.nnp import read_nnp, write_nnp  # noqa: E402
 from nnpartials.runtime.check import check_bundle  # noqa: E402
 
@@ -40,11 +41,16 @@ def test_paths_agree_on_seed_bundle(seed_bundle):
     rep = check_bundle(seed_bundle, n_points=300)
     assert rep.ok, rep.to_dict()
     assert rep.n_points == 300 and rep.points_from.startswith("uniform")
-    assert [c.name for c in rep.comparisons] == ["y", "dy_dx", "dy_dx vs FD", "dy_dx (onnxruntime) vs FD"]
-    assert rep.comparison("dy_dx").tolerance == tolerances.CHECK_PATHS_F32
+    assert [c.name for c in rep.comparisons] == ["y (forward graph)", "dy_dx vs float64 FD of model.onnx",
+                                                 "y (C core)", "dy_dx (C core)", "dy_dx (C core) vs C FD",
+                                                 "dy_dx vs C FD"]
+    assert rep.c_core
+    assert rep.comparison("dy_dx (C core)").tolerance == tolerances.CHECK_PATHS_F32
     assert rep.fd_entries == 300 * 2
     assert rep.fd_entries_near_kink < rep.fd_entries // 10
+    assert rep.c_fd_entries_near_kink < rep.fd_entries // 10
     assert 0 < rep.fd_error_max < tolerances.FD_F64_REL
+    assert 0 < rep.c_fd_error_max < tolerances.FD_F64_REL
     d = rep.to_dict()
     assert d["ok"] is True and all(c["ok"] for c in d["comparisons"])
 
@@ -59,6 +65,35 @@ def test_given_points(seed_bundle):
         check_bundle(seed_bundle, n_points=0)
 
 
+def test_zero_points_fail(seed_bundle, tmp_path):
+    with pytest.raises(InputError, match="0 rows"):
+        check_bundle(seed_bundle, x=np.zeros((0, 2), np.float32))
+    empty = tmp_path / "none.npy"
+    np.save(empty, np.zeros((0, 2)))
+    assert main(["check", seed_bundle, "--data", str(empty)]) == 1
+
+
+def _tampered_forward(seed_bundle, dst):
+    """The bundle with one weight of the forward graph changed and its hash recomputed consistently."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(os.path.join(seed_bundle, "model.onnx"))
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the largest weight matrix
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 0.5
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    return _copy_with(seed_bundle, dst, "model.onnx", m.SerializeToString())
+
+
+def test_changed_forward_graph_is_caught(seed_bundle, tmp_path):
+    bad = _tampered_forward(seed_bundle, tmp_path / "fwd")
+    rep = check_bundle(bad, n_points=200)
+    assert not rep.ok
+    assert not rep.comparison("y (forward graph)").ok
+    assert not rep.comparison("dy_dx vs float64 FD of model.onnx").ok
+    assert main(["check", bad]) == 1
+
 def test_changed_weight_is_caught(seed_bundle, tmp_path):
     with open(os.path.join(seed_bundle, "model.nnp"), "rb") as f:
         layers = read_nnp(f.read())
@@ -66,16 +101,26 @@ def test_changed_weight_is_caught(seed_bundle, tmp_path):
     bad = _copy_with(seed_bundle, tmp_path / "bad", "model.nnp", write_nnp(layers, n_in=2))
     rep = check_bundle(bad, n_points=200)
     assert not rep.ok
-    assert not rep.comparison("dy_dx").ok
-    assert rep.comparison("dy_dx (onnxruntime) vs FD").ok is False  # FD follows the (changed) C weights
+    assert not rep.comparison("dy_dx (C core)").ok
+    assert rep.comparison("dy_dx vs C FD").ok is False  # the C core's FD follows the (changed) C weights
+    assert rep.comparison("dy_dx vs float64 FD of model.onnx").ok  # onnxruntime and model.onnx are unchanged
     assert main(["check", bad, "--points", "50"]) == 1
 
 
-def test_bundle_without_c_weights(seed_bundle, tmp_path):
+def test_bundle_without_c_weights(seed_bundle, tmp_path, capsys):
+    """Without model.nnp, onnxruntime is still checked against float64 finite differences of model.onnx."""
     nod = _copy_with(seed_bundle, tmp_path / "noc", "model.nnp", None)
-    with pytest.raises(BundleError, match="removed for a test"):
-        check_bundle(nod)
-    assert main(["check", nod]) == 1
+    rep = check_bundle(nod, n_points=200)
+    assert rep.ok and not rep.c_core and rep.c_core_reason == "removed for a test"
+    assert [c.name for c in rep.comparisons] == ["y (forward graph)", "dy_dx vs float64 FD of model.onnx"]
+    assert rep.comparison("dy_dx vs float64 FD of model.onnx").entries > 300
+    assert main(["check", nod]) == 0
+    assert "removed for a test" in capsys.readouterr().out
+    # and it still catches a changed forward graph
+    bad = _copy_with(nod, tmp_path / "noc_fwd", "model.onnx",
+                     open(_tampered_forward(seed_bundle, tmp_path / "t2") + "/model.onnx", "rb").read())
+    assert not check_bundle(bad, n_points=100).ok
+    assert main(["check", bad]) == 1
 
 
 def test_cli(seed_bundle, tmp_path, capsys):

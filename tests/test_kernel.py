@@ -252,6 +252,28 @@ def test_bad_weight_files_raise_with_code(tmp_path):
         Kernel(12345)
 
 
+def test_weight_file_shape_must_match_manifest(tmp_path, seed_bundle):
+    """A model.nnp (consistently re-hashed) whose inputs/outputs disagree with the manifest is refused at load."""
+    import hashlib
+    import json
+    import shutil
+
+    import nnpartials
+
+    dst = tmp_path / "mismatch"
+    shutil.copytree(seed_bundle, dst)
+    data = write_nnp(make_layers("tanh", n_in=3, n_out=1))
+    (dst / "model.nnp").write_bytes(data)
+    man = json.loads((dst / "manifest.json").read_text())
+    man["files"]["model.nnp"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (dst / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(BundleError, match="3 inputs and 1 outputs, the manifest 2 inputs"):
+        Kernel(dst)
+    with pytest.raises(BundleError, match="inconsistent"):
+        nnpartials.Partials(dst, backend="c")
+    Kernel(dst / "model.nnp")  # the bare weight file on its own is fine: there is no manifest to disagree with
+
+
 def test_sources_path_bytes_bundle(tmp_path, seed_bundle):
     data = write_nnp(make_layers("tanh"))
     p = tmp_path / "m.nnp"

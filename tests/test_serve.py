@@ -51,6 +51,45 @@ def test_single_point_list_and_dataframe(p):
     np.testing.assert_allclose(Jdf, J, rtol=1e-6)
 
 
+def test_dataframe_columns_are_matched_by_name(seed_bundle, p):
+    """A DataFrame with the model's columns in another order is reordered by name, never used by position."""
+    import pandas as pd
+
+    x = points(7)
+    _, J = p.jacobian(x)
+    swapped = pd.DataFrame({"x2": x[:, 1], "x1": x[:, 0]})
+    for q in (p, nnpartials.Partials(seed_bundle, backend="c"), nnpartials.Kernel(seed_bundle)):
+        np.testing.assert_allclose(q.jacobian(swapped)[1], J, rtol=2e-5, atol=1e-6)
+        extra = pd.DataFrame({"id": np.arange(7), "x2": x[:, 1], "x1": x[:, 0]})
+        np.testing.assert_allclose(q.jacobian(extra)[1], J, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(q.jacobian(pd.DataFrame(x))[1], J, rtol=2e-5, atol=1e-6)  # default labels
+        with pytest.raises(InputError, match=r"lack the model's columns \['x1'\]"):
+            q.jacobian(pd.DataFrame({"a": x[:, 0], "x2": x[:, 1]}))
+        with pytest.raises(InputError, match="duplicate"):
+            q.jacobian(pd.DataFrame(x, columns=["x1", "x1"]))
+
+
+def test_single_input_by_name(p):
+    x = points(4)
+    np.testing.assert_array_equal(p.jacobian({"x": x})[1], p.jacobian(x)[1])
+    with pytest.raises(InputError, match=r"expected the keys \['x'\]"):
+        p.jacobian({"z": x})
+
+
+def test_multi_input_dataframe_by_name(multi_bundle):
+    import pandas as pd
+
+    q = nnpartials.Partials(multi_bundle)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 5)).astype(np.float32)
+    cols = q.input_columns
+    shuffled = pd.DataFrame({c: x[:, k] for k, c in reversed(list(enumerate(cols)))})
+    np.testing.assert_allclose(q.jacobian(shuffled)[1], q.jacobian(x)[1], rtol=1e-6)
+    a_cols = [c for c in cols if c.startswith("a")]
+    frame_a = pd.DataFrame({c: x[:, cols.index(c)] for c in reversed(a_cols)})
+    np.testing.assert_allclose(q.jacobian({"a": frame_a, "b": x[:, 2:]})[1], q.jacobian(x)[1], rtol=1e-6)
+
+
 def test_float64_and_int_inputs_are_converted(p):
     x = points(10)
     _, J32 = p.jacobian(x)
@@ -93,6 +132,27 @@ def test_nan_propagate(seed_bundle):
     assert np.isfinite(J[[0, 2]]).all()
 
 
+def test_nan_propagate_same_on_c_core(seed_bundle):
+    """nan_policy="propagate": the C core gives NaN partials where onnxruntime does, never finite ones."""
+    for b in (seed_bundle,):
+        ort_p = nnpartials.Partials(b, nan_policy="propagate")
+        n_in = ort_p.n_in
+        x = np.random.default_rng(2).normal(size=(6, n_in)).astype(np.float32)
+        x[1, 0], x[2, n_in - 1], x[3, 0], x[4, 0] = np.nan, np.nan, np.inf, -np.inf
+        y0, J0 = ort_p.jacobian(x)
+        for q in (nnpartials.Partials(b, backend="c", nan_policy="propagate"), nnpartials.Kernel(b)):
+            kw = {"nan_policy": "propagate"} if isinstance(q, nnpartials.Kernel) else {}
+            for xx in (x, x[1:2], np.repeat(x, 800, axis=0)):  # one point, a small batch, the threaded path
+                y, J = q.jacobian(xx, **kw)
+                yr, Jr = ort_p.jacobian(xx)
+                np.testing.assert_array_equal(np.isnan(y), np.isnan(yr))
+                rows_nan = np.isnan(Jr).reshape(len(xx), -1).any(axis=1)
+                assert np.isnan(J[rows_nan]).all(), "a point with NaN partials in onnxruntime is finite here"
+                assert np.isfinite(J[~rows_nan]).all()
+                assert np.array_equal(np.isnan(y).any(axis=1), np.isnan(q.forward(xx, **kw)).any(axis=1))
+        assert np.isnan(J0[[1, 2]]).all() and np.isfinite(J0[[0, 5]]).all()
+
+
 def test_empty_batch(p):
     y, J = p.jacobian(np.zeros((0, 2), np.float32))
     assert y.shape == (0, 1) and J.shape == (0, 1, 2)
@@ -130,7 +190,7 @@ def test_multi_input_forms(multi_bundle):
     np.testing.assert_array_equal(J1, J3)
     _, parts = q.jacobian_by_input({"a": a, "b": b})
     np.testing.assert_array_equal(parts["b"], J1[:, :, 2:])
-    with pytest.raises(InputError, match="missing inputs"):
+    with pytest.raises(InputError, match="missing"):
         q.jacobian({"a": a})
 
 
