@@ -41,8 +41,32 @@ Thresholds (all named parameters of :func:`diagnose`, defaults below)
     ``z`` although it is not in ``x``, and that partial then counts as identified.
 ``far_factor``
     a query point is *outside* the data when its nearest training point is farther than ``far_factor`` times
-    the typical neighbourhood radius (median distance from a training point to its ``neighbors``-th nearest
-    other training point). Nothing is identified outside the data.
+    the typical neighbourhood radius (median distance from a distinct training point to its ``neighbors``-th
+    nearest other one). Nothing is identified outside the data: the local rank there is 0 (the neighbourhood's
+    PCA is still in ``LocalDiagnosis.singular_values`` and ``directions``, for inspection only).
+``outlier_z``
+    a training row is an *outlier* when some feature lies more than ``outlier_z`` robust standard deviations
+    from that feature's median (robust std: 1.4826 x the median absolute deviation; where half the rows or more
+    share one value of the feature, so that this is zero, 1.2533 x the mean absolute deviation from the median,
+    which flags the rows of a feature that fewer than about 1 / (1.25 * outlier_z) of the rows move away from
+    its common value; deviations within the rounding floor below never count). Outliers are set aside, listed
+    (``GlobalDiagnosis.outliers``, row indices of ``train_x``), and everything else, including the data's own
+    standardisation, is computed from the remaining rows: one row 1e4 away from data of unit spread would otherwise
+    carry the largest singular value and push every real direction below ``rank_rtol`` of it. ``None`` (or
+    ``inf``) switches the detection off.
+
+Rounding floor (fixed, not a parameter)
+---------------------------------------
+Spread that the model cannot see is not information. The model reads float32 inputs (``Partials`` converts every
+input to float32), so a value ``x_j`` is only known to ``INPUT_EPS * max(|x_j|, |mean_j|)`` (the larger of the raw
+value and the normalisation's mean, which the model subtracts in float32). A feature whose spread (in the
+training data, or in a query point's neighbourhood) is at most ``RANK_NOISE_FACTOR`` times that resolution
+counts as constant, and a principal direction ``v`` is supported only where its singular value also exceeds
+``RANK_NOISE_FACTOR`` times the resolution along ``v`` (in normalised units). Identical training points
+therefore have rank 0 and identify nothing, and a constant feature divided by a tiny stored std (a Keras
+Normalization layer adapted on a constant column stores about 1e-7) does not become information. The floor is
+about float resolution, not about small data: spread of 1e-4 of the values' magnitude is far above it.
+Duplicate training rows add nothing to a neighbourhood, so the local analysis uses each distinct row once.
 """
 
 from __future__ import annotations
@@ -68,10 +92,19 @@ DEFAULT_LOCAL_RTOL = 0.05
 DEFAULT_SPAN_TOL = 0.1
 #: A query point is outside the data beyond this many typical neighbourhood radii from its nearest training point.
 DEFAULT_FAR_FACTOR = 2.0
-#: Default neighbourhood size of the local PCA (raised to 3 * n_in + 1 for wide inputs, capped at the data size).
+#: Default neighbourhood size of the local PCA (raised to 3 * n_in + 1 for wide inputs, capped at the number of
+#: distinct training rows).
 DEFAULT_NEIGHBORS = 16
+#: A training row is an outlier beyond this many robust standard deviations from a feature's median.
+DEFAULT_OUTLIER_Z = 25.0
 #: At most this many training points are used to estimate the typical neighbourhood radius.
 RADIUS_PROBES = 2000
+#: Relative resolution of the inputs the model reads (float32: bundles compute in float32).
+INPUT_EPS = float(np.finfo(np.float32).eps)
+#: Spread up to this many times the float resolution of the inputs is rounding noise, not information.
+RANK_NOISE_FACTOR = 10.0
+#: At most this many outlier row indices are printed (summary, tables); to_dict() and the attribute list all.
+OUTLIERS_SHOWN = 20
 
 _STD_FLOOR = 1e-12  # a feature whose std is below this is treated as constant (std 1, so it normalises to 0)
 
@@ -202,6 +235,8 @@ class GlobalDiagnosis:
     null_directions: np.ndarray  # [n_in - rank, n_in] unit rows, input units
     span_residual: np.ndarray  # [n_in] |e_j - P e_j| against the globally supported span
     identified: np.ndarray  # [n_in] bool
+    outliers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # row indices set aside
+    outlier_z: Optional[float] = DEFAULT_OUTLIER_Z  # None: detection switched off
 
     @property
     def full_rank(self) -> bool:
@@ -217,10 +252,10 @@ class LocalDiagnosis:
     outside: np.ndarray  # [Q] bool, nn_distance > far_factor * typical_radius
     singular_values: np.ndarray  # [Q, n_in] local PCA singular values (std along each direction, normalised)
     relative: np.ndarray  # [Q, n_in]
-    local_rank: np.ndarray  # [Q] int
+    local_rank: np.ndarray  # [Q] int; 0 outside the data
     directions_z: np.ndarray  # [Q, n_in, n_in] local principal directions (rows), normalised coordinates
     directions: np.ndarray  # [Q, n_in, n_in] the same in input units (unit rows); the first local_rank are supported
-    span_residual: np.ndarray  # [Q, n_in]
+    span_residual: np.ndarray  # [Q, n_in] against the supported span (1 outside the data, where it is empty)
     identified: np.ndarray  # [Q, n_in] bool
 
     def supported(self, i: int) -> np.ndarray:
@@ -303,6 +338,8 @@ class Diagnosis:
                 "supported_directions": g.supported_directions.tolist(),
                 "null_directions": g.null_directions.tolist(),
                 "partial_identified": g.identified.tolist(),
+                "outlier_z": g.outlier_z,
+                "outliers": [int(i) for i in g.outliers],
             },
             "thresholds": {"local_rtol": self.local_rtol, "span_tol": self.span_tol, "far_factor": self.far_factor,
                            "neighbors": self.neighbors},
@@ -345,6 +382,7 @@ class Diagnosis:
         lines = [
             f"training inputs: {self.n_train} points, {self.n_in} features ({', '.join(names)})",
             f"normalisation: {self.normalization.source}",
+            _outlier_text(g),
             "singular values (std along principal directions, normalised units): "
             + ", ".join(f"{s:.4g}" for s in g.singular_values),
             "relative: " + ", ".join(f"{r:.3g}" for r in g.relative)
@@ -356,7 +394,10 @@ class Diagnosis:
             lines.append("  no information along (input units): " + _fmt_dir(d, names))
         ident = [n for n, ok in zip(names, g.identified) if ok]
         unid = [n for n, ok in zip(names, g.identified) if not ok]
-        if not unid:
+        if g.effective_rank == 0:
+            lines.append("the training inputs do not vary (beyond float rounding): no direction is supported and "
+                         "no partial dy/dx_j is identified")
+        elif not unid:
             lines.append("globally, every partial dy/dx_j is identified by the data")
         else:
             lines.append("globally NOT identified: " + ", ".join(f"dy/d{n}" for n in unid)
@@ -364,8 +405,9 @@ class Diagnosis:
                          + " (only derivatives along the supported directions are)")
         if self.local is not None:
             c = self.counts()
-            lines.append(f"query points: {c['points']} ({c['outside']} outside the training data); local rank "
-                         + ", ".join(f"{r}: {n} points" for r, n in c["local_rank"].items()))
+            lines.append(f"query points: {c['points']} ({c['outside']} outside the training data, where nothing is "
+                         f"supported: local rank 0); local rank inside the data "
+                         + (", ".join(f"{r}: {n} points" for r, n in c["local_rank"].items()) or "-"))
             for name in names:
                 lines.append(f"  dy/d{name} identified at {c['identified'][name]} of {c['points']} points")
         if self.ensemble_std is not None:
@@ -392,6 +434,7 @@ class Diagnosis:
             sup = k < g.effective_rank
             t1.add_row(str(k + 1), f"{g.singular_values[k]:.4g}", f"{g.relative[k]:.3g}", _fmt_dir(d, names),
                        "[green]informative[/]" if sup else "[red]no information[/]")
+        t1.caption = _outlier_text(g)
         tables = [t1]
         t2 = Table(title="Partials dy/dx_j identified by the training data (global)")
         t2.add_column("partial")
@@ -437,6 +480,17 @@ class Diagnosis:
         return tables
 
 
+def _outlier_text(g: GlobalDiagnosis) -> str:
+    if g.outlier_z is None:
+        return "outlier detection off: every training row is used"
+    n = int(g.outliers.size)
+    if n == 0:
+        return f"outliers: none (no row beyond {g.outlier_z:g} robust std of a feature's median)"
+    shown = ", ".join(str(int(i)) for i in g.outliers[:OUTLIERS_SHOWN]) + (", ..." if n > OUTLIERS_SHOWN else "")
+    return (f"{n} outlier{'s' if n != 1 else ''} set aside (beyond {g.outlier_z:g} robust std of a feature's median; "
+            f"everything else is computed without {'them' if n != 1 else 'it'}): row{'s' if n != 1 else ''} {shown}")
+
+
 def _fmt_dir(d, names) -> str:
     d = np.asarray(d, dtype=np.float64)
     nz = np.abs(d) > 1e-12
@@ -463,10 +517,50 @@ def _pca(points: np.ndarray):
     return s / math.sqrt(max(k - 1, 1)), vt
 
 
-def _rank(s: np.ndarray, rtol: float):
+def _rank(s: np.ndarray, rtol: float, vt: np.ndarray, noise: np.ndarray):
+    """Relative singular values and the rank: the leading directions with ``s_k >= rtol * s_max`` whose ``s_k``
+    also exceeds the rounding floor along them (``noise``: float resolution per feature, normalised units)."""
     top = s[..., :1]
     rel = np.divide(s, top, out=np.zeros_like(s), where=top > 0)
-    return rel, (rel >= rtol).sum(axis=-1)
+    floor = RANK_NOISE_FACTOR * np.sqrt(np.einsum("...kj,j->...k", vt ** 2, noise ** 2))
+    ok = (rel >= rtol) & (s > floor)
+    return rel, np.cumprod(ok, axis=-1).sum(axis=-1)
+
+
+def _noise_level(x: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Float resolution of each feature as the model reads it, in normalised units: the model gets float32
+    values of about max(|x_j|, |mean_j|) (it subtracts the mean in float32) and divides by std_j."""
+    mag = np.maximum(np.abs(x).max(axis=0), np.abs(norm.mean))
+    return INPUT_EPS * mag / norm.std
+
+
+def _drop_rounding_noise(points: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Batched ``points [..., k, n]`` with every feature whose spread is within the rounding floor set to 0
+    (constant): such spread is rounding, and dividing it by a tiny std must not turn it into information."""
+    k = points.shape[-2]
+    centred = points - points.mean(axis=-2, keepdims=True)
+    spread = np.sqrt((centred ** 2).sum(axis=-2) / max(k - 1, 1))  # [..., n], as the singular values in _pca
+    flat = spread <= RANK_NOISE_FACTOR * noise
+    if not flat.any():
+        return points
+    return np.where(flat[..., None, :], 0.0, points)
+
+
+def _outlier_rows(x: np.ndarray, outlier_z: Optional[float]) -> np.ndarray:
+    """Rows of ``x`` with some feature beyond ``outlier_z`` robust std from the feature's median (sorted)."""
+    if outlier_z is None:
+        return np.zeros(0, dtype=np.int64)
+    med = np.median(x, axis=0)
+    dev = np.abs(x - med)
+    floor = RANK_NOISE_FACTOR * INPUT_EPS * np.median(np.abs(x), axis=0)  # rounding: never an outlier
+    scale = 1.4826 * np.median(dev, axis=0)  # normal-consistent MAD
+    # half the rows or more share one value: the MAD is zero (or rounding); the mean absolute deviation is not
+    scale = np.where(scale <= floor, 1.2533 * dev.mean(axis=0), scale)
+    far = (dev > floor) & (dev > outlier_z * scale) & (scale > 0)
+    rows = np.flatnonzero(far.any(axis=1))
+    if x.shape[0] - rows.size < 2:  # no bulk left to speak of: nothing is an outlier
+        return np.zeros(0, dtype=np.int64)
+    return rows.astype(np.int64)
 
 
 def _span_residual(vt: np.ndarray, rank) -> np.ndarray:
@@ -500,6 +594,18 @@ def _knn(ref: np.ndarray, pts: np.ndarray, k: int, chunk_bytes: int = 64 << 20):
     return idx_out, dist_out
 
 
+def _check_outlier_z(value) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"outlier_z: expected a number or None, got {value!r}") from None
+    if not v > 0:  # also NaN
+        raise InputError(f"outlier_z: expected a positive number (inf or None: no outlier detection), got {value!r}")
+    return None if math.isinf(v) else v
+
+
 def _check_tol(name, value, lo=0.0, hi=1.0):
     try:
         v = float(value)
@@ -526,7 +632,8 @@ def _jacobian_from(model, query: np.ndarray) -> np.ndarray:
 def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=None, ensemble: Optional[Sequence] = None,
              rank_rtol: float = DEFAULT_RANK_RTOL, local_rtol: float = DEFAULT_LOCAL_RTOL,
              span_tol: float = DEFAULT_SPAN_TOL, far_factor: float = DEFAULT_FAR_FACTOR,
-             neighbors: Optional[int] = None, input_names: Optional[Sequence[str]] = None) -> Diagnosis:
+             neighbors: Optional[int] = None, input_names: Optional[Sequence[str]] = None,
+             outlier_z: Optional[float] = DEFAULT_OUTLIER_Z) -> Diagnosis:
     """Diagnose which partial derivatives ``dy/dx_j`` the training inputs ``train_x`` can identify.
 
     Parameters
@@ -551,11 +658,15 @@ def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=N
         thresholds; see the module documentation. Defaults: ``DEFAULT_RANK_RTOL`` (0.05),
         ``DEFAULT_LOCAL_RTOL`` (0.05), ``DEFAULT_SPAN_TOL`` (0.1), ``DEFAULT_FAR_FACTOR`` (2),
         ``DEFAULT_NEIGHBORS`` (16, at least ``3 * n_in + 1``).
+    outlier_z
+        training rows with a feature beyond this many robust standard deviations from its median are set aside
+        and listed in ``global_.outliers`` (default ``DEFAULT_OUTLIER_Z``, 25; ``None`` or ``inf``: keep every row).
     """
     rank_rtol = _check_tol("rank_rtol", rank_rtol)
     local_rtol = _check_tol("local_rtol", local_rtol)
     span_tol = _check_tol("span_tol", span_tol)
     far_factor = _check_tol("far_factor", far_factor, 0.0, math.inf)
+    outlier_z = _check_outlier_z(outlier_z)
 
     manifest = _read_manifest(bundle)
     n_in = _manifest_n_in(manifest) if manifest is not None else None
@@ -578,27 +689,35 @@ def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=N
         raise InputError(f"input_names: expected {n_in} names, got {len(input_names)}")
     out_names = _output_names(manifest)
 
-    norm = _resolve_normalization(normalization, manifest, x)
-    z = norm.to_z(x)
+    # outliers are set aside before anything else (the data's own standardisation included)
+    outliers = _outlier_rows(x, outlier_z)
+    x_in = np.delete(x, outliers, axis=0) if outliers.size else x
+    norm = _resolve_normalization(normalization, manifest, x_in)
+    z = norm.to_z(x_in)
+    noise = _noise_level(x_in, norm)
 
     # ---- global ------------------------------------------------------------------------------------------------
-    s, vt = _pca(z)
-    rel, rank = _rank(s, rank_rtol)
+    s, vt = _pca(_drop_rounding_noise(z, noise))
+    rel, rank = _rank(s, rank_rtol, vt, noise)
     rank = int(rank)
     resid = _span_residual(vt, rank)
     g = GlobalDiagnosis(
         singular_values=s, relative=rel, rank_rtol=rank_rtol, effective_rank=rank, directions_z=vt,
         supported_directions=norm.direction_to_input(vt[:rank]) if rank else np.zeros((0, n_in)),
         null_directions=norm.direction_to_input(vt[rank:]) if rank < n_in else np.zeros((0, n_in)),
-        span_residual=resid, identified=resid <= span_tol,
+        span_residual=resid, identified=resid <= span_tol, outliers=outliers, outlier_z=outlier_z,
     )
+
+    # the local analysis looks at distinct rows: copies of a point add nothing to a neighbourhood
+    _, first = np.unique(x_in, axis=0, return_index=True)
+    ref = z if first.size == z.shape[0] else z[np.sort(first)]
 
     k = DEFAULT_NEIGHBORS if neighbors is None else neighbors
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
         raise InputError(f"neighbors: expected an integer >= 2, got {neighbors!r}")
     if neighbors is None:
         k = max(k, 3 * n_in + 1)
-    k = int(min(k, x.shape[0]))
+    k = int(min(k, ref.shape[0]))
 
     diag = Diagnosis(n_train=x.shape[0], n_in=n_in, input_names=input_names, normalization=norm, global_=g,
                      neighbors=k, local_rtol=local_rtol, span_tol=span_tol, far_factor=far_factor,
@@ -614,19 +733,20 @@ def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=N
     qz = norm.to_z(q)
 
     # typical neighbourhood radius of the training data itself
-    if x.shape[0] > RADIUS_PROBES:
-        probes = np.random.RandomState(0).choice(x.shape[0], RADIUS_PROBES, replace=False)
+    if ref.shape[0] > RADIUS_PROBES:
+        probes = np.random.RandomState(0).choice(ref.shape[0], RADIUS_PROBES, replace=False)
     else:
-        probes = np.arange(x.shape[0])
-    kk = min(k + 1, x.shape[0])  # +1: a probe's nearest neighbour is itself
-    _, pd = _knn(z, z[probes], kk)
+        probes = np.arange(ref.shape[0])
+    kk = min(k + 1, ref.shape[0])  # +1: a probe's nearest neighbour is itself
+    _, pd = _knn(ref, ref[probes], kk)
     radius = float(np.median(pd[:, -1]))
 
-    idx, dist = _knn(z, qz, k)
+    idx, dist = _knn(ref, qz, k)
     nn = dist[:, 0]
     outside = nn > far_factor * radius if radius > 0 else nn > 0
-    ls, lvt = _pca(z[idx])  # [Q, k, n] -> [Q, n], [Q, n, n]
-    lrel, lrank = _rank(ls, local_rtol)
+    ls, lvt = _pca(_drop_rounding_noise(ref[idx], noise))  # [Q, k, n] -> [Q, n], [Q, n, n]
+    lrel, lrank = _rank(ls, local_rtol, lvt, noise)
+    lrank = np.where(outside, 0, lrank)  # nothing is supported outside the data
     lres = _span_residual(lvt, lrank)
     ident = (lres <= span_tol) & ~outside[:, None]
     diag.local = LocalDiagnosis(

@@ -181,6 +181,8 @@ def test_normalization_read_from_a_bundle_manifest(tmp_path):
     (np.ones((10, 2)), None, {"rank_rtol": 0.0}, InputError, "rank_rtol"),
     (np.ones((10, 2)), None, {"span_tol": 2.0}, InputError, "span_tol"),
     (np.ones((10, 2)), None, {"neighbors": 1}, InputError, "neighbors"),
+    (np.ones((10, 2)), None, {"outlier_z": 0.0}, InputError, "outlier_z"),
+    (np.ones((10, 2)), None, {"outlier_z": "many"}, InputTypeError, "outlier_z"),
     (np.ones((10, 2)), None, {"normalization": {"mean": [0.0] * 3, "std": [1.0] * 3}}, InputError, "2 means"),
     (np.ones((10, 2)), None, {"normalization": "bogus"}, InputError, "normalization"),
     (np.ones((10, 2)), None, {"jacobian": np.zeros((10, 1, 2))}, InputError, "query"),
@@ -198,3 +200,200 @@ def test_summary_and_json_are_complete():
     out = json.loads(json.dumps(d.to_dict()))
     assert out["global"]["effective_rank"] == 1
     assert out["local"]["identified"] == [[False, False]] * 6
+
+
+# ---- silent wrong answers: degenerate data, outliers, far points --------------------------------------------------
+@pytest.mark.parametrize("normalization", [None, "data", "none", {"mean": [0.0, 0.0, 0.0], "std": [1e-7, 1e-7, 1e-7]}])
+def test_identical_points_identify_nothing(normalization):
+    """100 copies of one point span no direction at all: rank 0 globally and locally, no partial identified.
+    (A Keras Normalization layer adapted on constant data stores std ~ epsilon = 1e-7: dividing rounding noise
+    by it must not manufacture information.)"""
+    x = np.tile([[0.1, 3.7, -250.3]], (100, 1))
+    q = np.array([[0.1, 3.7, -250.3], [0.1 + 1e-3, 3.7, -250.3]])
+    d = diagnose(x, q, normalization=normalization)
+    g = d.global_
+    assert g.effective_rank == 0 and not g.full_rank
+    assert g.supported_directions.shape == (0, 3) and g.null_directions.shape == (3, 3)
+    assert not g.identified.any()
+    assert (d.local.local_rank == 0).all()
+    assert not d.local.identified.any()
+    assert all(len(d.local.supported(i)) == 0 for i in range(len(q)))
+    assert "effective rank 0 of 3" in d.summary()
+    assert json.loads(json.dumps(d.to_dict()))["global"]["effective_rank"] == 0
+
+
+def test_points_identical_up_to_float32_rounding_identify_nothing():
+    """A point that differs between rows only in its last float32 bits (values that went through float32
+    arithmetic) is still one point: the model, which reads float32, cannot tell the rows apart."""
+    base = np.array([0.1, 3.7, -250.3], dtype=np.float32)
+    rng = np.random.RandomState(5)
+    steps = rng.randint(-2, 3, size=(100, 3))  # up to 2 ulps either way
+    x = np.nextafter(base, np.where(steps > 0, np.inf, -np.inf).astype(np.float32)).astype(np.float64)
+    x = np.where(steps == 0, base.astype(np.float64), x)
+    assert len(np.unique(x, axis=0)) > 1  # really not bitwise identical
+    for normalization in (None, "none", {"mean": base.tolist(), "std": [1e-7, 1e-7, 1e-7]}):
+        d = diagnose(x, x[:3], normalization=normalization)
+        assert d.global_.effective_rank == 0, normalization
+        assert not d.global_.identified.any() and not d.local.identified.any()
+        assert (d.local.local_rank == 0).all()
+
+
+def test_constant_feature_with_a_tiny_stored_std_stays_unidentified():
+    """A feature that is constant in float32 terms, normalised by a Keras-style std of 1e-7, is not information."""
+    rng = np.random.RandomState(6)
+    const = np.float32(2.5)
+    x3 = np.where(rng.rand(400) < 0.5, const, np.nextafter(const, np.float32(3))).astype(np.float64)  # 1 ulp apart
+    x = np.stack([rng.uniform(-1, 1, 400), rng.uniform(-1, 1, 400), x3], axis=1)
+    norm = {"mean": [0.0, 0.0, 2.5], "std": [0.58, 0.58, 1e-7]}
+    d = diagnose(x, x[:5], normalization=norm)
+    assert d.global_.effective_rank == 2
+    assert d.global_.identified.tolist() == [True, True, False]
+    assert _same_direction(d.global_.null_directions[0], [0, 0, 1]) < DIAG_DIRECTION_ATOL
+    assert d.local.identified[:, :2].all() and not d.local.identified[:, 2].any()
+
+
+@pytest.mark.parametrize("normalization", [None, "none"])
+def test_small_but_real_spread_is_not_rounding_noise(normalization):
+    """The floor is about float resolution, not about small data: rank-2 data whose spread is 1e-3 of their
+    magnitude (and a line with the same relative spread) keep their geometric rank."""
+    rng = np.random.RandomState(7)
+    x = 1000.0 + rng.uniform(-1.0, 1.0, size=(500, 2))
+    d = diagnose(x, x[:10], normalization=normalization)
+    assert d.global_.effective_rank == 2 and d.global_.identified.all()
+    assert (d.local.local_rank == 2).all() and d.local.identified.all()
+    assert d.global_.outliers.size == 0
+    t = rng.uniform(-1.0, 1.0, 500)
+    line = np.stack([1000.0 + t, -3000.0 + 1.5 * t], axis=1)
+    d = diagnose(line, line[:10], normalization=normalization)
+    assert d.global_.effective_rank == 1
+    assert _same_direction(d.global_.supported_directions[0], [1.0, 1.5]) < DIAG_DIRECTION_ATOL
+
+
+def _rank3_in_4d(n=2000, seed=8):
+    """Points of the hyperplane x . normal = 1 in R^4 (rank 3), spread over a unit-sized patch."""
+    rng = np.random.RandomState(seed)
+    basis = np.array([[1.0, 0.0, 0.0, 2.0], [0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 0.5]])
+    normal = np.array([-2.0, 1.0, -0.5, 1.0])
+    assert np.allclose(basis @ normal, 0.0)
+    x = rng.uniform(-1.0, 1.0, size=(n, 3)) @ basis + normal / normal.dot(normal)
+    return x, normal
+
+
+@pytest.mark.parametrize("normalization", [None, "none"])
+def test_one_gross_outlier_does_not_collapse_the_rank(normalization):
+    x, normal = _rank3_in_4d()
+    x[1234] += 1e4 * np.array([0.6, -0.3, 0.7, 0.25])
+    q = np.array([[0.1, 0.2, -0.1, 0.0]])
+    q = q - (q @ normal - 1.0)[:, None] * normal / normal.dot(normal)  # on the hyperplane
+    d = diagnose(x, q, normalization=normalization)
+    g = d.global_
+    assert g.outliers.tolist() == [1234]
+    assert g.effective_rank == 3
+    assert g.null_directions.shape == (1, 4)
+    if normalization == "none":  # the plane's normal, in input units
+        assert abs(_unit(g.null_directions[0]) @ _unit(normal)) > 1 - 1e-8
+    assert d.local.local_rank.tolist() == [3]
+    # reported everywhere a reader looks
+    assert "1 outlier" in d.summary() and "1234" in d.summary()
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["global"]["outliers"] == [1234] and out["global"]["effective_rank"] == 3
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    for t in d.rich_tables():
+        console.print(t)
+    assert "1234" in console.export_text()
+
+
+def test_outlier_along_a_constant_feature_does_not_raise_the_rank():
+    """Rank-2 data whose third feature is constant, plus one row 1e4 away along that feature: one row cannot
+    identify dy/dx3 for the whole data set."""
+    rng = np.random.RandomState(9)
+    x = np.stack([rng.uniform(-1, 1, 2000), rng.uniform(-1, 1, 2000), np.full(2000, 4.0)], axis=1)
+    x[17, 2] += 1e4
+    d = diagnose(x, x[100:103])
+    assert d.global_.outliers.tolist() == [17]
+    assert d.global_.effective_rank == 2
+    assert d.global_.identified.tolist() == [True, True, False]
+    assert _same_direction(d.global_.null_directions[0], [0, 0, 1]) < DIAG_DIRECTION_ATOL
+    assert not d.local.identified[:, 2].any()
+
+
+def test_outlier_detection_can_be_switched_off():
+    x, _ = _rank3_in_4d()
+    x[5] += 1e4
+    d = diagnose(x, outlier_z=None)
+    assert d.global_.outliers.size == 0
+    assert d.global_.effective_rank == 1  # what the raw SVD says: the outlier dominates
+
+
+@pytest.mark.parametrize("case", ["normal", "exponential", "binary", "circle"])
+def test_ordinary_data_have_no_outliers(case):
+    """Heavy-ish tails, a rare binary feature and a curve are data, not outliers."""
+    rng = np.random.RandomState(10)
+    if case == "normal":
+        x = rng.normal(size=(20000, 3))
+    elif case == "exponential":
+        x = rng.exponential(size=(20000, 2))
+    elif case == "binary":
+        x = np.stack([rng.uniform(0, 1, 2000), (rng.rand(2000) < 0.1).astype(float)], axis=1)
+    else:
+        th = rng.uniform(0, 2 * math.pi, 2000)
+        x = np.stack([np.cos(th), np.sin(th)], axis=1)
+    d = diagnose(x)
+    assert d.global_.outliers.size == 0
+    assert d.global_.effective_rank == x.shape[1]
+
+
+def test_far_query_has_no_local_rank():
+    """Outside the data nothing is supported, so the local rank there is 0 in every view (not the rank of some
+    distant neighbourhood beside 'supported: none')."""
+    x = _line(400)
+    q = np.array([[3.0, 4.5], [100.0, 150.0], [3.0, 40.0]])  # on the line; beyond its end; far off it
+    d = diagnose(x, q, jacobian=np.ones((3, 1, 2)))
+    loc = d.local
+    assert loc.outside.tolist() == [False, True, True]
+    assert loc.local_rank.tolist() == [1, 0, 0]
+    assert not loc.identified.any()
+    assert len(loc.supported(1)) == 0 and len(loc.supported(2)) == 0
+    np.testing.assert_array_equal(loc.span_residual[1:], 1.0)  # e_j is nowhere near an empty span
+    assert np.isnan(d.directional_derivatives()[0][1:]).all()
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["local"]["local_rank"] == [1, 0, 0]
+    assert out["local"]["supported_directions"][1:] == [[], []]
+    assert d.counts()["local_rank"] == {1: 1}
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    for t in d.rich_tables():
+        console.print(t)
+    rows = [r for r in console.export_text().splitlines() if "outside" in r]
+    assert len(rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.split("│")]
+        assert cells[3] == "0" and cells[4] == "none", cells
+
+
+def test_replicated_design_points_are_one_point_each_locally():
+    """A design of 60 distinct points run 20 times each: a neighbourhood of 16 copies of one point spans
+    nothing, so the local PCA must look at distinct points (it sees the 2-D design)."""
+    rng = np.random.RandomState(11)
+    design = rng.uniform(-1, 1, size=(60, 2))
+    x = np.repeat(design, 20, axis=0)
+    d = diagnose(x, design[:10])
+    assert d.global_.effective_rank == 2 and d.global_.outliers.size == 0
+    assert not d.local.outside.any()
+    assert (d.local.local_rank == 2).all()
+    assert d.local.identified.all()
+
+
+def test_diagnose_cli_has_the_outlier_flag():
+    import argparse
+
+    from nnpartials.commands import diagnose as cmd
+    from nnpartials.runtime.diagnostics import DEFAULT_OUTLIER_Z
+
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    assert p.parse_args(["b", "--data", "t.csv"]).outlier_z == DEFAULT_OUTLIER_Z
+    assert math.isinf(p.parse_args(["b", "--data", "t.csv", "--outlier-z", "inf"]).outlier_z)

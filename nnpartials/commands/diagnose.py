@@ -14,7 +14,13 @@ directions (in input units) along which the data carry no information.
 Local (with --points): per query point, the distance to the nearest training point, the rank of its
 neighbourhood (local PCA of the nearest training points), the supported directions, and the partials
 dy/dx_j at the point, each flagged as identified only where e_j lies in the span of the supported
-directions and the point lies inside the data.
+directions and the point lies inside the data. Outside the data nothing is supported: local rank 0.
+
+Training rows with a feature more than --outlier-z robust standard deviations from that feature's median
+are outliers: they are listed and set aside, and everything else is computed from the remaining rows (one
+gross outlier would otherwise dominate the largest singular value and hide every real direction). Spread
+below the float32 resolution of the inputs (identical rows, a constant column divided by a tiny stored std)
+counts as no spread.
 
 --data and --points take .csv (header optional; named columns are matched to the model's) or .npy files;
 --points also takes inline points such as '1,1.5;2,3' (features separated by ',', points by ';').
@@ -25,7 +31,7 @@ Exit status: 0; with --fail-unidentified, 3 when some query point has an unident
 
 def add_arguments(p):
     from nnpartials.runtime.diagnostics import (DEFAULT_FAR_FACTOR, DEFAULT_LOCAL_RTOL, DEFAULT_NEIGHBORS,
-                                                DEFAULT_RANK_RTOL, DEFAULT_SPAN_TOL)
+                                                DEFAULT_OUTLIER_Z, DEFAULT_RANK_RTOL, DEFAULT_SPAN_TOL)
 
     p.add_argument("bundle", help="bundle folder written by `nnpartials export`")
     p.add_argument("--data", required=True, metavar="TRAIN", help="the training inputs (.csv or .npy)")
@@ -43,6 +49,10 @@ def add_arguments(p):
                         f"point is outside the data (default {DEFAULT_FAR_FACTOR:g})")
     p.add_argument("--neighbors", type=int, default=None,
                    help=f"neighbourhood size of the local PCA (default {DEFAULT_NEIGHBORS}, at least 3*n_in+1)")
+    p.add_argument("--outlier-z", type=float, default=DEFAULT_OUTLIER_Z, metavar="Z",
+                   help="training rows with a feature more than Z robust std (median absolute deviation) from its "
+                        f"median are outliers, listed and set aside (default {DEFAULT_OUTLIER_Z:g}; 'inf' keeps every "
+                        "row)")
     p.add_argument("--max-rows", type=int, default=20, help="query points shown in the table (default 20)")
     p.add_argument("--json", metavar="FILE", help="also write the full diagnosis as JSON")
     p.add_argument("--no-partials", action="store_true", help="do not evaluate the partials at the query points")
@@ -87,7 +97,8 @@ def run(args) -> int:
     query = parse_points(args.points, columns) if args.points else None
     diag = diagnose(train, query, bundle=None if args.no_partials else bundle, normalization=bundle,
                     rank_rtol=args.rank_rtol, local_rtol=args.local_rtol, span_tol=args.span_tol,
-                    far_factor=args.far_factor, neighbors=args.neighbors, input_names=columns)
+                    far_factor=args.far_factor, neighbors=args.neighbors, input_names=columns,
+                    outlier_z=args.outlier_z)
     console = Console()
     for table in diag.rich_tables(max_points=max(0, args.max_rows)):
         console.print(table)
