@@ -42,5 +42,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'nnpartials' has no attribute {name!r}")
 
 
+def __dir__():
+    """The module's names including the lazy ones (export, Partials, Kernel, diagnose, ...), for dir() and
+    tab completion."""
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = sorted(list(_LAZY) + ["NNPartialsError", "InputError", "InputTypeError", "BundleError", "ExportError",
                                 "UnsupportedOpError", "ValidationError", "WeightFileError", "NotLowerableError"])

@@ -104,7 +104,7 @@ def test_changed_weight_is_caught(seed_bundle, tmp_path):
     assert not rep.comparison("dy_dx (C core)").ok
     assert rep.comparison("dy_dx vs C FD").ok is False  # the C core's FD follows the (changed) C weights
     assert rep.comparison("dy_dx vs float64 FD of model.onnx").ok  # onnxruntime and model.onnx are unchanged
-    assert main(["check", bad, "--points", "50"]) == 1
+    assert main(["check", bad, "--n-points", "50"]) == 1
 
 
 def test_bundle_without_c_weights(seed_bundle, tmp_path, capsys):
@@ -136,6 +136,8 @@ def test_cli(seed_bundle, tmp_path, capsys):
     assert "30 points" in text and "all paths agree" in text and "FD_F64_REL" in text
     rep = json.loads(out.read_text())
     assert rep["ok"] and rep["n_points"] == 30
-    assert main(["check", seed_bundle, "--points", "20", "--seed", "4"]) == 0
-    assert main(["check", seed_bundle, "--points", "0"]) == 1
+    assert main(["check", seed_bundle, "--n-points", "20", "--seed", "4"]) == 0
+    with pytest.raises(SystemExit) as e:  # a count below 1 is a usage error, before anything is loaded
+        main(["check", seed_bundle, "--n-points", "0"])
+    assert e.value.code == 2
     assert main(["check", str(tmp_path / "missing")]) == 1

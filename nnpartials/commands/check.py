@@ -1,4 +1,4 @@
-"""nnpartials check BUNDLE [--data points] [--points N]"""
+"""nnpartials check BUNDLE [--data points] [--n-points N]"""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ Compute y and dy/dx in independent ways and compare them:
     analytic Jacobians against the C core's own float64 central differences.
 
 Points: --data (a .csv with an optional header naming the model's columns, or a .npy [N, n_in]); otherwise
---points N points drawn uniformly from the bundle's sample box (manifest.json). Finite-difference entries whose
+--n-points N points drawn uniformly from the bundle's sample box (manifest.json). Finite-difference entries whose
 error estimate shows a kink of a piecewise activation (ReLU and the like) within a step are left out of the
 float64 comparisons and counted. Tolerances are the named ones in nnpartials.tolerances.
 
@@ -26,8 +26,14 @@ Exit status: 0 when every comparison is within tolerance, 1 otherwise (or on an 
 def add_arguments(p):
     p.add_argument("bundle", help="bundle folder written by `nnpartials export`")
     p.add_argument("--data", metavar="POINTS", help="points to check at (.csv or .npy); default: the sample box")
-    p.add_argument("--points", type=int, default=None, metavar="N",
+    import argparse
+
+    from nnpartials.cli import deprecated_alias, positive_int
+
+    p.add_argument("--n-points", dest="points", type=positive_int, default=None, metavar="N",
                    help="number of points drawn from the sample box (default 1000; ignored with --data)")
+    p.add_argument("--points", dest="points", type=positive_int, default=argparse.SUPPRESS,
+                   action=deprecated_alias("--n-points"), help=argparse.SUPPRESS)  # old name of --n-points
     p.add_argument("--seed", type=int, default=0, help="seed for the drawn points (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
 

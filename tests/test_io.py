@@ -1,0 +1,209 @@
+"""Reading point tables and writing partials (nnpartials/io.py): CSV parsing errors, atomic outputs."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from nnpartials.errors import InputError
+from nnpartials.io import read_points, write_partials
+
+COLS = ["x1", "x2"]
+
+
+def _leftovers(folder):
+    return [p for p in os.listdir(folder) if ".partial-" in p]
+
+
+# ---- reading CSV ------------------------------------------------------------------------------------------------
+
+def test_utf8_bom_before_header_is_accepted(tmp_path):
+    p = tmp_path / "bom.csv"
+    p.write_bytes(b"\xef\xbb\xbfx2,x1\r\n1,2\r\n3,4\r\n")
+    np.testing.assert_array_equal(read_points(p, COLS), [[2, 1], [4, 3]])
+
+
+def test_bad_value_in_a_data_row_names_row_line_and_column(tmp_path):
+    lines = ["x1,x2"] + [f"{k},{k + 1}" for k in range(60)]
+    lines[57] = "56,abc"  # data row 57 on line 58
+    p = tmp_path / "bad.csv"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as e:
+        read_points(p, COLS)
+    msg = str(e.value)
+    assert "row 57" in msg and "line 58" in msg and "'abc'" in msg and "'x2'" in msg, msg
+    assert "header" not in msg, msg
+
+
+def test_missing_value_in_a_data_row(tmp_path):
+    p = tmp_path / "gap.csv"
+    p.write_text("x1,x2\n1,2\n,4\n")
+    with pytest.raises(InputError, match=r"row 2 \(line 3\): missing value in column 'x1'"):
+        read_points(p, COLS)
+
+
+def test_bad_row_without_header_is_not_taken_for_a_header(tmp_path):
+    p = tmp_path / "nohdr.csv"
+    p.write_text("1,2\n3,4\n5,oops\n")
+    with pytest.raises(InputError, match=r"row 3 \(line 3\): non-numeric value 'oops' in column 2"):
+        read_points(p, COLS)
+    # a first row mixing numbers and words is a bad data row, not a header
+    p.write_text("1,oops\n3,4\n")
+    with pytest.raises(InputError, match=r"row 1 \(line 1\): non-numeric value 'oops' in column 2"):
+        read_points(p, COLS)
+
+
+def test_rows_of_different_lengths_name_the_first_offending_line(tmp_path):
+    p = tmp_path / "ragged.csv"
+    p.write_text("x1,x2\n1,2\n\n3,4\n5\n6,7,8\n")
+    with pytest.raises(InputError, match=r"row 3 \(line 5\): expected 2 values .*found 1"):
+        read_points(p, COLS)
+
+
+def test_empty_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "empty.csv"
+    p.write_text("")
+    with pytest.raises(InputError, match="no points"):
+        read_points(p, COLS)
+    p.write_text("\n  \n")
+    with pytest.raises(InputError, match="no points"):
+        read_points(p, COLS)
+
+
+def test_header_only_is_zero_points_in_model_order(tmp_path):
+    p = tmp_path / "hdr.csv"
+    p.write_text("x2,x1,extra\n")
+    x = read_points(p, COLS)
+    assert x.shape == (0, 2)
+    p.write_text("a,b\n")
+    with pytest.raises(InputError, match="lacks the model's columns"):
+        read_points(p, COLS)
+
+
+def test_pandas_index_column_header(tmp_path):
+    p = tmp_path / "pd.csv"
+    p.write_text(",x1,x2\n0,1.5,2.5\n1,3.5,4.5\n")
+    np.testing.assert_array_equal(read_points(p, COLS), [[1.5, 2.5], [3.5, 4.5]])
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+
+def _arrays(n=10):
+    rng = np.random.default_rng(0)
+    return (rng.normal(size=(n, 2)).astype(np.float32), rng.normal(size=(n, 1)).astype(np.float32),
+            rng.normal(size=(n, 1, 2)).astype(np.float32))
+
+
+@pytest.mark.parametrize("ext", [".csv", ".npy", ".npz"])
+def test_write_partials_round_trip_and_no_temp_left(tmp_path, ext):
+    x, y, dy = _arrays()
+    out = tmp_path / f"p{ext}"
+    write_partials(out, x, y, dy, COLS, ["y"])
+    assert sorted(os.listdir(tmp_path)) == [out.name]
+    if ext == ".csv":
+        assert out.read_text().splitlines()[0] == "x1,x2,y,dy/dx1,dy/dx2"
+        np.testing.assert_allclose(np.loadtxt(out, delimiter=",", skiprows=1)[:, 3:], dy.reshape(10, 2), rtol=1e-7)
+    elif ext == ".npy":
+        np.testing.assert_array_equal(np.load(out), dy)
+    else:
+        with np.load(out) as z:
+            np.testing.assert_array_equal(z["dy_dx"], dy)
+            np.testing.assert_array_equal(z["x"], x)
+
+
+@pytest.mark.parametrize("ext, writer", [(".csv", "savetxt"), (".npy", "save"), (".npz", "savez")])
+def test_write_partials_interrupted_while_writing_leaves_nothing(tmp_path, monkeypatch, ext, writer):
+    real = getattr(np, writer)
+
+    def write_some_then_interrupt(file, *args, **kw):
+        real(file, *[a[:3] if isinstance(a, np.ndarray) else a for a in args],
+             **{k: v[:3] if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, writer, write_some_then_interrupt)
+    x, y, dy = _arrays(100)
+    with pytest.raises(KeyboardInterrupt):
+        write_partials(tmp_path / f"p{ext}", x, y, dy, COLS, ["y"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_partials_zero_points_csv_is_header_only(tmp_path):
+    x, y, dy = _arrays(0)
+    write_partials(tmp_path / "p.csv", x, y, dy, COLS, ["y"])
+    assert (tmp_path / "p.csv").read_text() == "x1,x2,y,dy/dx1,dy/dx2\n"
+
+
+def test_write_partials_can_refuse_to_overwrite(tmp_path):
+    x, y, dy = _arrays()
+    (tmp_path / "p.npy").write_text("mine")
+    with pytest.raises(InputError, match="already exists"):
+        write_partials(tmp_path / "p.npy", x, y, dy, COLS, ["y"], overwrite=False)
+    assert (tmp_path / "p.npy").read_text() == "mine" and _leftovers(tmp_path) == []
+
+
+# ---- atomic_output / check_output_path --------------------------------------------------------------------------
+
+def test_atomic_output_renames_at_the_end(tmp_path):
+    from nnpartials.io import atomic_output
+
+    out = tmp_path / "r.txt"
+    with atomic_output(out, "w") as f:
+        f.write("hello")
+        f.flush()
+        assert not out.exists()
+        name = os.path.basename(f.name)
+        assert name.startswith(".r.txt.partial-") and os.path.dirname(f.name) == str(tmp_path)
+    assert out.read_text() == "hello" and _leftovers(tmp_path) == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError])
+def test_atomic_output_removes_the_temporary_file_on_any_exception(tmp_path, exc):
+    from nnpartials.io import atomic_output
+
+    (tmp_path / "r.bin").write_bytes(b"old")
+    with pytest.raises(exc):
+        with atomic_output(tmp_path / "r.bin") as f:
+            f.write(b"new, half written")
+            raise exc()
+    assert (tmp_path / "r.bin").read_bytes() == b"old" and _leftovers(tmp_path) == []
+
+
+def test_atomic_output_path_mode_and_no_clobber(tmp_path):
+    from nnpartials.io import atomic_output
+
+    with atomic_output(tmp_path / "a.txt", None) as tmp:
+        with open(tmp, "w") as f:
+            f.write("one")
+    assert (tmp_path / "a.txt").read_text() == "one"
+    with pytest.raises(InputError, match="already exists"):
+        with atomic_output(tmp_path / "a.txt", "w", overwrite=False) as f:
+            f.write("two")
+    assert (tmp_path / "a.txt").read_text() == "one" and _leftovers(tmp_path) == []
+    with atomic_output(tmp_path / "a.txt", "w") as f:
+        f.write("three")
+    assert (tmp_path / "a.txt").read_text() == "three"
+
+
+def test_check_output_path(tmp_path):
+    from nnpartials.io import check_output_path
+
+    exts = (".csv", ".npy", ".npz")
+    check_output_path(tmp_path / "ok.csv", exts)
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "o.csv", exts)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="not a folder"):
+        check_output_path(tmp_path / "file" / "o.csv", exts)
+    (tmp_path / "d.csv").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_path(tmp_path / "d.csv", exts)
+    with pytest.raises(InputError, match=r"\.csv, \.npy or \.npz"):
+        check_output_path(tmp_path / "o.txt", exts)
+    (tmp_path / "e.npy").write_text("")
+    with pytest.raises(InputError, match="already exists"):
+        check_output_path(tmp_path / "e.npy", exts)
+    check_output_path(tmp_path / "e.npy", exts, overwrite=True)
