@@ -33,6 +33,21 @@ CDEF = """
 #define NNP_E_TOO_LARGE -14
 #define NNP_E_INPUT -15
 
+#define NNP_ACT_LINEAR 0
+#define NNP_ACT_RELU 1
+#define NNP_ACT_LEAKY_RELU 2
+#define NNP_ACT_ELU 3
+#define NNP_ACT_SELU 4
+#define NNP_ACT_TANH 5
+#define NNP_ACT_SIGMOID 6
+#define NNP_ACT_HARD_SIGMOID 7
+#define NNP_ACT_SOFTPLUS 8
+#define NNP_ACT_SOFTSIGN 9
+#define NNP_ACT_SWISH 10
+#define NNP_ACT_GELU 11
+#define NNP_ACT_GELU_TANH 12
+#define NNP_ACT_RELU6 13
+#define NNP_ACT_EXPONENTIAL 14
 #define NNP_ACT_COUNT 15
 
 #define NNP_MODE_AUTO 0

@@ -1,6 +1,7 @@
 """Reader and writer of the ``model.nnp`` weight file (format version 1, see ``csrc/FORMAT.md``).
 
-Pure Python and numpy, independent of the C core, so tests can use it as a reference::
+Pure Python and numpy (only the activation codes come from the C core's header, through
+:mod:`nnpartials.ccore`), so tests can use it as a reference for the C parser::
 
     blob = write_nnp([Layer(W1, b1, "tanh"), Layer(W2, b2, "linear")], n_in=3)
     layers = read_nnp(blob)
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nnpartials.ccore import ACTIVATIONS
 from nnpartials.errors import WeightFileError
 
 MAGIC = b"NNPK"
@@ -23,24 +25,7 @@ RECORD_BYTES = 24
 MAX_LAYERS = 4096
 MAX_DIM = 65536
 
-#: activation name -> code (FORMAT.md)
-ACTIVATIONS = {
-    "linear": 0,
-    "relu": 1,
-    "leaky_relu": 2,
-    "elu": 3,
-    "selu": 4,
-    "tanh": 5,
-    "sigmoid": 6,
-    "hard_sigmoid": 7,
-    "softplus": 8,
-    "softsign": 9,
-    "swish": 10,
-    "gelu": 11,
-    "gelu_tanh": 12,
-    "relu6": 13,
-    "exponential": 14,
-}
+#: activation name -> code (FORMAT.md): ``ACTIVATIONS``, from the C core's header through the cffi module
 ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 
 #: which of (p0, p1) each activation uses

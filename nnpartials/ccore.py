@@ -1,5 +1,8 @@
-"""One-shot calls into the C core (``nnpartials._core``), for code that checks a weight file rather than serves it:
-export-time validation of ``model.nnp`` and the tests. Serving goes through :class:`nnpartials.runtime.Kernel`
+"""The C core's constants, read from the cffi module (``lib.NNP_*``, declared from ``csrc/nnp.h``), and one-shot
+calls into it for code that checks a weight file rather than serves it (export-time validation of ``model.nnp``).
+
+The constants have no other home in Python: the weight-file writer, :class:`nnpartials.runtime.kernel.Kernel` and
+the tests take activation codes, modes, workspace kinds and status codes from here. Serving goes through ``Kernel``
 (thread pool, per-thread workspaces, fast paths); this module has none of that and keeps no state.
 """
 
@@ -17,6 +20,26 @@ def _lib():
         raise NNPartialsError(f"the C core extension nnpartials._core is not built ({exc}); reinstall the package "
                               f"(pip install -e .) with a C compiler available") from None
     return ffi, lib
+
+
+def _constants(prefix: str) -> dict:
+    """``{name: value}`` of the ``lib.NNP_<prefix>_*`` constants, names lower-cased without the prefix."""
+    _, lib = _lib()
+    head = f"NNP_{prefix}_"
+    return {k[len(head):].lower(): int(getattr(lib, k)) for k in dir(lib) if k.startswith(head)}
+
+
+#: activation name -> code in model.nnp (``NNP_ACT_*``), e.g. ``{"linear": 0, "relu": 1, ...}``
+ACTIVATIONS = {k: v for k, v in sorted(_constants("ACT").items(), key=lambda kv: kv[1]) if k != "count"}
+#: Jacobian mode name -> code (``NNP_MODE_*``): ``auto``, ``forward``, ``reverse``
+MODES = dict(sorted(_constants("MODE").items(), key=lambda kv: kv[1]))
+#: workspace kind name -> code for ``nnp_workspace`` (``NNP_WS_*``)
+WORKSPACES = dict(sorted(_constants("WS").items(), key=lambda kv: kv[1]))
+#: status name -> code (``NNP_E_*``; 0 is ``NNP_OK``)
+STATUS = dict(sorted(_constants("E").items(), key=lambda kv: -kv[1]))
+#: Status codes that say a weight file is malformed (the file's fault, not the caller's).
+FILE_ERRORS = frozenset(STATUS[k] for k in ("truncated", "bad_magic", "version", "bad_field", "bad_dim",
+                                            "bad_activation", "size_mismatch", "checksum", "nonfinite", "too_large"))
 
 
 def _status(lib, ffi, rc, what):
@@ -46,7 +69,8 @@ def jacobian(nnp_bytes: bytes, x: np.ndarray, mode: int = 0):
     if n == 0:
         return y, dy
     wlen = ffi.new("size_t *")
-    ws_op = {0: lib.NNP_WS_JACOBIAN, 1: lib.NNP_WS_JACOBIAN_FORWARD, 2: lib.NNP_WS_JACOBIAN_REVERSE}[mode]
+    ws_op = {MODES["auto"]: WORKSPACES["jacobian"], MODES["forward"]: WORKSPACES["jacobian_forward"],
+             MODES["reverse"]: WORKSPACES["jacobian_reverse"]}[mode]
     _status(lib, ffi, lib.nnp_workspace(m, ws_op, n, wlen), "workspace")
     work = np.empty(max(1, wlen[0]), np.float32)
     _status(lib, ffi, lib.nnp_jacobian(m, mode, n, ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y),
@@ -55,4 +79,4 @@ def jacobian(nnp_bytes: bytes, x: np.ndarray, mode: int = 0):
     return y, dy
 
 
-__all__ = ["jacobian"]
+__all__ = ["jacobian", "ACTIVATIONS", "MODES", "WORKSPACES", "STATUS", "FILE_ERRORS"]

@@ -47,3 +47,7 @@ class WeightFileError(NNPartialsError, ValueError):
 
 class NotLowerableError(NNPartialsError, ValueError):
     """The forward graph is outside the subset the C core evaluates (dense layers + activations)."""
+
+
+class InternalError(NNPartialsError, RuntimeError):
+    """nnpartials called its own C core wrongly (a bad argument, a workspace too small): a bug to report."""

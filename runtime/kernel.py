@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from nnpartials.errors import BundleError, InputError, NNPartialsError, WeightFileError
+from nnpartials.errors import BundleError, InputError, InternalError, NNPartialsError, WeightFileError
 from nnpartials.runtime.validate import NAN_POLICIES, as_batch
 
 try:
@@ -42,17 +42,21 @@ _empty = np.empty
 _ndarray = np.ndarray
 
 WEIGHTS = "model.nnp"
-MODES = {"auto": 0, "forward": 1, "reverse": 2}
-_WS = {"forward": 0, "jacobian": 1, "jacobian_forward": 2, "jacobian_reverse": 3, "forward_f64": 4, "fd_f64": 5}
+if lib is not None:  # every C constant comes from the cffi module (nnpartials.ccore reads lib.NNP_*)
+    from nnpartials.ccore import ACTIVATIONS as _ACTIVATIONS
+    from nnpartials.ccore import FILE_ERRORS as _FILE_ERRORS
+    from nnpartials.ccore import MODES
+    from nnpartials.ccore import WORKSPACES as _WS
+else:  # pragma: no cover
+    MODES, _WS, _ACTIVATIONS, _FILE_ERRORS = {}, {}, {}, frozenset()
 _F32_OPS = ("forward", "jacobian", "jacobian_forward", "jacobian_reverse")
-_F64_OPS = ("forward_f64", "fd_f64")
+_F64_OPS = ("forward_f64", "fd_jacobian_f64")
 _F32 = np.dtype(np.float32)
 #: Batches of at least this many points are split across threads (per thread at least half of it).
 PARALLEL_MIN_BATCH = 4096
 # Scratch memory: one workspace per thread, sized once (the C side processes any batch in blocks within it), so
 # no call allocates scratch memory after the first one in a thread.
-ACTIVATION_NAMES = ("linear", "relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid", "hard_sigmoid", "softplus",
-                    "softsign", "swish", "gelu", "gelu_tanh", "relu6", "exponential")
+ACTIVATION_NAMES = tuple(sorted(_ACTIVATIONS, key=_ACTIVATIONS.get))  # code -> name
 
 
 def _require_core():
@@ -116,8 +120,12 @@ class Kernel:
     ``threads``: worker threads for large batches (default: the number of CPUs, at most 8); 1 disables the split.
     """
 
-    def __init__(self, source, *, threads: int | None = None):
+    def __init__(self, source, *, threads: int | None = None, key=None):
         _require_core()
+        if key is not None:  # verify the bundle's signature (model.sig) with this public key first
+            from nnpartials.exporter.bundle import load_bundle
+
+            source = load_bundle(source, key=key)
         data, self.source, bundle = _read_source(source)
         need = ffi.new("size_t *")
         rc = lib.nnp_model_bytes(data, len(data), need)
@@ -251,8 +259,15 @@ class Kernel:
 
     @staticmethod
     def _check(rc):
-        if rc != 0:
-            raise NNPartialsError(f"C core error {rc}: {strerror(rc)}")
+        """Turn a C status code into the exception that says whose fault it is."""
+        if rc == 0:
+            return
+        if rc == _E_INPUT:
+            raise InputError(f"x: {strerror(rc)}")
+        if rc in _FILE_ERRORS:
+            raise WeightFileError(f"C core: {strerror(rc)}", rc)
+        raise InternalError(f"C core error {rc} ({strerror(rc)}): nnpartials called its C core wrongly; this is a bug "
+                            f"in nnpartials, please report it with the model and the call")
 
     # ----- evaluation --------------------------------------------------------------------------------------------
     def forward(self, x, *, nan_policy: str = "raise", threads: int | None = None) -> np.ndarray:

@@ -149,5 +149,5 @@ def test_cdef_matches_header():
     cdef = norm(build_ffi.CDEF)
     for p in protos:
         assert norm(p) in cdef, p
-    for name, value in re.findall(r"#define (NNP_(?:E_\w+|OK|MODE_\w+|WS_\w+))\s+\(?(-?\d+)\)?", header):
+    for name, value in re.findall(r"#define (NNP_(?:E_\w+|OK|MODE_\w+|WS_\w+|ACT_\w+))\s+\(?(-?\d+)\)?", header):
         assert re.search(rf"#define {name} {value}\b", build_ffi.CDEF), name

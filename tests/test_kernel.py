@@ -285,3 +285,40 @@ def test_sources_path_bytes_bundle(tmp_path, seed_bundle):
     assert (kb.n_in, kb.n_out) == (2, 1)
     with open(os.path.join(seed_bundle, "model.nnp"), "rb") as f:
         np.testing.assert_array_equal(Kernel(f.read()).forward(points(5, 2)), kb.forward(points(5, 2)))
+
+
+def test_every_status_code_maps_to_the_right_exception():
+    """Bad input -> InputError, a malformed weight file -> WeightFileError, misuse of the C API -> InternalError."""
+    from nnpartials import ccore
+    from nnpartials.errors import InternalError
+
+    assert set(ccore.STATUS) == {"null", "truncated", "bad_magic", "version", "bad_field", "bad_dim", "bad_activation",
+                                 "size_mismatch", "checksum", "nonfinite", "storage", "workspace", "arg",
+                                 "too_large", "input"}
+    expected = {"input": InputError, "null": InternalError, "storage": InternalError, "workspace": InternalError,
+                "arg": InternalError}
+    for name, code in ccore.STATUS.items():
+        want = expected.get(name, WeightFileError)
+        with pytest.raises(want) as ei:
+            Kernel._check(code)
+        assert kernel_mod.strerror(code) in str(ei.value), name
+        if want is InternalError:
+            assert "bug" in str(ei.value)
+    Kernel._check(0)
+
+
+def test_constants_come_from_the_c_header():
+    """ACTIVATIONS, MODES and workspace kinds are the header's NNP_* values (read through cffi), not a copy."""
+    import re
+
+    from nnpartials import ccore
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "csrc", "nnp.h")) as f:
+        header = f.read()
+    defs = {k: int(v) for k, v in re.findall(r"#define (NNP_\w+)\s+\(?(-?\d+)\)?", header)}
+    assert ccore.ACTIVATIONS == {k[8:].lower(): v for k, v in defs.items()
+                                 if k.startswith("NNP_ACT_") and k != "NNP_ACT_COUNT"}
+    assert len(ccore.ACTIVATIONS) == defs["NNP_ACT_COUNT"]
+    assert ccore.MODES == {k[9:].lower(): v for k, v in defs.items() if k.startswith("NNP_MODE_")}
+    assert ccore.WORKSPACES == {k[7:].lower(): v for k, v in defs.items() if k.startswith("NNP_WS_")}
+    assert kernel_mod.MODES is ccore.MODES
