@@ -141,3 +141,23 @@ def test_cli(seed_bundle, tmp_path, capsys):
         main(["check", seed_bundle, "--n-points", "0"])
     assert e.value.code == 2
     assert main(["check", str(tmp_path / "missing")]) == 1
+
+
+def test_json_report_is_never_overwritten_silently(seed_bundle, tmp_path, capsys):
+    """--json: an existing file is refused before any work (and left untouched) unless -f; a missing folder too."""
+    out = tmp_path / "rep.json"
+    out.write_text("my notes")
+    assert main(["check", seed_bundle, "--n-points", "5", "--json", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == "my notes"
+    assert main(["check", seed_bundle, "--n-points", "5", "--json", str(out), "-f"]) == 0
+    assert json.loads(out.read_text())["n_points"] == 5
+    assert main(["check", seed_bundle, "--json", str(tmp_path / "nope" / "r.json")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not any(p.name.startswith(".rep.json") for p in tmp_path.iterdir())
+    train = tmp_path / "train.npy"
+    np.save(train, np.random.default_rng(0).normal(size=(50, 2)))
+    assert main(["diagnose", seed_bundle, "--data", str(train), "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["n_points"] == 5  # still check's report
+    assert main(["diagnose", seed_bundle, "--data", str(train), "--json", str(out), "--force"]) == 0
+    assert "global" in json.loads(out.read_text())

@@ -35,7 +35,8 @@ def add_arguments(p):
     p.add_argument("--points", dest="points", type=positive_int, default=argparse.SUPPRESS,
                    action=deprecated_alias("--n-points"), help=argparse.SUPPRESS)  # old name of --n-points
     p.add_argument("--seed", type=int, default=0, help="seed for the drawn points (default 0)")
-    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON (written whole or not at all)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing --json file")
 
 
 def run(args) -> int:
@@ -48,6 +49,10 @@ def run(args) -> int:
     from nnpartials.exporter.bundle import load_bundle
     from nnpartials.runtime.check import DEFAULT_POINTS, check_bundle
 
+    if args.json:
+        from nnpartials.io import check_output_path
+
+        check_output_path(args.json, (".json",), overwrite=args.force)
     b = load_bundle(args.bundle)
     x = None
     if args.data:
@@ -81,7 +86,9 @@ def run(args) -> int:
                       f"against the float64 reference only")
     console.print("scaled = max |diff| / max(1, max |reference|)")
     if args.json:
-        with open(args.json, "w") as f:
+        from nnpartials.io import atomic_output
+
+        with atomic_output(args.json, "w", overwrite=args.force) as f:
             json.dump(rep.to_dict(), f, indent=2)
     if rep.ok:
         console.print("[green]all paths agree within tolerance[/green]")

@@ -54,7 +54,8 @@ def add_arguments(p):
                         f"median are outliers, listed and set aside (default {DEFAULT_OUTLIER_Z:g}; 'inf' keeps every "
                         "row)")
     p.add_argument("--max-rows", type=int, default=20, help="query points shown in the table (default 20)")
-    p.add_argument("--json", metavar="FILE", help="also write the full diagnosis as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the full diagnosis as JSON (written whole or not at all)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-partials", action="store_true", help="do not evaluate the partials at the query points")
     p.add_argument("--fail-unidentified", action="store_true",
                    help="exit with status 3 when a partial is not identified at some query point")
@@ -91,6 +92,10 @@ def run(args) -> int:
     from nnpartials.io import read_points
     from nnpartials.runtime.diagnostics import diagnose
 
+    if args.json:
+        from nnpartials.io import check_output_path
+
+        check_output_path(args.json, (".json",), overwrite=args.force)
     bundle = load_bundle(args.bundle)
     columns = bundle.input_columns
     train = read_points(args.data, columns)
@@ -104,7 +109,9 @@ def run(args) -> int:
         console.print(table)
     console.print(diag.summary(), highlight=False)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
+        from nnpartials.io import atomic_output
+
+        with atomic_output(args.json, "w", overwrite=args.force) as fh:
             json.dump(diag.to_dict(), fh, indent=1)
             fh.write("\n")
         console.print(f"wrote {args.json}")
