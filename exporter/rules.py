@@ -11,8 +11,16 @@ Terms (applied by :mod:`nnpartials.exporter.jacobian` in forward or reverse mode
 * :class:`Linear` — any other linear map given as a forward function and its transpose (shape ops).
 
 Derivatives are written in terms of forward outputs where that is cheaper (tanh' = 1 - y², sigmoid' =
-y(1 - y), exp' = y). Kinks follow TensorFlow's gradients: relu'(0) = 0, leaky_relu'(0) = alpha, clip is
-differentiable only strictly inside its range, max/min send the derivative to the first maximal input.
+y(1 - y), exp' = y).
+
+Kinks follow the GradientTape of the TensorFlow op each ONNX op stands for (tests/test_kinks.py puts points
+exactly on them): relu'(0) = 0; leaky_relu'(0) = alpha (any alpha, also > 1, negative or 0); elu'(0) = alpha
+(1 for tf.nn.elu, alpha for Keras's elu(x, alpha)); selu'(0) = scale (tf.nn.selu); relu6' = 0 at 0 and at 6, and
+Clip, which tf2onnx writes for tf.nn.relu6, is likewise differentiable only strictly inside its bounds;
+HardSigmoid is flat at both ends (Keras 3's hard_sigmoid is relu6(x + 3) / 6); HardSwish'(-3) = 0 and
+HardSwish'(3) = 1 (Keras's hard_silu, x * relu6(x + 3) / 6); abs'(0) = 0; PRelu'(0) = slope (a per-channel
+tf.nn.leaky_relu); Max/Min send the whole derivative of a tie to the first tied input (tf.maximum(a, b) and
+tf.minimum(a, b) send it to a; tf.clip_by_value, which tf2onnx writes as Min then Max, is 1 at its bounds).
 """
 
 from __future__ import annotations
@@ -105,6 +113,18 @@ class RuleContext:
     def positive_mask(self, x):
         return self.b.op("Greater", [x, self.b.const(0.0)])
 
+    def ge(self, x, v: float):
+        """x >= v (false for NaN)."""
+        if self.b.opset >= 12:
+            return self.b.op("GreaterOrEqual", [x, self.b.const(v)])
+        return self.b.op("Or", [self.b.op("Greater", [x, self.b.const(v)]), self.b.op("Equal", [x, self.b.const(v)])])
+
+    def le(self, x, v: float):
+        """x <= v (false for NaN)."""
+        if self.b.opset >= 12:
+            return self.b.op("LessOrEqual", [x, self.b.const(v)])
+        return self.b.op("Or", [self.b.op("Less", [x, self.b.const(v)]), self.b.op("Equal", [x, self.b.const(v)])])
+
 
 # ----- linear ops ------------------------------------------------------------------------------------------
 @rule("Identity", "Dropout")
@@ -196,8 +216,9 @@ def _batchnorm(c):
 # ----- elementwise nonlinearities -------------------------------------------------------------------------
 # Masks of relu-like ops are taken from the output where y > 0 <=> x > 0: the pre-activation then has a single
 # consumer, so onnxruntime can fuse MatMul + Add + activation in the companion graph as in the forward graph.
+# (Not Selu's: see there.)
 @rule("Relu")
-def _relu(c):
+def _relu(c):  # tf.nn.relu: 0 at 0
     return [Scale(c.b.op("Sign", [c.y]))]  # y = relu(x) >= 0, so sign(y) is the 0/1 mask (0 at the kink)
 
 
@@ -213,6 +234,8 @@ def _leaky_relu(c):
 
 @rule("PRelu")
 def _prelu(c):
+    # A per-channel LeakyRelu: the slope at 0, as tf.nn.leaky_relu. (tf2onnx writes Keras's PReLU layer as
+    # relu(x) - a * relu(-x), whose derivative at 0 is 0 through the Relu rule, as in TensorFlow.)
     x, slope = c.node.input
     pos = c.positive_mask(x)
     tx = Scale(c.b.where(pos, c.b.const(1.0), slope)) if c.need(0) else None
@@ -222,15 +245,19 @@ def _prelu(c):
 
 @rule("Elu")
 def _elu(c):
+    # alpha at 0: tf.nn.elu's gradient is 1 = alpha there, Keras's elu(x, alpha) (a Where on x > 0) alpha
     alpha = float(c.attr("alpha", 1.0))
     return [Scale(c.b.where(c.positive_mask(c.y if alpha > 0 else c.x), 1.0, c.b.add(c.y, alpha)))]
 
 
 @rule("Selu")
 def _selu(c):
+    # scale at 0 (and -0), as tf.nn.selu's gradient: only x < 0 takes the exponential side, y + alpha * scale.
+    # The mask is on x, as in the C core: y is 0 both at x = 0 and for tiny negative x, where exp(x) - 1 rounds to
+    # 0 and the derivative is alpha * scale. (TensorFlow masks on its output, so there it gives scale as well.)
     alpha, gamma = float(c.attr("alpha", 1.67326319217681884765625)), float(c.attr("gamma", 1.05070102214813232421875))
-    pos = c.positive_mask(c.y if alpha > 0 and gamma > 0 else c.x)
-    return [Scale(c.b.where(pos, gamma, c.b.add(c.y, alpha * gamma)))]
+    neg = c.b.op("Less", [c.x, c.b.const(0.0)])
+    return [Scale(c.b.where(neg, c.b.add(c.y, alpha * gamma), gamma))]
 
 
 @rule("Tanh")
@@ -245,6 +272,8 @@ def _sigmoid(c):
 
 @rule("HardSigmoid")
 def _hard_sigmoid(c):
+    # alpha strictly inside 0 < alpha x + beta < 1 and 0 at both ends, as relu6(6 (alpha x + beta)) / 6 (Keras 3's
+    # hard_sigmoid, relu6(x + 3) / 6, for alpha = 1/6, beta = 1/2; tf2onnx writes that one as Add, Clip, Mul).
     alpha, beta = float(c.attr("alpha", 0.2)), float(c.attr("beta", 0.5))
     v = c.b.add(c.b.mul(c.x, alpha), beta)
     inside = c.b.op("And", [c.b.op("Greater", [v, c.b.const(0.0)]), c.b.op("Less", [v, c.b.const(1.0)])])
@@ -253,9 +282,11 @@ def _hard_sigmoid(c):
 
 @rule("HardSwish")
 def _hard_swish(c):
-    # y = x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, x/3 + 1/2 between.
-    lo = c.b.op("Less", [c.x, c.b.const(-3.0)])
-    hi = c.b.op("Greater", [c.x, c.b.const(3.0)])
+    # y = x * clip(x/6 + 1/2, 0, 1): 0 up to -3, 1 from 3 on, x/3 + 1/2 strictly between. At -3 and 3 as Keras's
+    # hard_silu, x * relu6(x + 3) / 6, whose relu6' is 0 at both ends: 0 at -3 and 1 at 3 (not the inner
+    # x/3 + 1/2 = -1/2 and 3/2). NaN stays NaN (both compares false).
+    lo = c.le(c.x, -3.0)
+    hi = c.ge(c.x, 3.0)
     mid = c.b.add(c.b.mul(c.x, 1.0 / 3.0), 0.5)
     return [Scale(c.b.where(lo, 0.0, c.b.where(hi, 1.0, mid)))]
 
@@ -292,7 +323,7 @@ def _reciprocal(c):
 
 
 @rule("Abs")
-def _abs(c):
+def _abs(c):  # sign(x): 0 at 0, as tf.abs
     return [Scale(c.b.op("Sign", [c.x]))]
 
 
@@ -337,6 +368,9 @@ def _pow(c):
 
 @rule("Clip")
 def _clip(c):
+    # Differentiable only strictly inside the bounds: tf2onnx writes tf.nn.relu6 (Keras's relu6, ReLU(max_value=6),
+    # hard_sigmoid and hard_silu) as Clip(0, 6), and relu6' is 0 at 0 and at 6. (tf.clip_by_value becomes Min then
+    # Max, not Clip; only TF 1.x graphs with a raw ClipByValue op, 1 at its bounds, would disagree.)
     if c.need(1) or c.need(2):
         c.unsupported("clip bounds must be constants")
     lo = c.const(1) if len(c.node.input) > 1 else None
@@ -356,7 +390,9 @@ def _clip(c):
 
 @rule("Max", "Min")
 def _max_min(c):
-    # The derivative goes to the first input equal to the result (TensorFlow sends ties to the first operand).
+    # The whole derivative goes to the first input equal to the result: tf.maximum(a, b) and tf.minimum(a, b) send
+    # a tie to a (their gradients select x >= y and x <= y), and nested for more inputs, Max(a, b, c) as
+    # tf.maximum(tf.maximum(a, b), c). So tf.clip_by_value (tf2onnx: Min(x, hi) then Max(., lo)) is 1 at its bounds.
     terms, taken = [], None
     for i, name in enumerate(c.node.input):
         eq = c.b.op("Equal", [name, c.y])

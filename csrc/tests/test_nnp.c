@@ -650,23 +650,41 @@ static void test_single_point(void)
     check_single_point(2, narrow, 11, NNP_ACT_LEAKY_RELU, NNP_ACT_LINEAR, 10, "leaky 2->8 x10->1");
 }
 
-/* Derivatives exactly at kinks: one layer, W = identity, b = 0, so z = x. */
+/* Derivatives exactly at kinks: one layer, W = identity, b = 0, so z = x. The wanted values are TensorFlow's
+ * GradientTape of the op (tests/test_kinks.py checks the same against TensorFlow itself): relu'(0) = 0,
+ * leaky_relu'(0) = alpha for every alpha, elu'(0) = alpha (tf.nn.elu: 1; Keras elu(x, alpha): alpha),
+ * selu'(0) = scale (tf.nn.selu), relu6' = 0 at 0 and 6, hard_sigmoid (relu6(x + 3) / 6) 0 at -3 and 3; the same
+ * at -0. own: p0, p1 given here instead of default_params. */
 static void test_kinks(void)
 {
     struct {
         unsigned act;
         float x;
         float want;
+        int own;
+        float p0, p1;
     } cases[] = {
-        {NNP_ACT_RELU, 0.0f, 0.0f},
-        {NNP_ACT_LEAKY_RELU, 0.0f, 0.2f},
-        {NNP_ACT_ELU, 0.0f, 0.7f},
-        {NNP_ACT_SELU, 0.0f, 1.0507009873554805f},
-        {NNP_ACT_RELU6, 0.0f, 0.0f},
-        {NNP_ACT_RELU6, 6.0f, 0.0f},
-        {NNP_ACT_HARD_SIGMOID, -3.0f, 0.0f},
-        {NNP_ACT_HARD_SIGMOID, 3.0f, 0.0f},
-        {NNP_ACT_HARD_SIGMOID, 0.0f, 1.0f / 6.0f},
+        {NNP_ACT_RELU, 0.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_RELU, -0.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_LEAKY_RELU, 0.0f, 0.2f, 0, 0, 0},
+        {NNP_ACT_LEAKY_RELU, -0.0f, 0.2f, 0, 0, 0},
+        {NNP_ACT_LEAKY_RELU, 0.0f, 1.5f, 1, 1.5f, 0.0f},
+        {NNP_ACT_LEAKY_RELU, -0.0f, 1.5f, 1, 1.5f, 0.0f},
+        {NNP_ACT_LEAKY_RELU, 0.0f, -0.5f, 1, -0.5f, 0.0f},
+        {NNP_ACT_LEAKY_RELU, 0.0f, 0.0f, 1, 0.0f, 0.0f},
+        {NNP_ACT_ELU, 0.0f, 0.7f, 0, 0, 0},
+        {NNP_ACT_ELU, -0.0f, 0.7f, 0, 0, 0},
+        {NNP_ACT_ELU, 0.0f, 1.0f, 1, 1.0f, 0.0f},
+        {NNP_ACT_SELU, 0.0f, 1.0507009873554805f, 0, 0, 0},
+        {NNP_ACT_SELU, -0.0f, 1.0507009873554805f, 0, 0, 0},
+        {NNP_ACT_RELU6, 0.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_RELU6, -0.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_RELU6, 6.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_HARD_SIGMOID, -3.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_HARD_SIGMOID, 3.0f, 0.0f, 0, 0, 0},
+        {NNP_ACT_HARD_SIGMOID, 0.0f, 1.0f / 6.0f, 0, 0, 0},
+        {NNP_ACT_HARD_SIGMOID, -2.5f, 0.0f, 1, 0.2f, 0.5f},
+        {NNP_ACT_HARD_SIGMOID, 2.5f, 0.0f, 1, 0.2f, 0.5f},
     };
     size_t c;
     for (c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -679,6 +697,10 @@ static void test_kinks(void)
         L.rows = L.cols = 1;
         L.act = cases[c].act;
         default_params(L.act, &L.p0, &L.p1);
+        if (cases[c].own) {
+            L.p0 = cases[c].p0;
+            L.p1 = cases[c].p1;
+        }
         L.W = &W;
         L.b = &bb;
         tm.n_in = tm.n_out = tm.n_layers = 1;
