@@ -51,12 +51,12 @@ class Partials:
     """
 
     def __init__(self, bundle, providers=None, *, max_batch: int = DEFAULT_MAX_BATCH, backend: str = "onnxruntime",
-                 nan_policy: str = "raise", session_options=None, threads: int | None = None):
+                 nan_policy: str = "raise", session_options=None, threads: int | None = None, key=None):
         if backend not in BACKENDS:
             raise NNPartialsError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
-        self.bundle = load_bundle(bundle)
+        self.bundle = load_bundle(bundle, key=key)
         m = self.bundle.manifest
         self.input_names = [i["name"] for i in m["inputs"]]
         self.input_widths = [int(i["shape"][1]) for i in m["inputs"]]

@@ -81,3 +81,49 @@ def test_auto_mode_picks_cheaper_side():
     assert build_jacobian_model(fwd)[1]["mode"] == "reverse"
     fwd = to_onnx(load_model(models.dense_model("tanh", n_in=2, n_out=4)))
     assert build_jacobian_model(fwd)[1]["mode"] == "forward"
+
+
+def test_c_core_jacobian_is_validated_at_export(tmp_path):
+    """The C core's Jacobian, both modes, is compared with GradientTape on the validation points at export."""
+    import json
+
+    import nnpartials
+    from nnpartials import ccore
+
+    b = nnpartials.export(models.dense_model("tanh"), tmp_path / "ok", n_validation=200)
+    with open(tmp_path / "ok" / "validation.json") as f:
+        v = json.load(f)
+    assert v["c_core"]["points"] == 200 and v["c_core"]["passed"]
+    for mode in ("forward", "reverse"):
+        assert v["c_core"][mode]["jacobian"]["max_rel"] <= tolerances.EXPORT_VALIDATION
+    assert b.manifest["c_core"]["validation"]["passed"] is True
+
+
+def test_wrong_c_core_jacobian_fails_export(tmp_path, monkeypatch):
+    """A C Jacobian that is off in one entry (forward values right) makes export fail and write nothing."""
+    import nnpartials
+    from nnpartials import ccore
+    from nnpartials.errors import ValidationError
+
+    real = ccore.jacobian
+
+    def off_by_a_little(nnp_bytes, x, mode=0):
+        y, J = real(nnp_bytes, x, mode)
+        J[7, 0, 1] += 1e-3 * max(1.0, float(np.abs(J).max()))
+        return y, J
+
+    monkeypatch.setattr(ccore, "jacobian", off_by_a_little)
+    with pytest.raises(ValidationError, match="C core"):
+        nnpartials.export(models.dense_model("tanh"), tmp_path / "bad", n_validation=50)
+    assert not (tmp_path / "bad").exists()
+    assert not any(p.name.startswith(".nnp-export") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, True])
+def test_bad_validation_count_is_a_clear_error(tmp_path, n):
+    import nnpartials
+    from nnpartials.errors import ExportError
+
+    with pytest.raises(ExportError, match="n_validation must be a positive integer"):
+        nnpartials.export(models.dense_model("tanh"), tmp_path / "b", n_validation=n)
+    assert not (tmp_path / "b").exists()

@@ -25,9 +25,20 @@ def add_arguments(p):
                                                    "from the Normalization statistics or the box [-1, 1]^n_in")
     p.add_argument("--mode", choices=("auto", "forward", "reverse"), default="auto",
                    help="Jacobian mode: forward costs ~n_in passes, reverse ~n_out; auto picks the cheaper")
-    p.add_argument("--points", type=int, default=1000, help="number of validation points (default 1000)")
+    import argparse
+
+    from nnpartials.cli import deprecated_alias, positive_int
+
+    p.add_argument("--n-points", dest="points", type=positive_int, default=1000, metavar="N",
+                   help="number of validation points (default 1000; with --data, a random subset of this size)")
+    p.add_argument("--points", dest="points", type=positive_int, default=argparse.SUPPRESS,
+                   action=deprecated_alias("--n-points"), help=argparse.SUPPRESS)  # old name of --n-points
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite a non-empty output folder")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing bundle folder (only a folder holding an nnpartials bundle; never ., a "
+                        "parent of it, the home folder or /)")
+    p.add_argument("--sign", metavar="KEY", default=None,
+                   help="sign the bundle with this PEM elliptic-curve private key: writes model.sig, checked by "
+                        "`nnpartials verify BUNDLE --key PUB` (needs pip install 'nnpartials[sign]')")
 
 
 def run(args) -> int:
@@ -38,7 +49,7 @@ def run(args) -> int:
 
     data = read_points(args.data) if args.data else None
     b = export(args.model, args.out, data=data, mode=args.mode, opset=args.opset, n_validation=args.points,
-               overwrite=args.force, progress=True)
+               overwrite=args.force, progress=True, sign=args.sign)
     m = b.manifest
     con = Console()
     v = m["validation"]
