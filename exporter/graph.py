@@ -41,6 +41,11 @@ class GraphBuilder:
         self.model = model
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+        # the model's float type: derivative tensors and the constants of the rules are computed in it
+        init_names = {t.name for t in model.graph.initializer}
+        in_types = [i.type.tensor_type.elem_type for i in model.graph.input if i.name not in init_names]
+        self.ftype = TensorProto.DOUBLE if in_types and in_types[0] == TensorProto.DOUBLE else TensorProto.FLOAT
+        self.np_float = np.float64 if self.ftype == TensorProto.DOUBLE else np.float32
         self.names = set()
         for n in self.graph.node:
             self.names.update(n.input)
@@ -102,8 +107,10 @@ class GraphBuilder:
                 self.names.add(name)
                 return name
 
-    def const(self, value, dtype=np.float32, hint="c") -> str:
-        arr = np.asarray(value, dtype=dtype)
+    def const(self, value, dtype=None, hint="c") -> str:
+        """A constant tensor (an initializer, shared between equal values); ``dtype`` defaults to the model's
+        float type."""
+        arr = np.asarray(value, dtype=self.np_float if dtype is None else dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
         if key in self._const_cache:
             return self._const_cache[key]
@@ -115,8 +122,11 @@ class GraphBuilder:
         self._const_cache[key] = name
         return name
 
-    def op(self, op_type: str, inputs, shape=None, hint=None, dtype=TensorProto.FLOAT, **attrs) -> str:
-        """Add one single-output node. Python numbers among the inputs become float32 constants."""
+    def op(self, op_type: str, inputs, shape=None, hint=None, dtype=None, **attrs) -> str:
+        """Add one single-output node. Python numbers among the inputs become constants of the model's float type;
+        ``dtype`` (of the output) defaults to it too."""
+        if dtype is None:
+            dtype = self.ftype
         ins = [self.const(i) if isinstance(i, (int, float, np.floating)) else i for i in inputs]
         out = self.fresh(hint or op_type.lower())
         self.new_nodes.append(helper.make_node(op_type, ins, [out], name=out, **attrs))
@@ -152,7 +162,7 @@ class GraphBuilder:
         return self.op("Where", [cond, a, b])
 
     def cast_float(self, x):
-        return self.op("Cast", [x], to=TensorProto.FLOAT)
+        return self.op("Cast", [x], to=self.ftype)
 
     def unsqueeze(self, x, axes, shape=None):
         return self.op("Unsqueeze", [x, self.const(axes, np.int64)], shape=shape)

@@ -164,8 +164,8 @@ class _Engine:
         b, D = self.b, {}
         off = 0
         for name, w in zip(self.inputs, self.in_widths):
-            seed = np.zeros((self.K, 1, w), np.float32)
-            seed[off:off + w, 0, :] = np.eye(w, dtype=np.float32)
+            seed = np.zeros((self.K, 1, w), b.np_float)
+            seed[off:off + w, 0, :] = np.eye(w, dtype=b.np_float)
             D[name] = b.const(seed.reshape((self.K, 1) + tuple(b.shape(name)[1:])), hint="seed")
             off += w
         for node in self.model.graph.node:
@@ -186,8 +186,8 @@ class _Engine:
         off = 0
         for name, w in zip(self.outputs, self.out_widths):
             tail = b.shape(name)[1:]
-            seed = np.zeros((self.K, 1, w), np.float32)
-            seed[off:off + w, 0, :] = np.eye(w, dtype=np.float32)
+            seed = np.zeros((self.K, 1, w), b.np_float)
+            seed[off:off + w, 0, :] = np.eye(w, dtype=b.np_float)
             contrib.setdefault(name, []).append(b.const(seed.reshape((self.K, 1) + tuple(tail)), hint="seed"))
             off += w
         for node in reversed(self.model.graph.node):
@@ -216,7 +216,7 @@ class _Engine:
         return b.op("Expand", [d, shp], shape=(self.K, None) + tuple(tail))
 
     def _zeros(self, tail):
-        return self._batch_expand(self.b.const(np.zeros((self.K, 1) + tuple(tail), np.float32)), tail)
+        return self._batch_expand(self.b.const(np.zeros((self.K, 1) + tuple(tail), self.b.np_float)), tail)
 
     def build(self) -> onnx.ModelProto:
         b = self.b
@@ -269,7 +269,7 @@ class _Engine:
         g.initializer.extend(b.new_inits)
         del g.output[:]
         for _, name, dims in outs:
-            g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+            g.output.append(helper.make_tensor_value_info(name, b.ftype, dims))
         del g.value_info[:]
         g.name = (g.name or "model") + "_jacobian"
         self.model.doc_string = (f"nnpartials companion Jacobian graph ({self.mode} mode): y [batch, n_out], "
@@ -300,7 +300,7 @@ def fold_scales_into_matmul(b):
             if mm is None or cv is None or uses.get(t) != 1 or tshape is None:
                 continue
             w = b.value(mm.input[1])
-            if w is None or w.ndim != 2 or cv.dtype != np.float32 or w.dtype != np.float32:
+            if w is None or w.ndim != 2 or cv.dtype != b.np_float or w.dtype != b.np_float:
                 continue
             if cv.ndim > len(tshape) or any(d != 1 for d in cv.shape[:-1]) or \
                     (cv.ndim and cv.shape[-1] not in (1, w.shape[1])):
