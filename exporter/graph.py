@@ -55,6 +55,8 @@ class GraphBuilder:
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, int] = {}
         self.const_values: dict[str, np.ndarray] = {}
+        #: derivative tensors known to have a real batch axis (not broadcast from size 1)
+        self.full: set = set()
         self.new_nodes: list = []
         self.new_inits: list = []
         self._const_cache: dict = {}
@@ -144,6 +146,37 @@ class GraphBuilder:
             dtype = attrs.get("to", dtype)
         self.dtypes[out] = dtype
         return out
+
+    def multi(self, op_type: str, inputs, n_outputs: int, shapes=None, dtypes=None, **attrs) -> list:
+        """Add one node with several outputs; returns their names."""
+        outs = [self.fresh(op_type.lower()) for _ in range(n_outputs)]
+        self.new_nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], **attrs))
+        for k, o in enumerate(outs):
+            if shapes and shapes[k] is not None:
+                self.shapes[o] = tuple(shapes[k])
+            self.dtypes[o] = (dtypes[k] if dtypes else None) or self.ftype
+        return outs
+
+    def shape_of(self, x) -> str:
+        """The run-time shape of ``x`` (an int64 vector)."""
+        s = self.shapes.get(x)
+        return self.op("Shape", [x], dtype=TensorProto.INT64, shape=None if s is None else (len(s),))
+
+    def k_shape(self, K: int, like) -> str:
+        """``[K, *Shape(like)]`` at run time: the shape of the derivative tensor of ``like``."""
+        s = self.shapes.get(like)
+        return self.op("Concat", [self.const([K], np.int64), self.shape_of(like)], axis=0, dtype=TensorProto.INT64,
+                       shape=None if s is None else (len(s) + 1,))
+
+    def expand_like(self, d, like, K: int) -> str:
+        """The derivative ``d`` [K, ...] of tensor ``like`` with its broadcast axes (a batch axis of size 1)
+        expanded to ``like``'s run-time shape: needed before an op that moves or folds the batch axis."""
+        if d in self.full:
+            return d
+        s = self.shapes.get(like)
+        r = self.op("Expand", [d, self.k_shape(K, like)], shape=None if s is None else (K,) + tuple(s))
+        self.full.add(r)
+        return r
 
     # convenience wrappers
     def add(self, a, b):

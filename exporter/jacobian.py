@@ -20,7 +20,8 @@ from onnx import TensorProto, helper
 
 from nnpartials.errors import ExportError, UnsupportedOpError
 from nnpartials.exporter.graph import GraphBuilder, broadcast_shapes
-from nnpartials.exporter.rules import RULES, Linear, MatMulW, RuleContext, Scale
+from nnpartials.exporter.rules import RULES, ZERO_DERIVATIVE, Linear, MatMulW, RuleContext, Scale
+import nnpartials.exporter.rules_nn  # noqa: F401  (registers the network-layer rules)
 
 MODES = ("auto", "forward", "reverse")
 
@@ -53,7 +54,7 @@ class _Engine:
         self.mode = choose_mode(self.n_in, self.n_out, mode)
         self.K = self.n_in if self.mode == "forward" else self.n_out
         self.var = self._variable_tensors()
-        self.full = set()  # derivative tensors known to have a real batch axis (not broadcast size 1)
+        self.full = self.b.full  # derivative tensors known to have a real batch axis (not broadcast size 1)
 
     def _width(self, name, kind):
         s = self.b.shape(name)
@@ -62,8 +63,11 @@ class _Engine:
         return int(np.prod(s[1:], dtype=np.int64)) if len(s) > 1 else 1
 
     def _variable_tensors(self):
+        """Float tensors that depend on an input through ops with a derivative (not Sign, Floor, Shape, ...)."""
         var = set(self.inputs)
         for node in self.model.graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in ZERO_DERIVATIVE:
+                continue
             if any(i in var for i in node.input if i):
                 for o in node.output:
                     if o and self.b.is_float(o):
@@ -106,8 +110,13 @@ class _Engine:
         if isinstance(term, Scale):
             r, full = self._scale(term, d, self._dshape(x), y)
             ys, rs = self._dshape(y), b.shape(r)
+            if ys is not None and rs is not None and len(rs) < len(ys):  # broadcasting that adds leading axes
+                r = b.unsqueeze(r, list(range(1, 1 + len(ys) - len(rs))), shape=(rs[0],) + (1,) * (len(ys) - len(rs))
+                                + tuple(rs[1:]))
+                rs = b.shape(r)
             if ys is not None and rs is not None and tuple(rs[2:]) != tuple(ys[2:]):
-                r = b.op("Expand", [r, b.const([1, 1] + list(ys[2:]), np.int64)], shape=ys)
+                r = b.op("Expand", [r, b.const([1] + [1 if v is None else v for v in ys[1:]], np.int64)],
+                         shape=ys)
             if full:
                 self.full.add(r)
             return r
@@ -130,9 +139,14 @@ class _Engine:
             rs = b.shape(r)
             if xs is None or rs is None:
                 raise ExportError(f"unknown shape while differentiating {x!r}")
-            if len(xs) + 1 != len(rs):
-                raise ExportError(f"tensor {x!r} of shape {xs} is broadcast to {rs[1:]} across the batch axis")
-            axes = [i + 1 for i in range(1, len(xs)) if xs[i] == 1 and rs[i + 1] != 1]
+            if len(xs) + 1 > len(rs):
+                raise ExportError(f"tensor {x!r} of shape {xs} has a derivative of shape {rs}")
+            if len(xs) + 1 < len(rs):  # x was broadcast to a higher rank: sum over the leading axes it lacks
+                extra = len(rs) - 1 - len(xs)
+                r = b.op("ReduceSum", [r, b.const(list(range(1, 1 + extra)), np.int64)], keepdims=0,
+                         shape=(rs[0],) + tuple(rs[1 + extra:]))
+                rs = b.shape(r)
+            axes = [i + 1 for i in range(len(xs)) if xs[i] == 1 and rs[i + 1] != 1]
             if axes:
                 r = b.op("ReduceSum", [r, b.const(axes, np.int64)], keepdims=1, shape=self._dshape(x))
             if full:
@@ -265,6 +279,8 @@ class _Engine:
         for src, name, dims in outs:
             b.new_nodes.append(helper.make_node("Identity", [src], [name], name=f"nnp_out_{name}"))
         fold_scales_into_matmul(b)
+        used = {i for n in list(g.node) + b.new_nodes for i in n.input}
+        b.new_inits = [t for t in b.new_inits if t.name in used]  # constants a rule made but did not use
         g.node.extend(b.new_nodes)
         g.initializer.extend(b.new_inits)
         del g.output[:]

