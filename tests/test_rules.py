@@ -532,8 +532,10 @@ def test_pad_tile_expand_rules():
                {"x": u((2, 3))})
     check_rule(make_model("Expand", [("x", (1, 3))], (4, 3), consts={"s": np.array([1, 4, 3], np.int64)}),
                {"x": u((1, 3))})
-    check_rule(make_model("Expand", [("x", (3,))], (2, 4, 3), consts={"s": np.array([2, 1, 3], np.int64)}),
-               {"x": u((3,))}, modes=("reverse",)) if False else None
+    # x [batch, 3] expanded to [2, batch, 3] (a leading axis, the batch axis moved), then transposed back
+    nodes = [helper.make_node("Expand", ["x", "s"], ["e"]), helper.make_node("Transpose", ["e"], ["out"], perm=[1, 0, 2])]
+    check_rule(graph_model(nodes, [("x", (3,))], [("out", (2, 3))], consts={"s": np.array([2, 1, 3], np.int64)}),
+               {"x": u((3,))})
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
