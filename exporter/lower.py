@@ -15,6 +15,12 @@ all its inputs must be per-unit affine functions of one pre-activation ``z``; th
 of ``z`` values with onnxruntime and compared with every activation of the format (fitting alpha, scale, slope
 and offset from the values). Its output becomes the next hidden layer.
 
+Values do not fix the derivative at a kink (Keras's PReLU, relu(z) - a * relu(-z), has the values of leaky_relu(a)
+but slope 0 at 0; Max(z, 0) those of relu but slope 1 at 0), so every region is then checked there: the region's
+companion Jacobian (the derivative rules of the bundle's Jacobian graph) is evaluated with onnxruntime exactly at
+the kinks and compared with the C activation's derivative; a region whose kinks no C activation reproduces is
+not lowered (see ``_Lowerer._check_kinks``).
+
 Anything else raises :class:`~nnpartials.errors.NotLowerableError` with the reason (op and node). The result is
 checked against onnxruntime on random points before it is returned.
 """
@@ -45,6 +51,10 @@ MATCH_TOL = 2e-5
 #: Tolerance of the final check against onnxruntime, relative to max(1, max |y|).
 CHECK_TOL = 1e-4
 
+#: Tolerance of the derivative check at the kinks, relative to max(1, |slope|): the slopes there are simple
+#: numbers (0, 1, alpha, scale) that both sides compute to float32 rounding; a different convention differs by far more.
+KINK_TOL = 2e-5
+
 _GRID = np.concatenate([np.linspace(-8.0, 8.0, 641), [-1e-3, -1e-6, 1e-6, 1e-3, 0.0]]).astype(np.float32)
 
 
@@ -71,6 +81,89 @@ def _attrs(node):
 
 def _nd(node):
     return f"{node.op_type} node {node.name or node.output[0]!r}"
+
+
+def _kinks(act, p0, p1):
+    """The kinks of a C activation (where its derivative is a convention), as float32 values."""
+    if act in ("relu", "leaky_relu", "elu", "selu"):
+        return [0.0]
+    if act == "relu6":
+        return [0.0, 6.0]
+    if act == "hard_sigmoid" and p0 != 0:
+        return sorted(float(np.float32(v)) for v in (-p1 / p0, (1.0 - p1) / p0))
+    return []
+
+
+def _c_slope(act, p0, p1, v, fused=False):
+    """The C core's derivative of an activation at float32 pre-activations v (``act_d_f32`` in csrc/nnp.c: the
+    same branch conditions, in float32, so a kink gets the C core's convention), as float64. fused: hard_sigmoid's
+    ``p0 * v + p1`` as one fused multiply-add (the C core is built with -ffp-contract=fast, and its AVX2+FMA build
+    contracts it) instead of two roundings."""
+    v = np.asarray(v, np.float32)
+    f0, f1 = np.float32(p0), np.float32(p1)
+    x = v.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if act == "linear":
+            return np.ones_like(x)
+        if act == "relu":
+            return np.where(v > 0, 1.0, 0.0)
+        if act == "leaky_relu":
+            return np.where(v > 0, 1.0, float(f0))
+        if act == "elu":
+            return np.where(v > 0, 1.0, float(f0) * np.exp(np.minimum(x, 0.0)))
+        if act == "selu":
+            return np.where(v < 0, float(f1) * float(f0) * np.exp(np.minimum(x, 0.0)), float(f1))
+        if act == "hard_sigmoid":
+            if fused:  # f0 * v is exact in float64; the sum is rounded once more there, then to float32
+                t = (np.float64(f0) * x + np.float64(f1)).astype(np.float32)
+            else:
+                t = f0 * v + f1
+            return np.where((t > 0) & (t < 1), float(f0), 0.0)
+        if act == "relu6":
+            return np.where((v > 0) & (v < 6), 1.0, 0.0)
+        if act == "tanh":
+            return 1.0 - np.tanh(x) ** 2
+        if act == "sigmoid":
+            s = 1.0 / (1.0 + np.exp(-x))
+            return s * (1.0 - s)
+        if act == "softplus":
+            return 1.0 / (1.0 + np.exp(-x))
+        if act == "softsign":
+            return 1.0 / (1.0 + np.abs(x)) ** 2
+        if act == "swish":
+            s = 1.0 / (1.0 + np.exp(-x))
+            return s * (1.0 + x * (1.0 - s))
+        if act == "gelu":
+            from nnpartials.exporter.nnp import _erf_np
+
+            return 0.5 * (1.0 + _erf_np(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        if act == "gelu_tanh":
+            k, c = math.sqrt(2.0 / math.pi), 0.044715
+            t = np.tanh(k * (x + c * x ** 3))
+            return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x)
+        if act == "exponential":
+            return np.exp(x)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+#: C activations with the same values as another but a different derivative at a kink, tried in this order when
+#: the graph's convention is not the first's: max(z, 0) with slope 1 at 0 (Max(z, 0), a tie going to z) is
+#: selu(alpha=0, scale=1), whose z >= 0 branch holds at 0.
+_EQUIVALENT = {"relu": [("selu", 0.0, 1.0)]}
+
+
+def _act_desc(act, p0, p1):
+    if act in ("leaky_relu", "elu"):
+        return f"{act}(alpha={p0:g})"
+    if act == "selu":
+        return f"selu(alpha={p0:g}, scale={p1:g})"
+    if act == "hard_sigmoid":
+        return f"hard_sigmoid(slope={p0:g}, offset={p1:g})"
+    return act
+
+
+def _fmt(vals):
+    return ", ".join(f"{v:g}" for v in vals)
 
 
 class _Lowerer:
@@ -350,8 +443,9 @@ class _Lowerer:
             rel.append((n, alpha, a.c - alpha * z.c))
         return z, rel
 
-    def _evaluate_region(self, region, out_name, rel, width):
-        """Evaluate the region as a function of z on the grid (same values in every column): [G, width]."""
+    def _region_model(self, region, out_name, rel, width, z_width, out_dims=None):
+        """The region as a graph of one input ``__nnp_z`` [g, z_width] (z_width is width, or 1 to broadcast one z
+        to every unit): each region input is computed as alpha * z + beta, then the region's own nodes."""
         nodes = []
         inits = []
         for i, (n, alpha, beta) in enumerate(rel):
@@ -366,28 +460,89 @@ class _Lowerer:
                 inits.append(numpy_helper.from_array(np.asarray(self.consts[name]), name))
         graph = helper.make_graph(
             nodes + region_nodes, "region",
-            [helper.make_tensor_value_info("__nnp_z", onnx.TensorProto.FLOAT, ["g", width])],
-            [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None)], initializer=inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-        zin = np.repeat(_GRID[:, None], width, axis=1)
+            [helper.make_tensor_value_info("__nnp_z", onnx.TensorProto.FLOAT, ["g", z_width])],
+            [helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, out_dims)], initializer=inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+
+    @staticmethod
+    def _run(m, feeds, outputs=None):
+        """Run a small graph with onnxruntime (the ONNX reference evaluator where onnxruntime refuses it)."""
         try:
             import onnxruntime as ort
 
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            out = sess.run(None, {"__nnp_z": zin})[0]
+            return sess.run(outputs, feeds)
         except Exception:
             from onnx.reference import ReferenceEvaluator
 
-            try:
-                out = ReferenceEvaluator(m).run(None, {"__nnp_z": zin})[0]
-            except Exception as exc:
-                _fail(f"could not evaluate the activation made of {[n.op_type for n in region_nodes]}: {exc}")
+            return ReferenceEvaluator(m).run(outputs, feeds)
+
+    def _evaluate_region(self, region, out_name, rel, width):
+        """Evaluate the region as a function of z on the grid (same values in every column): [G, width]."""
+        m = self._region_model(region, out_name, rel, width, width)
+        ops = [self.nodes[k].op_type for k in region]
+        zin = np.repeat(_GRID[:, None], width, axis=1)
+        try:
+            out = self._run(m, {"__nnp_z": zin})[0]
+        except Exception as exc:
+            _fail(f"could not evaluate the activation made of {ops}: {exc}")
         out = np.asarray(out, dtype=np.float64)
         if out.shape != zin.shape:
-            _fail(f"the activation made of {[n.op_type for n in region_nodes]} changes the shape")
+            _fail(f"the activation made of {ops} changes the shape")
         return out
+
+    def _check_kinks(self, region, out_name, rel, width, act, p0, p1, post=None, graph_kinks=()):
+        """Make sure the C core's derivative agrees with the graph's at the kinks; return (act, p0, p1).
+
+        The region is matched to a C activation by its values, but at a kink the derivative is a convention the
+        values do not show: Keras's PReLU, relu(z) - a * relu(-z), has the values of leaky_relu(a) and slope 0 at
+        0 (the Relu rule), Abs those of leaky_relu(-1) and slope 0, Max(z, 0) those of relu and slope 1 (a tie
+        goes to the first operand). So the derivative the graph defines there (its companion Jacobian, built by
+        the same rules as the bundle's, in forward mode with one z broadcast to every unit) is compared with the
+        C activation's (as ``act_d_f32`` computes it, in float32) at the same float32 points: every kink of that
+        activation, the graph's own kinks where they are known (graph_kinks: the bounds of a Clip), and 0. Where
+        they differ, an equivalent C activation with the graph's convention is taken (relu with slope 1 at 0 is
+        selu(alpha=0, scale=1)); where there is none, the region is not lowered: the C core would silently give
+        another number than the companion graph. (A Clip(lo, hi) lowered as hard_sigmoid whose rescaled bounds
+        do not land exactly on lo and hi in float32 is refused by the same check.)
+        """
+        kinks = _kinks(act, p0, p1)
+        pts = sorted(set(kinks) | {float(np.float32(v)) for v in graph_kinks} | {0.0})
+        z = np.array(pts, np.float32).reshape(-1, 1)
+        ops = [self.nodes[k].op_type for k in region]
+        what = f"the activation {_nd(self.nodes[region[0]])}" + (f" (made of {ops})" if len(ops) > 1 else "")
+        try:
+            from nnpartials.exporter.jacobian import build_jacobian_model
+
+            m = self._region_model(region, out_name, rel, width, 1, ["g", width])
+            jm, info = build_jacobian_model(m, mode="forward")
+            d = self._run(jm, {"__nnp_z": z}, [info["jacobian_outputs"][0]])[0]
+            g = np.asarray(d, dtype=np.float64).reshape(len(pts), width)
+        except Exception as exc:  # no derivative rule for an op, or a graph the engine or onnxruntime does not take
+            if not kinks:
+                return act, p0, p1  # a smooth C activation: nothing a convention could change
+            _fail(f"{what} matches {_act_desc(act, p0, p1)} by its values, but its derivative at the kink(s) "
+                  f"{_fmt(kinks)} could not be checked against the graph's ({exc})")
+        s = 1.0 if post is None else float(post[0])
+        first = None
+        for cand in [(act, p0, p1)] + _EQUIVALENT.get(act, []):
+            # both ways the C core may compute it (hard_sigmoid's p0 * z + p1 fused or not, by the CPU it runs on)
+            for fused in ((False, True) if cand[0] == "hard_sigmoid" else (False,)):
+                c = s * _c_slope(cand[0], cand[1], cand[2], z[:, 0], fused)[:, None]
+                bad = np.abs(g - c) > KINK_TOL * np.maximum(1.0, np.abs(c))
+                if bad.any():
+                    break
+            if not bad.any():
+                return cand
+            if first is None:
+                i, j = np.argwhere(bad)[0]
+                first = (pts[i], g[i, j], c[i, 0], int(bad.any(axis=0).sum()))
+        zk, gv, cv, n_units = first
+        _fail(f"{what} has slope {gv:g} at z = {zk:.9g} in the ONNX graph (and its companion Jacobian graph), but "
+              f"the C activation with its values, {_act_desc(act, p0, p1)}, has slope {cv:g} there ({n_units} of "
+              f"{width} units): the C core would give another derivative at this kink")
 
     def _identify(self, f, ops):
         """Match f (values on _GRID) with an activation of the format; return (name, p0, p1)."""
@@ -426,7 +581,7 @@ class _Lowerer:
         is usually one of them); the first whose function is the same in every unit and known wins."""
         ops = [self.nodes[k].op_type for k in region]
         cands = list(names) + [n for n, a in self.aff.items() if a.hid == self.hid and n not in names]
-        reasons = []
+        reasons, kink_reasons = [], []
         for cand in cands:
             try:
                 z, rel = self._common_preactivation([cand] + [n for n in names if n != cand], first)
@@ -442,7 +597,13 @@ class _Lowerer:
             except NotLowerableError as exc:
                 reasons.append(str(exc))
                 continue
+            try:
+                act, p0, p1 = self._check_kinks(region, out, rel, z.width, act, p0, p1)
+            except NotLowerableError as exc:
+                kink_reasons.append(str(exc))
+                continue
             return z, act, p0, p1
+        reasons = kink_reasons + reasons  # the values matched, the derivative at a kink did not: say that
         _fail(reasons[0].replace("not in the C-core subset: ", "") if reasons else
               f"the elementwise subgraph {ops} is not an activation the C core knows")
 
@@ -493,6 +654,9 @@ class _Lowerer:
         if len(region) == 1 and first.op_type in SIMPLE and len(names) == 1:
             z = self.aff[names[0]]
             act, p0, p1, post = self._simple(first)
+            rel = [(names[0], np.ones(z.width), np.zeros(z.width))]
+            bounds = () if post is None else (post[1], post[1] + post[0])  # Clip(lo, hi): its own kinks
+            act, p0, p1 = self._check_kinks(region, out, rel, z.width, act, p0, p1, post, bounds)
         else:
             z, act, p0, p1 = self._match_region(region, out, names, first)
             post = None

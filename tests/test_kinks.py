@@ -11,6 +11,11 @@ Export validates on random points, where kinks have measure zero; these tests pu
 * ONNX ops that Keras models do not produce on their own (Abs, Max/Min with ties, Clip with other bounds,
   HardSigmoid, HardSwish, PRelu, ...): a single-node graph through the companion-graph engine in both modes,
   against the GradientTape of the TensorFlow op it stands for; and the C core too where the node lowers.
+* Activations whose values are those of a C activation but whose derivative at the kink is another (Keras's
+  PReLU, relu(x) - a * relu(-x), slope 0 at 0 where leaky_relu(a) has a; Abs, 0 at 0 where leaky_relu(-1) has -1):
+  the lowering checks the graph's derivative at the kinks and refuses them, so the bundle has no C core and its
+  manifest says why; Max(x, 0), 1 at 0, is lowered to selu(alpha=0, scale=1), which has the values of relu and
+  its z >= 0 branch at 0.
 
 The conventions (TensorFlow's; see the docstring of :mod:`nnpartials.exporter.rules`): relu'(0) = 0,
 leaky_relu'(0) = alpha, elu'(0) = alpha, selu'(0) = scale, relu6' = 0 at 0 and 6 (so Clip, HardSigmoid and Keras 3's
@@ -102,18 +107,20 @@ KERAS_CASES = {
                                                [0.0, 4.0], False),
     "ReLU(max_value=6, threshold=1, negative_slope=0.1)": (
         lambda: keras.layers.ReLU(max_value=6.0, threshold=1.0, negative_slope=0.1), [0.0, 1.0, 6.0], False),
-    "PReLU": (lambda: keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25)), [0.0], True),
+    "PReLU": (lambda: keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.25)), [0.0], False),
     "maximum(x, 0)": ("maximum(x, 0)", [0.0], True),
     "maximum(0, x)": ("maximum(0, x)", [0.0], True),
 }
 
-# Known C-core disagreements that are not in the C core's activation code: the lowering identifies an activation
-# region by its values only, so a region with the values of a C activation but another derivative at the kink
-# gets the C activation's: Keras's PReLU, relu(x) - a * relu(-x) (TensorFlow: 0 at 0), becomes leaky_relu(a)
-# (a at 0), and Max(x, 0) (TensorFlow: 1 at 0) becomes relu (0 at 0).
-C_XFAIL = {
-    "PReLU": "lowering maps relu(x) - a*relu(-x) (TF: 0 at 0) to leaky_relu(a) (a at 0)",
-    "maximum(x, 0)": "lowering maps Max(x, 0) (TF: 1 at 0) to relu (0 at 0)",
+# Regions with the values of a C activation but another derivative at its kink, which the lowering refuses (no C
+# activation has the graph's convention there): case -> what the manifest's c_core.reason must say.
+KINK_REFUSED = {
+    "PReLU": ["kink", "slope 0 at", "leaky_relu(alpha=0.25)", "has slope 0.25"],
+}
+# ... and the ones it lowers to another C activation with the graph's convention: case -> (activation, p0, p1)
+KINK_RELOWERED = {
+    "maximum(x, 0)": ("selu", 0.0, 1.0),
+    "maximum(0, x)": ("relu", 0.0, 0.0),
 }
 
 
@@ -194,13 +201,35 @@ def test_keras_kinks_companion_graph(exported, case):
 
 
 @needs_c
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason=C_XFAIL[c], strict=True,
-                                                                         raises=pytest.fail.Exception))
-                                  if c in C_XFAIL else c for c in KERAS_CASES if KERAS_CASES[c][2]])
+@pytest.mark.parametrize("case", [c for c in KERAS_CASES if KERAS_CASES[c][2]])
 def test_keras_kinks_c_core(exported, case):
     path, x, J_ref = exported(case)
     assert os.path.exists(os.path.join(path, "model.nnp")), f"{case}: a Dense chain must lower to the C core"
     check_c_core(case, path, x, J_ref)
+    if case in KINK_RELOWERED:
+        from nnpartials.exporter.nnp import read_nnp
+
+        with open(os.path.join(path, "model.nnp"), "rb") as fh:
+            layers = read_nnp(fh.read())
+        assert (layers[0].activation, layers[0].p0, layers[0].p1) == KINK_RELOWERED[case], case
+
+
+@pytest.mark.parametrize("case", list(KINK_REFUSED))
+def test_keras_kink_mismatch_refuses_the_c_core(exported, case):
+    """Never a silent wrong number: a region whose values are a C activation's but whose derivative at the kink is
+    not is refused by the lowering; the bundle then has no model.nnp, the manifest says why, and onnxruntime (the
+    companion graph, checked at the kinks by test_keras_kinks_companion_graph) still serves the model."""
+    import json
+
+    path, x, J_ref = exported(case)
+    assert not os.path.exists(os.path.join(path, "model.nnp")), f"{case}: the C core must not be written"
+    with open(os.path.join(path, "manifest.json")) as fh:
+        c_core = json.load(fh)["c_core"]
+    assert c_core["available"] is False and c_core["file"] is None, c_core
+    for part in KINK_REFUSED[case]:
+        assert part in (c_core["reason"] or ""), f"{case}: {part!r} not in c_core.reason {c_core['reason']!r}"
+    _, J = nnpartials.Partials(path).jacobian(x)
+    assert_close(J, J_ref, f"{case}: companion graph", x)
 
 
 # ----- single ONNX nodes: the companion-graph engine (and the C core where the node lowers) ----------------------
@@ -228,7 +257,9 @@ def tf_reference(fn, xs):
     return y.numpy(), [tape.batch_jacobian(y, t).numpy() for t in ts]
 
 
-def check_single_node(model, fn, xs, what, c_xfail=None):
+def check_single_node(model, fn, xs, what, c_refused=None):
+    """The companion graph in both modes against TensorFlow; then the C core where the node lowers. c_refused: the
+    lowering must refuse the node with a reason that contains these strings (a kink it cannot take)."""
     y_ref, J_refs = tf_reference(fn, xs)
     feeds = {i.name: x for i, x in zip(model.graph.input, xs)}
     for mode in ("forward", "reverse"):
@@ -239,20 +270,26 @@ def check_single_node(model, fn, xs, what, c_xfail=None):
         for k, (J, J_ref) in enumerate(zip(outs[1:], J_refs)):
             assert_close(J, J_ref, f"{what}: companion graph, {mode} mode, input {k}",
                          np.concatenate(xs, axis=1))
-    if len(xs) == 1 and _has_c_core():
-        from nnpartials.exporter.lower import lower_onnx
+    if len(xs) != 1:
+        return
+    from nnpartials.exporter.lower import lower_onnx
 
-        try:
-            data = lower_onnx(model)
-        except NotLowerableError:
-            return
-        k = nnpartials.Kernel(data)
-        for mode in ("forward", "reverse"):
-            _, J = k.jacobian(xs[0], mode=mode)
-            if c_xfail and tolerances.scaled_error(J, J_refs[0])[1] > tolerances.JACOBIAN_F32:
-                pytest.xfail(c_xfail)
-            assert_close(J, J_refs[0], f"{what}: C core (lowered), {mode} mode", xs[0])
-        assert not c_xfail, f"{what}: the C core now agrees; drop the expected failure ({c_xfail})"
+    if c_refused:
+        with pytest.raises(NotLowerableError) as ei:
+            lower_onnx(model)
+        for part in c_refused:
+            assert part in str(ei.value), f"{what}: {part!r} not in the reason {str(ei.value)!r}"
+        return
+    if not _has_c_core():
+        return
+    try:
+        data = lower_onnx(model)
+    except NotLowerableError:
+        return
+    k = nnpartials.Kernel(data)
+    for mode in ("forward", "reverse"):
+        _, J = k.jacobian(xs[0], mode=mode)
+        assert_close(J, J_refs[0], f"{what}: C core (lowered), {mode} mode", xs[0])
 
 
 def row(*v):
@@ -285,9 +322,9 @@ def test_elu_node(alpha):
 
 
 def test_abs_node():
-    # the C core takes |x| as leaky_relu(-1) (lowering by values), which gives -1 at 0
+    # |x| has the values of leaky_relu(-1), which has slope -1 at 0 where the graph (and TensorFlow) have 0: refused
     check_single_node(single_node("Abs", [("x", 6)], 6), tf.abs, [ZEROS], "Abs",
-                      c_xfail="lowering maps Abs to leaky_relu(-1): -1 at 0, TensorFlow 0")
+                      c_refused=["kink", "slope 0 at", "leaky_relu(alpha=-1)", "has slope -1"])
 
 
 def test_clip_relu6_node():
@@ -369,4 +406,94 @@ def test_max_with_zero_is_not_relu_at_the_tie():
     check_single_node(single_node("Max", [("x", 6)], 6, consts={"c": zero}, const_first=True),
                       lambda t: tf.maximum(zero, t), [ZEROS], "Max(0, x)")
     check_single_node(single_node("Max", [("x", 6)], 6, consts={"c": zero}), lambda t: tf.maximum(t, zero), [ZEROS],
-                      "Max(x, 0)", c_xfail="lowering maps Max(x, 0) (TF: 1 at 0) to relu (0 at 0)")
+                      "Max(x, 0)")
+
+
+# ----- the lowering's check of the derivative at the kinks ---------------------------------------------------------
+def prelu_pattern(alpha, width=4):
+    """What tf2onnx writes for Keras's PReLU: relu(x) - a * relu(-x), as Relu, Neg, Relu, Mul(-a), Add."""
+    nodes = [helper.make_node("Relu", ["x"], ["pos"], name="relu_pos"),
+             helper.make_node("Neg", ["x"], ["negx"], name="neg"),
+             helper.make_node("Relu", ["negx"], ["rneg"], name="relu_neg"),
+             helper.make_node("Mul", ["rneg", "minus_a"], ["scaled"], name="mul"),
+             helper.make_node("Add", ["pos", "scaled"], ["out"], name="add")]
+    inits = [numpy_helper.from_array(np.full(width, -alpha, np.float32), "minus_a")]
+    m = helper.make_model(helper.make_graph(
+        nodes, "prelu_pattern", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["batch", width])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("alpha", [0.25, 1e-3, -0.5])
+def test_prelu_pattern_is_refused_at_its_kink(alpha):
+    """relu(x) - a * relu(-x) has the values of leaky_relu(a) everywhere, but slope 0 at 0 (the Relu rule, and
+    TensorFlow's GradientTape) where the C activation has a: without the kink check it would lower, silently wrong
+    at 0 (also for a slope as small as 1e-3)."""
+    m = prelu_pattern(alpha)
+    check_single_node(m, lambda t: tf.nn.relu(t) - alpha * tf.nn.relu(-t), [row(0.0, -0.0, 1.0, -1.0)],
+                      f"relu(x) - {alpha} relu(-x)",
+                      c_refused=["kink", "slope 0 at", f"leaky_relu(alpha={alpha:g})", f"has slope {alpha:g}"])
+
+
+def test_max_with_zero_lowers_with_the_tie_convention():
+    """Max(x, 0) (slope 1 at 0) lowers to selu(alpha=0, scale=1), Max(0, x) (slope 0 at 0) to relu; the C core's
+    derivative at 0 is the graph's. Without the kink check both would be relu."""
+    from nnpartials.exporter.lower import lower_layers
+
+    zero = np.zeros(6, np.float32)
+    got = {}
+    for name, first in (("Max(x, 0)", False), ("Max(0, x)", True)):
+        layers, _ = lower_layers(single_node("Max", [("x", 6)], 6, consts={"c": zero}, const_first=first))
+        got[name] = (layers[0].activation, layers[0].p0, layers[0].p1)
+    assert got == {"Max(x, 0)": ("selu", 0.0, 1.0), "Max(0, x)": ("relu", 0.0, 0.0)}, got
+
+
+def test_single_node_activations_are_checked_too(monkeypatch):
+    """The activations mapped by their attributes (Relu, LeakyRelu, Clip, ...) go through the same check: were the
+    C core's relu 1 at 0, a Relu node (0 at 0 in the graph) would be refused."""
+    import nnpartials.exporter.lower as lower
+
+    real = lower._c_slope
+
+    def fake(act, p0, p1, v, *args):
+        d = real(act, p0, p1, v, *args)
+        return np.where(np.asarray(v) == 0, 1.0, d) if act == "relu" else d
+
+    monkeypatch.setattr(lower, "_c_slope", fake)
+    monkeypatch.setattr(lower, "_EQUIVALENT", {})
+    with pytest.raises(NotLowerableError, match=r"Relu node .Relu_node. has slope 0 at z = 0 .*slope 1 there.*kink"):
+        lower.lower_onnx(single_node("Relu", [("x", 6)], 6))
+
+
+def test_clip_whose_rescaled_bounds_round_off_its_own_is_refused():
+    """Clip(lo, hi) lowers to lo + (hi - lo) * hard_sigmoid(z / (hi - lo) - lo / (hi - lo)); for Clip(0.1, 0.7) the
+    rescaling puts the C core's kink beside 0.1 in float32, so at z = 0.1 the C core would be inside (slope 1) where
+    the graph (and tf.nn.relu6's convention) is at its bound (slope 0). The check looks at the Clip's own bounds."""
+    from nnpartials.exporter.lower import lower_onnx
+
+    with pytest.raises(NotLowerableError, match=r"Clip node .* slope 0 at z = 0.100000001 .*slope 1 there.*kink"):
+        lower_onnx(single_node("Clip", [("x", 6)], 6, consts={"lo": 0.1, "hi": 0.7}))
+
+
+@pytest.mark.parametrize("op,attrs,consts,points", [
+    ("Relu", {}, None, [0.0]), ("LeakyRelu", {"alpha": 0.3}, None, [0.0]), ("Elu", {"alpha": 0.7}, None, [0.0]),
+    ("Selu", {}, None, [0.0]), ("Clip", {}, {"lo": 0.0, "hi": 6.0}, [0.0, 6.0]),
+    ("Clip", {}, {"lo": -1.5, "hi": 4.5}, [-1.5, 4.5]), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, None, [-2.5, 2.5]),
+    ("HardSigmoid", {"alpha": 1.0 / 6.0, "beta": 0.5}, None, [-3.0, 3.0]),
+])
+def test_agreeing_kinks_still_lower(op, attrs, consts, points):
+    """The check keeps every activation whose kink convention the C core has: the same slope as the companion graph
+    exactly at the kinks."""
+    from nnpartials.exporter.lower import lower_onnx
+
+    m = single_node(op, [("x", 6)], 6, attrs, consts)
+    data = lower_onnx(m)
+    if not _has_c_core():
+        return
+    x = np.array([points + [points[0] - 0.25, points[-1] + 0.25] + [0.5] * (4 - len(points))], np.float32)
+    jm, _ = build_jacobian_model(m, mode="forward")
+    J_ref = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[1]
+    for mode in ("forward", "reverse"):
+        assert_close(nnpartials.Kernel(data).jacobian(x, mode=mode)[1], J_ref, f"{op}{attrs}: C core, {mode}", x)

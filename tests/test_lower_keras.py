@@ -208,3 +208,31 @@ def test_not_lowerable_with_reason(build, reason):
 def test_lower_rejects_non_models():
     with pytest.raises(TypeError):
         lower_onnx(b"not a model")
+
+
+def test_prelu_with_one_slope_is_refused_at_its_kink():
+    """Keras's PReLU with the same slope in every unit has the values of leaky_relu(a), but tf2onnx writes it as
+    relu(x) - a * relu(-x), whose derivative at 0 is 0 (GradientTape's, and the companion graph's) where
+    leaky_relu(a) has a: the lowering refuses it rather than give another number there."""
+    m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                          keras.layers.PReLU(alpha_initializer=keras.initializers.Constant(0.2)),
+                          keras.layers.Dense(1)])
+    with pytest.raises(NotLowerableError, match="not in the C-core subset") as ei:
+        lower_onnx(keras_to_onnx(m))
+    msg = str(ei.value)
+    assert "kink" in msg and "leaky_relu(alpha=0.2)" in msg and "slope 0 at" in msg, msg
+
+
+def test_maximum_with_zero_keeps_the_c_core_with_its_tie():
+    """keras.ops.maximum(x, 0) is 1 at 0 (the tie goes to x), relu 0: it lowers to selu(alpha=0, scale=1), the
+    values of relu with slope 1 at 0, and the C core agrees with GradientTape exactly at the kink."""
+    inp = keras.Input((2,), name="x")
+    h = keras.layers.Dense(2, activation=lambda t: keras.ops.maximum(t, 0.0), kernel_initializer="identity")(inp)
+    m = keras.Model(inp, keras.layers.Dense(1, kernel_initializer="ones")(h))
+    data = lower_onnx(keras_to_onnx(m))
+    assert [(L.activation, L.p0, L.p1) for L in read_nnp(data)] == [("selu", 0.0, 1.0), ("linear", 0.0, 0.0)]
+    x = np.array([[0.0, 0.0], [0.0, -1.0], [1.0, 0.0]], np.float32)
+    _, J_ref = tape_jacobian(m, x)
+    for mode in ("forward", "reverse"):
+        _, J = Kernel(data).jacobian(x, mode=mode)
+        np.testing.assert_allclose(J, J_ref, rtol=1e-6, atol=1e-7, err_msg=mode)
