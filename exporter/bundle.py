@@ -47,6 +47,8 @@ VALIDATION = "validation.json"
 #: (it signs the manifest).
 SIGNATURE = "model.sig"
 LAYOUT = "dy_dx[b, i, j] = d y[b, i] / d x[b, j]"
+#: Precisions a bundle's inputs and outputs may have (the companion graph computes in the model's own).
+DTYPES = ("float32", "float64")
 
 #: Points drawn for validation when neither data nor Normalization statistics are available: x_j ~ U[-1, 1].
 DEFAULT_BOX = (-1.0, 1.0)
@@ -109,40 +111,62 @@ class Bundle:
 
 
 # ----- sample points -----------------------------------------------------------------------------------------
-def _split_data(data, widths, names):
+def _split_data(data, shapes, names, dtype=np.float32):
+    """Validation points as one ``[N, width]`` array per input. ``data``: one array ``[N, n_in]`` (features
+    concatenated in input order), one array per input (``[N, width]`` or ``[N, *shape]``), or a dict by name."""
     from nnpartials.runtime.validate import as_batch
 
+    widths = [int(np.prod(sh, dtype=np.int64)) for sh in shapes]
+
+    def one(d, w, sh, label):
+        a = np.asarray(d) if not hasattr(d, "columns") else d
+        if isinstance(a, np.ndarray) and a.ndim == 1 + len(sh) and len(sh) > 1 and tuple(a.shape[1:]) == tuple(sh):
+            a = a.reshape(a.shape[0], w)  # given in the input's own shape
+        return as_batch(a, w, name=label, dtype=dtype)
+
     if isinstance(data, dict):
-        return [as_batch(data[n], w, name=f"data[{n!r}]") for n, w in zip(names, widths)]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ExportError(f"validation data: missing inputs {missing}; expected {names}")
+        return [one(data[n], w, sh, f"data[{n!r}]") for n, w, sh in zip(names, widths, shapes)]
     if isinstance(data, (list, tuple)) and len(widths) > 1 and len(data) == len(widths) \
-            and all(np.ndim(d) == 2 for d in data):
-        return [as_batch(d, w, name=f"data[{k}]") for k, (d, w) in enumerate(zip(data, widths))]
-    arr = as_batch(data, sum(widths), name="data")
+            and all(np.ndim(d) >= 2 for d in data):
+        return [one(d, w, sh, f"data[{k}]") for k, (d, w, sh) in enumerate(zip(data, widths, shapes))]
+    if len(shapes) == 1:
+        return [one(data, widths[0], shapes[0], "data")]
+    arr = as_batch(data, sum(widths), name="data", dtype=dtype)
     return np.split(arr, np.cumsum(widths)[:-1], axis=1)
 
 
+def _shaped(parts, shapes):
+    """``[N, width]`` arrays -> ``[N, *shape]`` (what the graphs take)."""
+    return [np.ascontiguousarray(p.reshape((p.shape[0],) + tuple(sh))) for p, sh in zip(parts, shapes)]
+
+
 def sample_box(traced) -> list:
-    if traced.normalization is not None:
+    if getattr(traced, "normalization", None) is not None:
         m = np.asarray(traced.normalization["mean"])
         s = np.asarray(traced.normalization["std"])
         return [[float(a - NORMALIZATION_BOX_STDS * b), float(a + NORMALIZATION_BOX_STDS * b)] for a, b in zip(m, s)]
     return [list(DEFAULT_BOX) for _ in range(sum(traced.input_widths))]
 
 
-def sample_points(traced, data=None, n: int = 1000, seed: int = 0):
-    """Validation points: ``n`` rows of ``data`` (random subset if larger), else uniform in :func:`sample_box`."""
+def sample_points(traced, data=None, n: int = 1000, seed: int = 0, dtype=np.float32):
+    """Validation points, one array ``[n, *shape]`` per input: ``n`` rows of ``data`` (a random subset if larger),
+    else uniform in :func:`sample_box`."""
     rng = np.random.default_rng(seed)
+    shapes = traced.input_shapes
     if data is not None:
-        parts = _split_data(data, traced.input_widths, traced.input_names)
+        parts = _split_data(data, shapes, traced.input_names, dtype)
         rows = parts[0].shape[0]
         if rows == 0:
             raise ExportError("validation data is empty")
         idx = np.sort(rng.choice(rows, size=n, replace=False)) if rows > n else np.arange(rows)
-        return [np.ascontiguousarray(p[idx]) for p in parts], "data"
+        return _shaped([np.ascontiguousarray(p[idx]) for p in parts], shapes), "data"
     box = np.asarray(sample_box(traced), dtype=np.float64)
-    pts = rng.uniform(box[:, 0], box[:, 1], size=(n, box.shape[0])).astype(np.float32)
-    return np.split(pts, np.cumsum(traced.input_widths)[:-1], axis=1), \
-        ("normalization statistics" if traced.normalization is not None else "default box")
+    pts = rng.uniform(box[:, 0], box[:, 1], size=(n, box.shape[0])).astype(dtype)
+    return _shaped(np.split(pts, np.cumsum(traced.input_widths)[:-1], axis=1), shapes), \
+        ("normalization statistics" if getattr(traced, "normalization", None) is not None else "default box")
 
 
 # ----- validation --------------------------------------------------------------------------------------------
@@ -177,19 +201,71 @@ def validate_jacobian(traced, jac_model: onnx.ModelProto, xs, tolerance=toleranc
     return out
 
 
-def validate_c_core(nnp_bytes: bytes, xs, reference, tolerance=tolerances.EXPORT_VALIDATION) -> dict:
-    """Compare the C core's y and analytic Jacobian (both modes) with GradientTape's on the same points ``xs``."""
+def validate_onnx(fwd: onnx.ModelProto, jac_model: onnx.ModelProto, names, xs,
+                  tolerance=tolerances.EXPORT_VALIDATION):
+    """Compare the companion graph (onnxruntime, CPU) with float64 central differences of the forward graph
+    (:class:`~nnpartials.onnx_reference.Float64Graph`) on the points ``xs`` (one ``[N, *shape]`` array per input).
+
+    Entries whose finite difference straddles a kink (error estimate above ``tolerances.CHECK_FD_KINK`` of the
+    scale) are left out and counted. Returns ``(summary, (y_ref, [J_ref per input]), keep)`` with ``keep`` the
+    0/1 mask of the compared entries over all inputs ``[N, n_out, n_in]``."""
+    import onnxruntime as ort
+
+    from nnpartials.onnx_reference import Float64Graph
+
+    sess = ort.InferenceSession(jac_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    res = sess.run(None, dict(zip(names, xs)))
+    y, js = res[0], res[1:]
+    ref = Float64Graph(fwd)
+    y_ref = ref.forward(xs)
+    J_ref, err = ref.fd_jacobian(xs)
+    scale = max(1.0, float(np.max(np.abs(J_ref)))) if J_ref.size else 1.0
+    keep = (err <= tolerances.CHECK_FD_KINK * scale).astype(np.float64)
+    widths = [j.shape[2] for j in js]
+    offs = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+    out = {"points": int(xs[0].shape[0]), "tolerance": tolerance,
+           "rule": "max|J - J_fd| <= tolerance * max(1, max|J_fd|) over the entries not next to a kink",
+           "reference": "float64 central differences of the forward graph (Richardson; onnx reference evaluator)",
+           "entries": int(keep.size), "entries_next_to_a_kink": int(keep.size - np.count_nonzero(keep))}
+    ya, yr, _ = tolerances.scaled_error(y, y_ref)
+    out["y"] = {"max_abs": ya, "max_rel": yr}
+    per, ok = {}, yr <= tolerance
+    j_refs = []
+    for k, (name, j) in enumerate(zip(names, js)):
+        kk = keep[:, :, offs[k]:offs[k + 1]]
+        jr = J_ref[:, :, offs[k]:offs[k + 1]]
+        j_refs.append(jr)
+        a, r, sc = tolerances.scaled_error(np.asarray(j, np.float64) * kk, jr * kk)
+        per[name] = {"max_abs": a, "max_rel": r, "scale": sc}
+        ok = ok and r <= tolerance
+    if keep.size and not keep.any():
+        ok = False
+        out["failure"] = "every finite-difference entry lies next to a kink: nothing could be compared"
+    out["jacobian"] = per
+    out["max_rel"] = max([yr] + [p["max_rel"] for p in per.values()])
+    out["passed"] = bool(ok)
+    return out, (y_ref, j_refs), keep
+
+
+def validate_c_core(nnp_bytes: bytes, xs, reference, tolerance=tolerances.EXPORT_VALIDATION, keep=None,
+                    reference_name: str = "tensorflow GradientTape") -> dict:
+    """Compare the C core's y and analytic Jacobian (both modes) with the reference's on the same points ``xs``
+    (``keep``: a 0/1 mask of the Jacobian entries to compare, e.g. those not next to a kink)."""
     from nnpartials import ccore
 
     y_ref, j_ref = reference
-    x = np.concatenate([np.asarray(p, np.float32) for p in xs], axis=1)
+    x = np.concatenate([np.asarray(p, np.float32).reshape(p.shape[0], -1) for p in xs], axis=1)
     J_ref = np.concatenate(j_ref, axis=2)
-    out = {"points": int(x.shape[0]), "tolerance": tolerance, "reference": "tensorflow GradientTape",
-           "rule": "max|J - J_tf| <= tolerance * max(1, max|J_tf|), forward and reverse mode"}
+    if keep is not None:
+        J_ref = J_ref * keep
+    out = {"points": int(x.shape[0]), "tolerance": tolerance, "reference": reference_name,
+           "rule": "max|J - J_ref| <= tolerance * max(1, max|J_ref|), forward and reverse mode"}
     ok = True
     worst = 0.0
     for name, mode in (("forward", 1), ("reverse", 2)):
         y, J = ccore.jacobian(nnp_bytes, x, mode)
+        if keep is not None:
+            J = J * keep
         ya, yr, _ = tolerances.scaled_error(y, y_ref)
         a, r, scale = tolerances.scaled_error(J, J_ref)
         out[name] = {"y": {"max_abs": ya, "max_rel": yr}, "jacobian": {"max_abs": a, "max_rel": r, "scale": scale}}
@@ -208,23 +284,107 @@ def _columns(names, widths, single_prefix=None):
     return cols
 
 
+def is_onnx_source(model_or_path) -> bool:
+    """An ``onnx.ModelProto``, serialized bytes, or a path ending in ``.onnx``."""
+    if isinstance(model_or_path, (onnx.ModelProto, bytes, bytearray)):
+        return True
+    return isinstance(model_or_path, (str, os.PathLike)) and os.fspath(model_or_path).lower().endswith(".onnx")
+
+
+@dataclass
+class _Prepared:
+    """What the two front ends (Keras, ONNX) hand to the common part of export."""
+
+    fwd: onnx.ModelProto
+    jac: onnx.ModelProto
+    info: dict
+    xs: list                # validation points, one [N, *shape] array per input
+    origin: str
+    validation: dict
+    reference: tuple        # (y_ref, [J_ref per input, [N, n_out, width]])
+    keep: object            # 0/1 mask of the Jacobian entries compared (None: all)
+    reference_name: str
+    input_names: list
+    input_shapes: list
+    dtype: str
+    normalization: object
+    box: list
+    source: dict
+
+
+def _prepare_keras(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps) -> _Prepared:
+    from nnpartials.exporter.jacobian import build_jacobian_model
+    from nnpartials.exporter.keras_export import DEFAULT_OPSET, load_model, to_onnx
+    from nnpartials.exporter.reference import tf_jacobian
+
+    steps.next("loading the model")
+    traced = load_model(model_or_path)
+    steps.next("converting to ONNX (tf2onnx, frozen)")
+    fwd = to_onnx(traced, opset=opset or DEFAULT_OPSET)
+    steps.next("building the Jacobian graph")
+    jac, info = build_jacobian_model(fwd, mode=mode)
+    steps.next(f"validating against GradientTape ({n_validation} points)")
+    xs, origin = sample_points(traced, data, n_validation, seed)
+    reference = tf_jacobian(traced, xs)
+    validation = validate_jacobian(traced, jac, xs, tolerance, reference=reference)
+    if not validation["passed"]:
+        raise ValidationError(
+            f"the exported Jacobian differs from GradientTape: max relative error {validation['max_rel']:.3g} "
+            f"> tolerance {tolerance:g} on {validation['points']} points ({origin}); nothing was written")
+    return _Prepared(fwd=fwd, jac=jac, info=info, xs=xs, origin=origin, validation=validation, reference=reference,
+                     keep=None, reference_name="tensorflow GradientTape", input_names=traced.input_names,
+                     input_shapes=traced.input_shapes, dtype="float32", normalization=traced.normalization,
+                     box=sample_box(traced),
+                     source={"kind": traced.source, "name": getattr(traced.keras_model, "name", None)})
+
+
+def _prepare_onnx(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps) -> _Prepared:
+    from nnpartials.exporter.jacobian import build_jacobian_model
+    from nnpartials.exporter.onnx_import import check_batch_independence, load_onnx
+
+    if opset is not None:
+        raise ExportError("opset applies to Keras models (the tf2onnx conversion); an ONNX model keeps its own "
+                          "opset (upgraded to 13 when older)")
+    steps.next("loading the ONNX model")
+    om = load_onnx(model_or_path)
+    check_batch_independence(om)
+    steps.next("building the Jacobian graph")
+    jac, info = build_jacobian_model(om.model, mode=mode)
+    steps.next(f"validating against float64 finite differences ({n_validation} points)")
+    dt = np.float32 if om.dtype == "float32" else np.float64
+    xs, origin = sample_points(om, data, n_validation, seed, dtype=dt)
+    validation, reference, keep = validate_onnx(om.model, jac, om.input_names, xs, tolerance)
+    if not validation["passed"]:
+        raise ValidationError(
+            f"the exported Jacobian differs from float64 finite differences of the forward graph: max relative "
+            f"error {validation['max_rel']:.3g} > tolerance {tolerance:g} on {validation['points']} points "
+            f"({origin}){'; ' + validation['failure'] if 'failure' in validation else ''}; nothing was written")
+    return _Prepared(fwd=om.model, jac=jac, info=info, xs=xs, origin=origin, validation=validation,
+                     reference=reference, keep=keep, reference_name=validation["reference"],
+                     input_names=om.input_names, input_shapes=om.input_shapes, dtype=om.dtype, normalization=None,
+                     box=sample_box(om),
+                     source={"kind": "onnx", "producer": om.producer or None,
+                             "renamed_outputs": om.renamed_outputs or None, "upgraded_from_opset": om.upgraded_from})
+
+
 def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int | None = None,
            n_validation: int = 1000, tolerance: float = tolerances.EXPORT_VALIDATION, overwrite: bool = False,
            progress: bool = False, seed: int = 0, sign=None) -> Bundle:
-    """Export a Keras model (object, ``.keras`` file or SavedModel directory) to a bundle folder ``out_dir``.
+    """Export a model to a bundle folder ``out_dir``: a Keras model (object, ``.keras`` file or SavedModel
+    directory) or an ONNX model (``onnx.ModelProto``, bytes, or a ``.onnx`` file from PyTorch, skl2onnx, tf2onnx,
+    ``onnx.helper``, ...).
 
     ``data``: points for export-time validation (array [N, n_in], or one array per input, or a dict by input
     name); without it, points are drawn from the Normalization statistics or :data:`DEFAULT_BOX`.
     ``mode``: ``"auto"`` (cheaper of forward/reverse by shape), ``"forward"`` or ``"reverse"``.
-    Raises :class:`ValidationError` (and writes nothing) when the Jacobian disagrees with GradientTape.
+    The companion graph is checked against an independent reference, GradientTape for Keras and float64 central
+    differences of the forward graph for ONNX input; :class:`ValidationError` (and nothing written) above
+    ``tolerance``.
     ``overwrite``: replace ``out_dir`` when it holds a bundle (never a folder that is not one, and never the
     root, home or working folder or a folder above it; these are refused before any work).
     ``sign``: path of a PEM elliptic-curve private key; the bundle gets ``model.sig`` (needs
     ``pip install 'nnpartials[sign]'``), signed before it appears at ``out_dir``.
     """
-    from nnpartials.exporter.jacobian import build_jacobian_model
-    from nnpartials.exporter.keras_export import DEFAULT_OPSET, load_model, to_onnx
-
     if isinstance(n_validation, bool) or not isinstance(n_validation, (int, np.integer)) or n_validation < 1:
         raise ExportError(f"n_validation must be a positive integer (points for the export-time check), got "
                           f"{n_validation!r}")
@@ -237,79 +397,95 @@ def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int 
         check_private_key(sign)
     steps = _Steps(progress)
     with steps:
-        steps.next("loading the model")
-        traced = load_model(model_or_path)
-        steps.next("converting to ONNX (tf2onnx, frozen)")
-        fwd = to_onnx(traced, opset=opset or DEFAULT_OPSET)
-        steps.next("building the Jacobian graph")
-        jac, info = build_jacobian_model(fwd, mode=mode)
-        steps.next(f"validating against GradientTape ({n_validation} points)")
-        xs, origin = sample_points(traced, data, n_validation, seed)
-        from nnpartials.exporter.reference import tf_jacobian
-
-        reference = tf_jacobian(traced, xs)
-        validation = validate_jacobian(traced, jac, xs, tolerance, reference=reference)
-        validation["points_from"] = origin
+        front = _prepare_onnx if is_onnx_source(model_or_path) else _prepare_keras
+        pr = front(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps)
+        fwd, jac, info, validation = pr.fwd, pr.jac, pr.info, pr.validation
+        validation["points_from"] = pr.origin
         validation["mode"] = info["mode"]
-        if not validation["passed"]:
-            raise ValidationError(
-                f"the exported Jacobian differs from GradientTape: max relative error {validation['max_rel']:.3g} "
-                f"> tolerance {tolerance:g} on {validation['points']} points ({origin}); nothing was written")
         steps.next("lowering to the C core weight file")
         nnp_bytes, c_note = None, None
-        try:
-            from nnpartials.exporter.lower import lower_onnx
+        if pr.dtype != "float32":
+            c_note = (f"the C core computes in float32 and this model is {pr.dtype}: onnxruntime serves it in its "
+                      f"own precision")
+        else:
+            try:
+                from nnpartials.exporter.lower import lower_onnx
 
-            nnp_bytes = lower_onnx(fwd)
-        except NotLowerableError as exc:
-            c_note = str(exc)
-        except ImportError as exc:  # pragma: no cover - C lowering not installed
-            c_note = f"C lowering unavailable: {exc}"
+                nnp_bytes = lower_onnx(fwd)
+            except NotLowerableError as exc:
+                c_note = str(exc)
+            except ImportError as exc:  # pragma: no cover - C lowering not installed
+                c_note = f"C lowering unavailable: {exc}"
         if nnp_bytes is not None:
-            steps.next(f"validating the C core against GradientTape ({validation['points']} points)")
-            validation["c_core"] = validate_c_core(nnp_bytes, xs, reference, tolerance)
+            steps.next(f"validating the C core ({validation['points']} points)")
+            validation["c_core"] = validate_c_core(nnp_bytes, pr.xs, pr.reference, tolerance, keep=pr.keep,
+                                                   reference_name=pr.reference_name)
             if not validation["c_core"]["passed"]:
                 raise ValidationError(
-                    f"the C core's Jacobian (model.nnp) differs from GradientTape: max relative error "
-                    f"{validation['c_core']['max_rel']:.3g} > tolerance {tolerance:g} on {validation['points']} "
-                    f"points ({origin}); nothing was written")
+                    f"the C core's Jacobian (model.nnp) differs from the reference ({pr.reference_name}): max "
+                    f"relative error {validation['c_core']['max_rel']:.3g} > tolerance {tolerance:g} on "
+                    f"{validation['points']} points ({pr.origin}); nothing was written")
         steps.next("writing the bundle")
         files = {FORWARD: fwd.SerializeToString(), JACOBIAN: jac.SerializeToString()}
         if nnp_bytes is not None:
             files[WEIGHTS] = nnp_bytes
         files[VALIDATION] = (json.dumps(validation, indent=2) + "\n").encode()
-        in_cols = _columns(traced.input_names, traced.input_widths)
+        widths = [int(np.prod(sh, dtype=np.int64)) for sh in pr.input_shapes]
+        in_cols = _columns(pr.input_names, widths)
         n_out = info["n_out"]
         y_cols = ["y"] if n_out == 1 else [f"y{i + 1}" for i in range(n_out)]
+        out_shapes = _output_shapes(fwd, info)
+        inputs = []
+        for n, w, c, sh in zip(pr.input_names, widths, in_cols, pr.input_shapes):
+            entry = {"name": n, "shape": ["batch", w], "dtype": pr.dtype, "columns": c}
+            if len(sh) != 1:
+                entry["tensor_shape"] = ["batch", *[int(d) for d in sh]]
+            inputs.append(entry)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"kind": traced.source, "name": getattr(traced.keras_model, "name", None)},
+            "source": pr.source,
             "opset": next(o.version for o in fwd.opset_import if o.domain in ("", "ai.onnx")),
-            "inputs": [{"name": n, "shape": ["batch", w], "dtype": "float32", "columns": c}
-                       for n, w, c in zip(traced.input_names, traced.input_widths, in_cols)],
-            "outputs": [{"name": o["name"], "width": o["width"]} for o in info["outputs"]],
-            "y": {"shape": ["batch", n_out], "dtype": "float32", "columns": y_cols,
+            "inputs": inputs,
+            "outputs": [dict({"name": o["name"], "width": o["width"]},
+                             **({"tensor_shape": ["batch", *sh]} if sh is not None and len(sh) != 1 else {}))
+                        for o, sh in zip(info["outputs"], out_shapes)],
+            "y": {"shape": ["batch", n_out], "dtype": pr.dtype, "columns": y_cols,
                   "note": "the model's outputs flattened and concatenated in order"},
             "jacobian": {
                 "mode": info["mode"],
                 "layout": LAYOUT,
+                "features": "inputs and outputs of any shape are flattened in C order; tensor_shape gives their "
+                            "shapes",
                 "outputs": [{"name": jn, "input": i["name"], "shape": ["batch", n_out, i["width"]]}
                             for jn, i in zip(info["jacobian_outputs"], info["inputs"])],
             },
-            "input_normalization": traced.normalization,
-            "sample_box": sample_box(traced),
+            "input_normalization": pr.normalization,
+            "sample_box": pr.box,
             "c_core": {"available": nnp_bytes is not None, "file": WEIGHTS if nnp_bytes is not None else None,
                        "reason": c_note,
                        "validation": ({k: validation["c_core"][k] for k in ("points", "max_rel", "passed")}
                                       if "c_core" in validation else None)},
-            "validation": {k: validation[k] for k in ("points", "points_from", "max_rel", "tolerance", "passed")},
+            "validation": dict({k: validation[k] for k in ("points", "points_from", "max_rel", "tolerance",
+                                                           "passed")}, reference=validation["reference"]),
             "tools": tool_versions(),
             "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
         }
         _write_atomically(out_dir, files, manifest, overwrite, sign)
     return load_bundle(out_dir)
+
+
+def _output_shapes(fwd, info):
+    """Per-point shape of each graph output (None where unknown)."""
+    from nnpartials.exporter.graph import GraphBuilder
+
+    b = GraphBuilder(fwd)
+    out = []
+    for o in info["outputs"]:
+        s = b.shape(o["name"])
+        out.append(tuple(int(d) for d in s[1:]) if s is not None and all(d is not None for d in s[1:]) else None)
+    return out
 
 
 def _umask() -> int:
@@ -644,8 +820,21 @@ class _Schema:
         return value
 
     def dtype(self, obj, field_):
-        if "dtype" in obj and obj["dtype"] != "float32":
-            self.fail(f"{field_}.dtype", "\"float32\"", obj["dtype"])
+        if "dtype" in obj and obj["dtype"] not in DTYPES:
+            self.fail(f"{field_}.dtype", " or ".join(f'"{d}"' for d in DTYPES), obj["dtype"])
+        return obj.get("dtype", "float32")
+
+    def tensor_shape(self, obj, field_, width):
+        """Optional ``tensor_shape``: ``["batch", d1, ..., dk]`` with positive integers whose product is width."""
+        if "tensor_shape" not in obj:
+            return
+        v = obj["tensor_shape"]
+        what = f"[\"batch\", d1, ...] with positive integers whose product is {width}"
+        if not isinstance(v, list) or len(v) < 2 or v[0] != "batch":
+            self.fail(f"{field_}.tensor_shape", what, v)
+        dims = [self.pos_int(d, f"{field_}.tensor_shape[{k + 1}]") for k, d in enumerate(v[1:])]
+        if math.prod(dims) != width:
+            self.fail(f"{field_}.tensor_shape", what, v)
 
 
 def _validate_manifest(m, mpath) -> None:
@@ -675,7 +864,7 @@ def _validate_manifest(m, mpath) -> None:
     inputs = s.get(m, "inputs", "", "a list of {name, shape, columns}")
     if not isinstance(inputs, list) or not inputs:
         s.fail("inputs", "a non-empty list of {name, shape, columns}", inputs)
-    widths, names = [], []
+    widths, names, dtypes = [], [], set()
     for k, inp in enumerate(inputs):
         where = f"inputs[{k}]"
         s.obj(inp, where)
@@ -686,13 +875,16 @@ def _validate_manifest(m, mpath) -> None:
         (w,) = s.shape(s.get(inp, "shape", f"{where}.", "[\"batch\", width]"), f"{where}.shape", 2)
         widths.append(w)
         s.columns(s.get(inp, "columns", f"{where}.", f"a list of {w} column names"), f"{where}.columns", w)
-        s.dtype(inp, where)
+        dtypes.add(s.dtype(inp, where))
+        s.tensor_shape(inp, where, w)
     n_in = sum(widths)
 
     y = s.obj(s.get(m, "y", "", "an object {shape, columns}"), "y")
     (n_out,) = s.shape(s.get(y, "shape", "y.", "[\"batch\", n_out]"), "y.shape", 2)
     s.columns(s.get(y, "columns", "y.", f"a list of {n_out} column names"), "y.columns", n_out)
-    s.dtype(y, "y")
+    dtypes.add(s.dtype(y, "y"))
+    if len(dtypes) > 1:
+        s.fail("inputs[].dtype / y.dtype", "one precision for the inputs and y", sorted(dtypes))
 
     jac = s.obj(s.get(m, "jacobian", "", "an object {mode, layout, outputs}"), "jacobian")
     mode = s.get(jac, "mode", "jacobian.", f"one of {_JACOBIAN_MODES}")
@@ -716,6 +908,7 @@ def _validate_manifest(m, mpath) -> None:
             s.obj(o, f"outputs[{k}]")
             s.name(s.get(o, "name", f"outputs[{k}].", "a non-empty string"), f"outputs[{k}].name")
             s.pos_int(s.get(o, "width", f"outputs[{k}].", "a positive integer"), f"outputs[{k}].width")
+            s.tensor_shape(o, f"outputs[{k}]", o["width"])
         if outputs and sum(o["width"] for o in outputs) != n_out:
             s.fail("outputs", f"widths that add up to y's {n_out} columns", [o["width"] for o in outputs])
     if "opset" in m:

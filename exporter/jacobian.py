@@ -63,11 +63,22 @@ class _Engine:
         return int(np.prod(s[1:], dtype=np.int64)) if len(s) > 1 else 1
 
     def _variable_tensors(self):
-        """Float tensors that depend on an input through ops with a derivative (not Sign, Floor, Shape, ...)."""
+        """Float tensors that depend on an input through ops with a derivative (not Sign, Floor, Shape, ...).
+
+        A control-flow node (If, Loop, Scan) whose body reads an input-dependent tensor from the outer graph is
+        refused here: the body's reads are not among the node's inputs, so without this check its outputs would be
+        taken as constants and get a zero derivative."""
         var = set(self.inputs)
         for node in self.model.graph.node:
             if node.domain in ("", "ai.onnx") and node.op_type in ZERO_DERIVATIVE:
                 continue
+            implicit = _outer_reads(node)
+            hit = sorted(n for n in implicit if n in var)
+            if hit:
+                raise UnsupportedOpError(
+                    node.op_type, node.name or node.output[0],
+                    f"its subgraph reads the input-dependent tensor {hit[0]!r}; control flow is not differentiated "
+                    f"(export the model without data-dependent branches or loops, e.g. unrolled)", has_rule=False)
             if any(i in var for i in node.input if i):
                 for o in node.output:
                     if o and self.b.is_float(o):
@@ -224,7 +235,11 @@ class _Engine:
         b = self.b
         if d in self.full:
             return d
-        bdim = b.op("Shape", [self.inputs[0]], start=0, end=1, dtype=TensorProto.INT64, shape=(1,))
+        if b.opset >= 15:
+            bdim = b.op("Shape", [self.inputs[0]], start=0, end=1, dtype=TensorProto.INT64, shape=(1,))
+        else:  # Shape's start/end attributes came with opset 15
+            bdim = b.op("Slice", [b.shape_of(self.inputs[0]), b.const([0], np.int64), b.const([1], np.int64)],
+                        dtype=TensorProto.INT64, shape=(1,))
         shp = b.op("Concat", [b.const([self.K], np.int64), bdim, b.const(list(tail), np.int64)], axis=0,
                    dtype=TensorProto.INT64, shape=(2 + len(tail),))
         return b.op("Expand", [d, shp], shape=(self.K, None) + tuple(tail))
@@ -291,6 +306,23 @@ class _Engine:
         self.model.doc_string = (f"nnpartials companion Jacobian graph ({self.mode} mode): y [batch, n_out], "
                                  f"dy_dx[b, i, j] = d y[b, i] / d x[b, j]")
         return self.model
+
+
+def _outer_reads(node) -> set:
+    """Names a node's subgraphs (If branches, Loop/Scan bodies, nested) read from enclosing graphs."""
+    out = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) \
+            if a.type == onnx.AttributeProto.GRAPHS else []
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                local.update(n.output)
+            for n in g.node:
+                out.update(i for i in n.input if i and i not in local)
+                out.update(r for r in _outer_reads(n) if r not in local)
+            out.update(o.name for o in g.output if o.name not in local)
+    return out
 
 
 def fold_scales_into_matmul(b):

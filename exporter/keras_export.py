@@ -28,14 +28,19 @@ class TracedModel:
     """A model reduced to what export and validation need: a callable on a list of float32 tensors that
     returns a list of output tensors, and the input/output names and widths."""
 
-    fn: object  # tf.function taking *inputs (each [B, n_k]) and returning a list of [B, ...] tensors
+    fn: object  # tf.function taking *inputs (each [B, *shape_k]) and returning a list of [B, ...] tensors
     input_names: list
-    input_widths: list
+    input_shapes: list  # per-point shape of each input (tuples of ints, without the batch axis)
     output_names: list
     keras_model: object = None
     source: str = "keras"
     normalization: dict | None = field(default=None)
     owner: object = None  # keeps a loaded SavedModel (and its variables) alive while fn is in use
+
+    @property
+    def input_widths(self) -> list:
+        """Features per point of each input (the product of its shape)."""
+        return [int(np.prod(s, dtype=np.int64)) for s in self.input_shapes]
 
 
 def _clean(name: str, fallback: str) -> str:
@@ -79,14 +84,14 @@ def _from_keras(model):
     inputs = list(model.inputs)
     if not inputs:
         raise ExportError("the Keras model has no defined inputs; build it (call it once or use keras.Input)")
-    names, widths = [], []
+    names, shapes = [], []
     for i, t in enumerate(inputs):
         shape = tuple(t.shape)
-        if len(shape) != 2 or shape[1] is None:
+        if len(shape) < 2 or any(d is None for d in shape[1:]):
             raise ExportError(f"input {i} ({t.name}) has shape {shape}; nnpartials exports models whose inputs "
-                              f"are [batch, n_features] with a fixed n_features")
+                              f"are [batch, ...] with every axis after the batch axis fixed")
         names.append(_clean(t.name, f"x{i}"))
-        widths.append(int(shape[1]))
+        shapes.append(tuple(int(d) for d in shape[1:]))
     if len(set(names)) != len(names):
         names = [f"x{i}" for i in range(len(names))]
     out_names = list(getattr(model, "output_names", None) or [])
@@ -107,7 +112,7 @@ def _from_keras(model):
             out = [out]
         return list(out)
 
-    return TracedModel(fn=fn, input_names=names, input_widths=widths, output_names=out_names,
+    return TracedModel(fn=fn, input_names=names, input_shapes=shapes, output_names=out_names,
                        keras_model=model, source="keras", normalization=_normalization_stats(model))
 
 
@@ -147,14 +152,15 @@ def _from_saved_model(path, tf):
     sig = sigs["serving_default"]
     kw = sig.structured_input_signature[1]
     keys = sorted(kw)
-    names, widths = [], []
+    names, shapes = [], []
     for k in keys:
         spec = kw[k]
         shape = tuple(spec.shape)
-        if len(shape) != 2 or shape[1] is None:
-            raise ExportError(f"SavedModel input {k!r} has shape {shape}; expected [batch, n_features]")
+        if len(shape) < 2 or any(d is None for d in shape[1:]):
+            raise ExportError(f"SavedModel input {k!r} has shape {shape}; expected [batch, ...] with fixed axes "
+                              f"after the batch axis")
         names.append(_clean(k, "x"))
-        widths.append(int(shape[1]))
+        shapes.append(tuple(int(d) for d in shape[1:]))
     out_keys = sorted(sig.structured_outputs)
     out_names = [_clean(k, f"y{i}") for i, k in enumerate(out_keys)]
     out_names = [n if n != "y" and not n.startswith("dy_d") else f"out_{n}" for n in out_names]
@@ -164,7 +170,7 @@ def _from_saved_model(path, tf):
         res = sig(**{k: x for k, x in zip(keys, xs)})
         return [res[k] for k in out_keys]
 
-    return TracedModel(fn=fn, input_names=names, input_widths=widths, output_names=out_names,
+    return TracedModel(fn=fn, input_names=names, input_shapes=shapes, output_names=out_names,
                        source="saved_model", owner=obj)
 
 
@@ -174,7 +180,7 @@ def to_onnx(traced: TracedModel, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    specs = [tf.TensorSpec([None, w], tf.float32, name=n) for n, w in zip(traced.input_names, traced.input_widths)]
+    specs = [tf.TensorSpec([None, *s], tf.float32, name=n) for n, s in zip(traced.input_names, traced.input_shapes)]
     try:
         cf = traced.fn.get_concrete_function(*specs)
         frozen = convert_variables_to_constants_v2(cf)

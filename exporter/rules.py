@@ -103,11 +103,13 @@ class RuleContext:
     def shape(self, name):
         s = self.b.shape(name)
         if s is None:
-            self.unsupported(f"static shape of {name!r} unknown")
+            self.unsupported(f"the graph carries no shape for tensor {name!r} (shape inference could not work it "
+                             f"out); this is missing shape information, not a missing rule: export the model with "
+                             f"static shapes after the batch axis")
         return s
 
     def unsupported(self, detail):
-        raise UnsupportedOpError(self.node.op_type, self.node.name or self.node.output[0], detail)
+        raise UnsupportedOpError(self.node.op_type, self.node.name or self.node.output[0], detail, has_rule=True)
 
     # expression helpers for rules
     def positive_mask(self, x):

@@ -22,12 +22,15 @@ class ExportError(NNPartialsError, ValueError):
 
 
 class UnsupportedOpError(ExportError):
-    """The forward graph holds an op that has no derivative rule."""
+    """The forward graph holds an op that has no derivative rule, or one its rule cannot differentiate here."""
 
-    def __init__(self, op_type: str, node_name: str, detail: str = ""):
+    def __init__(self, op_type: str, node_name: str, detail: str = "", *, has_rule: bool = False):
         self.op_type = op_type
         self.node_name = node_name
-        msg = f"no derivative rule for ONNX op {op_type!r} (node {node_name!r})"
+        if has_rule:
+            msg = f"ONNX op {op_type!r} (node {node_name!r}) cannot be differentiated here"
+        else:
+            msg = f"no derivative rule for ONNX op {op_type!r} (node {node_name!r})"
         if detail:
             msg += f": {detail}"
         super().__init__(msg)

@@ -45,9 +45,11 @@ class Partials:
     * ``backend="c"`` evaluates with the C core (:class:`nnpartials.runtime.kernel.Kernel`) instead.
 
     Inputs: one array ``[batch, n_in]`` (for several model inputs, their features concatenated in manifest
-    order), or a list/dict of per-input arrays; numpy arrays, lists or pandas DataFrames. float64 and integer
-    inputs are converted to float32. Outputs: ``y [batch, n_out]`` and ``dy_dx [batch, n_out, n_in]`` (float32),
-    ``dy_dx[b, i, j] = d y[b, i] / d x[b, j]``. Instances are safe to share between threads.
+    order), or a list/dict of per-input arrays; numpy arrays, lists or pandas DataFrames; an input of higher
+    rank (an image [batch, H, W, C]) may also be given in its own shape. Inputs are converted to the model's
+    precision (float32, or float64 for a float64 model). Outputs: ``y [batch, n_out]`` and
+    ``dy_dx [batch, n_out, n_in]`` over the flattened (C-order) features, ``dy_dx[b, i, j] = d y[b, i] / d x[b, j]``
+    (``shaped=True``: in the inputs' and outputs' own shapes). Instances are safe to share between threads.
     """
 
     def __init__(self, bundle, providers=None, *, max_batch: int = DEFAULT_MAX_BATCH, backend: str = "onnxruntime",
@@ -62,7 +64,15 @@ class Partials:
         self.input_widths = [int(i["shape"][1]) for i in m["inputs"]]
         self.n_in = sum(self.input_widths)
         self._offsets = np.concatenate([[0], np.cumsum(self.input_widths)]).astype(int)
+        #: per-point shape of each input (tensor_shape in the manifest; [width] for a flat input)
+        self.input_shapes = [tuple(i.get("tensor_shape", ["batch", w])[1:])
+                             for i, w in zip(m["inputs"], self.input_widths)]
         self._sessions_outputs = m.get("outputs", [])
+        #: (name, per-point shape) of each model output
+        self.output_shapes = [(o["name"], tuple(o.get("tensor_shape", ["batch", o["width"]])[1:]))
+                              for o in self._sessions_outputs] or [("y", (self.bundle.n_out,))]
+        #: the precision the model computes and is served in (float32, or float64 for a float64 model)
+        self.dtype = np.dtype(m["inputs"][0].get("dtype", "float32"))
         self.n_out = self.bundle.n_out
         self.input_columns = self.bundle.input_columns
         self._input_cols = [list(i.get("columns") or []) or None for i in m["inputs"]]
@@ -104,9 +114,19 @@ class Partials:
         return self._sessions["jacobian"].get_providers() if self._sessions else ["C core"]
 
     # ----- input handling -------------------------------------------------------------------------------------
+    def _flat(self, x, k):
+        """An array given in input k's own shape ([batch, *shape] or one point [*shape]) as [batch, width]."""
+        shape = self.input_shapes[k]
+        if len(shape) > 1 and isinstance(x, np.ndarray):
+            if x.ndim == 1 + len(shape) and tuple(x.shape[1:]) == shape:
+                return x.reshape(x.shape[0], -1)
+            if x.ndim == len(shape) and tuple(x.shape) == shape:
+                return x.reshape(1, -1)
+        return x
+
     def _inputs(self, x, nan_policy):
         policy = nan_policy or self.nan_policy
-        cols = self._input_cols
+        cols, dt = self._input_cols, self.dtype
         if isinstance(x, dict):
             unknown = [k for k in x if k not in self.input_names]
             missing = [n for n in self.input_names if n not in x]
@@ -114,42 +134,63 @@ class Partials:
                 raise InputError(f"inputs by name: expected the keys {self.input_names}, got {list(x)}"
                                  + (f" (missing {missing})" if missing else "")
                                  + (f" (unknown {unknown})" if unknown else ""))
-            parts = [as_batch(x[n], w, name=n, nan_policy=policy, columns=c)
-                     for n, w, c in zip(self.input_names, self.input_widths, cols)]
+            parts = [as_batch(self._flat(x[n], k), w, name=n, nan_policy=policy, columns=c, dtype=dt)
+                     for k, (n, w, c) in enumerate(zip(self.input_names, self.input_widths, cols))]
         elif len(self.input_names) == 1:
-            return [as_batch(x, self.n_in, name="x", nan_policy=policy, columns=cols[0])]
+            return [as_batch(self._flat(x, 0), self.n_in, name="x", nan_policy=policy, columns=cols[0], dtype=dt)]
         elif isinstance(x, (list, tuple)) and len(x) == len(self.input_names) \
-                and all(np.ndim(p) == 2 or (np.ndim(p) == 1 and len(p) == w) for p, w in zip(x, self.input_widths)) \
+                and all(np.ndim(p) >= 2 or (np.ndim(p) == 1 and len(p) == w) for p, w in zip(x, self.input_widths)) \
                 and not all(np.ndim(p) == 1 and len(x) == self.n_in for p in x):
-            parts = [as_batch(p, w, name=n, nan_policy=policy, columns=c)
-                     for p, n, w, c in zip(x, self.input_names, self.input_widths, cols)]
+            parts = [as_batch(self._flat(p, k), w, name=n, nan_policy=policy, columns=c, dtype=dt)
+                     for k, (p, n, w, c) in enumerate(zip(x, self.input_names, self.input_widths, cols))]
         else:
-            arr = as_batch(x, self.n_in, name="x", nan_policy=policy, columns=self.input_columns)
+            arr = as_batch(x, self.n_in, name="x", nan_policy=policy, columns=self.input_columns, dtype=dt)
             parts = np.split(arr, self._offsets[1:-1], axis=1)
         rows = {p.shape[0] for p in parts}
         if len(rows) != 1:
             raise InputError(f"inputs have different batch sizes {[p.shape[0] for p in parts]}")
         return [np.ascontiguousarray(p) for p in parts]
 
+    def _feeds(self, parts, s=0, e=None):
+        """onnxruntime feeds for rows [s, e): each input in its own shape."""
+        out = {}
+        for nm, p, sh in zip(self.input_names, parts, self.input_shapes):
+            q = p[s:e] if (s or e is not None) else p
+            out[nm] = q if len(sh) == 1 else q.reshape((q.shape[0],) + sh)
+        return out
+
     # ----- evaluation ------------------------------------------------------------------------------------------
-    def forward(self, x, *, nan_policy: str | None = None) -> np.ndarray:
-        """``y [batch, n_out]`` (float32)."""
+    def forward(self, x, *, nan_policy: str | None = None, shaped: bool = False):
+        """``y [batch, n_out]`` (in the model's precision, float32 unless the model is float64).
+
+        ``shaped=True``: ``y [batch, *output shape]`` for a model with one output, a dict by output name otherwise."""
         parts = self._inputs(x, nan_policy)
         if self._kernel is not None:
-            return self._kernel.forward(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
-                                        nan_policy="propagate")
+            y = self._kernel.forward(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
+                                     nan_policy="propagate")
+            return self._shape_y(y) if shaped else y
         n = parts[0].shape[0]
         sess = self._sessions["forward"]
         if 0 < n <= self.max_batch and len(self._sessions_outputs) == 1:
-            return sess.run(None, dict(zip(self.input_names, parts)))[0].reshape(n, self.n_out)
-        y = np.empty((n, self.n_out), np.float32)
+            y = sess.run(None, self._feeds(parts))[0].reshape(n, self.n_out)
+            return self._shape_y(y) if shaped else y
+        y = np.empty((n, self.n_out), self.dtype)
         for s in range(0, n, self.max_batch):
-            outs = sess.run(None, {nm: p[s:s + self.max_batch] for nm, p in zip(self.input_names, parts)})
+            outs = sess.run(None, self._feeds(parts, s, s + self.max_batch))
             y[s:s + self.max_batch] = np.concatenate([o.reshape(o.shape[0], -1) for o in outs], axis=1)
-        return y
+        return self._shape_y(y) if shaped else y
 
-    def jacobian(self, x, *, nan_policy: str | None = None):
-        """``(y [batch, n_out], dy_dx [batch, n_out, n_in])`` (float32)."""
+    def jacobian(self, x, *, nan_policy: str | None = None, shaped: bool = False):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in])`` over the flattened (C-order) features, in the model's
+        precision.
+
+        ``shaped=True`` gives each output and input its own shape: for one input and one output,
+        ``y [batch, *out_shape]`` and ``dy_dx [batch, *out_shape, *in_shape]``; otherwise dicts, ``y`` by output
+        name and ``dy_dx`` by ``(output name, input name)``."""
+        y, dy = self._jacobian(x, nan_policy)
+        return self._shape_jacobian(y, dy) if shaped else (y, dy)
+
+    def _jacobian(self, x, nan_policy):
         parts = self._inputs(x, nan_policy)
         if self._kernel is not None:
             return self._kernel.jacobian(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0],
@@ -157,17 +198,42 @@ class Partials:
         n = parts[0].shape[0]
         sess = self._sessions["jacobian"]
         if 0 < n <= self.max_batch:  # one call: onnxruntime's fresh output arrays are returned as they are
-            outs = sess.run(None, dict(zip(self.input_names, parts)))
+            outs = sess.run(None, self._feeds(parts))
             return outs[0], (outs[1] if len(outs) == 2 else np.concatenate(outs[1:], axis=2))
-        y = np.empty((n, self.n_out), np.float32)
-        dy = np.empty((n, self.n_out, self.n_in), np.float32)
+        y = np.empty((n, self.n_out), self.dtype)
+        dy = np.empty((n, self.n_out, self.n_in), self.dtype)
         offs = self._offsets
         for s in range(0, n, self.max_batch):
-            outs = sess.run(None, {nm: p[s:s + self.max_batch] for nm, p in zip(self.input_names, parts)})
+            outs = sess.run(None, self._feeds(parts, s, s + self.max_batch))
             y[s:s + self.max_batch] = outs[0]
             for k, j in enumerate(outs[1:]):
                 dy[s:s + self.max_batch, :, offs[k]:offs[k + 1]] = j
         return y, dy
+
+    def _shape_y(self, y):
+        n = y.shape[0]
+        if len(self.output_shapes) == 1:
+            return y.reshape((n,) + self.output_shapes[0][1])
+        out, off = {}, 0
+        for name, sh in self.output_shapes:
+            w = int(np.prod(sh, dtype=np.int64))
+            out[name] = y[:, off:off + w].reshape((n,) + sh)
+            off += w
+        return out
+
+    def _shape_jacobian(self, y, dy):
+        n = y.shape[0]
+        if len(self.output_shapes) == 1 and len(self.input_names) == 1:
+            osh = self.output_shapes[0][1]
+            return y.reshape((n,) + osh), dy.reshape((n,) + osh + self.input_shapes[0])
+        blocks, off = {}, 0
+        for oname, osh in self.output_shapes:
+            w = int(np.prod(osh, dtype=np.int64))
+            for k, (iname, ish) in enumerate(zip(self.input_names, self.input_shapes)):
+                blk = dy[:, off:off + w, self._offsets[k]:self._offsets[k + 1]]
+                blocks[(oname, iname)] = blk.reshape((n,) + osh + ish)
+            off += w
+        return self._shape_y(y), blocks
 
     def jacobian_by_input(self, x, **kw):
         """``(y, {input_name: dy_dx_k [batch, n_out, n_k]})`` for models with several inputs."""

@@ -153,10 +153,10 @@ def test_op_without_rule_fails_export_naming_op(tmp_path):
     import keras
 
     inp = keras.Input((3,), name="x")
-    m = keras.Model(inp, keras.layers.Dense(4, activation="softmax")(inp))
-    with pytest.raises(UnsupportedOpError, match="Softmax"):
-        nnpartials.export(m, tmp_path / "softmax")
-    assert not (tmp_path / "softmax").exists()
+    m = keras.Model(inp, keras.layers.Lambda(lambda t: keras.ops.cumsum(t, axis=1))(keras.layers.Dense(4)(inp)))
+    with pytest.raises(UnsupportedOpError, match="CumSum"):
+        nnpartials.export(m, tmp_path / "cumsum")
+    assert not (tmp_path / "cumsum").exists()
 
 
 def test_export_from_keras_file_and_saved_model(tmp_path):
@@ -492,7 +492,10 @@ MALFORMED = {
     "columns wrong length": (_set(["inputs", 0, "columns"], ["x1"]), "inputs\\[0\\].columns"),
     "columns not a list": (_set(["inputs", 0, "columns"], "x1,x2"), "inputs\\[0\\].columns"),
     "column a number": (_set(["inputs", 0, "columns"], ["x1", 2]), "inputs\\[0\\].columns\\[1\\]"),
-    "input dtype": (_set(["inputs", 0, "dtype"], "float64"), "inputs\\[0\\].dtype"),
+    "input dtype": (_set(["inputs", 0, "dtype"], "float16"), "inputs\\[0\\].dtype"),
+    "mixed precision": (_set(["inputs", 0, "dtype"], "float64"), "one precision"),
+    "tensor_shape product": (_set(["inputs", 0, "tensor_shape"], ["batch", 3, 1]), "inputs\\[0\\].tensor_shape"),
+    "tensor_shape no batch": (_set(["inputs", 0, "tensor_shape"], [2, 1]), "inputs\\[0\\].tensor_shape"),
     "y missing": (_drop("y"), "y"),
     "y not an object": (_set(["y"], [1]), "y"),
     "y width a string": (_set(["y", "shape", 1], "1"), "y.shape\\[1\\]"),
