@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "export": ("nnpartials.exporter.bundle", "export"),
-    "load_bundle": ("nnpartials.exporter.bundle", "load_bundle"),
+    "load_bundle": ("nnpartials.bundle", "load_bundle"),
     "Partials": ("nnpartials.runtime.serve", "Partials"),
     "Kernel": ("nnpartials.runtime.kernel", "Kernel"),
     "diagnose": ("nnpartials.runtime.diagnostics", "diagnose"),

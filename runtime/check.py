@@ -88,7 +88,7 @@ def _sample_box(bundle, n, seed):
     box = bundle.manifest.get("sample_box")
     n_in = bundle.n_in
     if box is None:
-        from nnpartials.exporter.bundle import DEFAULT_BOX
+        from nnpartials.bundle import DEFAULT_BOX
 
         box, origin = [list(DEFAULT_BOX)] * n_in, f"uniform in the default box {list(DEFAULT_BOX)}"
     else:
@@ -115,10 +115,10 @@ def check_bundle(bundle, x=None, n_points: int = DEFAULT_POINTS, seed: int = 0, 
     """Compare onnxruntime, the float64 reference and (when present) the C core on x (or sample-box points)."""
     import onnx
 
-    from nnpartials.exporter.bundle import FORWARD, WEIGHTS, load_bundle
+    from nnpartials.bundle import FORWARD, WEIGHTS, load_bundle
     from nnpartials.onnx_reference import Float64Graph
     from nnpartials.runtime.serve import Partials
-    from nnpartials.runtime.validate import as_batch
+    from nnpartials.validate import as_batch
 
     b = load_bundle(bundle)
     if x is None:

@@ -71,18 +71,16 @@ Duplicate training rows add nothing to a neighbourhood, so the local analysis us
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from nnpartials.errors import InputError, InputTypeError
 
-from .validate import as_batch
+from nnpartials.validate import as_batch
 
 #: Relative singular-value tolerance of the global rank (singular values below rank_rtol * s_max are "no information").
 DEFAULT_RANK_RTOL = 0.05
@@ -142,21 +140,16 @@ def _canonical_rows(d: np.ndarray) -> np.ndarray:
 
 
 def _read_manifest(bundle) -> Optional[dict]:
+    """The manifest of a loaded Bundle, or of a bundle folder read and verified by the one loader."""
     if bundle is None:
         return None
     manifest = getattr(bundle, "manifest", None)
     if isinstance(manifest, dict):
         return manifest
-    path = getattr(bundle, "path", bundle)
-    if isinstance(path, (str, os.PathLike)):
-        p = Path(path)
-        mpath = p / "manifest.json" if p.is_dir() else p
-        if not mpath.is_file():
-            from nnpartials.errors import BundleError
+    if isinstance(bundle, (str, os.PathLike)):
+        from nnpartials.bundle import load_bundle
 
-            raise BundleError(f"{p}: not a bundle folder (no manifest.json)")
-        with open(mpath, encoding="utf-8") as fh:
-            return json.load(fh)
+        return load_bundle(bundle).manifest
     raise InputTypeError(f"bundle: expected a Bundle or a bundle folder path, got {type(bundle).__name__}")
 
 

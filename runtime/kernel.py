@@ -8,7 +8,7 @@ float64 finite-difference Jacobian) through the ``nnpartials._core`` cffi module
     y, dy_dx = k.jacobian(x)            # dy_dx[b, i, j] = d y[b, i] / d x[b, j], float32
     fd, err = k.fd_jacobian(x)          # float64 central differences + Richardson, with error estimates
 
-Inputs are validated (dtype, rank, width, finiteness) as by :func:`nnpartials.runtime.validate.as_batch` before
+Inputs are validated (dtype, rank, width, finiteness) as by :func:`nnpartials.validate.as_batch` before
 anything is computed: a small C-contiguous float32 batch has its finiteness checked inside the one C call that
 then computes (``nnp_jacobian_checked``), any other input goes through ``as_batch`` first; the errors are the
 same. Large batches are split across a thread pool (the C calls release the GIL); the results do not depend on
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from nnpartials.errors import BundleError, InputError, InternalError, NNPartialsError, WeightFileError
-from nnpartials.runtime.validate import NAN_POLICIES, as_batch
+from nnpartials.validate import NAN_POLICIES, as_batch
 
 try:
     from nnpartials._core import ffi, lib
@@ -99,7 +99,7 @@ def _read_source(source):
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            from nnpartials.exporter.bundle import load_bundle
+            from nnpartials.bundle import load_bundle
 
             bundle = load_bundle(path)  # verifies the hashes
             return bundle.read(WEIGHTS), os.path.join(path, WEIGHTS), bundle
@@ -123,7 +123,7 @@ class Kernel:
     def __init__(self, source, *, threads: int | None = None, key=None):
         _require_core()
         if key is not None:  # verify the bundle's signature (model.sig) with this public key first
-            from nnpartials.exporter.bundle import load_bundle
+            from nnpartials.bundle import load_bundle
 
             source = load_bundle(source, key=key)
         data, self.source, bundle = _read_source(source)

@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from nnpartials.errors import BundleError, InputError, NNPartialsError
-from nnpartials.exporter.bundle import FORWARD, JACOBIAN, load_bundle
-from nnpartials.runtime.validate import as_batch
+from nnpartials.bundle import FORWARD, JACOBIAN, load_bundle
+from nnpartials.validate import as_batch
 
 #: Default largest batch handed to onnxruntime in one call; larger inputs are split (bounded memory).
 DEFAULT_MAX_BATCH = 65536
@@ -39,7 +39,7 @@ class Partials:
 
     ``Partials(bundle, providers=None, max_batch=65536, backend="onnxruntime", nan_policy="raise")``
 
-    * ``bundle``: a bundle folder (or a :class:`~nnpartials.exporter.bundle.Bundle`); hashes are verified.
+    * ``bundle``: a bundle folder (or a :class:`~nnpartials.bundle.Bundle`); hashes are verified.
     * ``providers``: as in onnxruntime (list of names), or ``"cpu"``/``"cuda"``; CPU by default.
     * ``max_batch``: larger inputs are split into chunks of this many points.
     * ``backend="c"`` evaluates with the C core (:class:`nnpartials.runtime.kernel.Kernel`) instead.

@@ -12,7 +12,7 @@ import pytest
 import models
 import nnpartials
 from nnpartials.errors import BundleError, ExportError, UnsupportedOpError, ValidationError
-from nnpartials.exporter.bundle import load_bundle
+from nnpartials.bundle import load_bundle
 
 
 def copy_bundle(src, tmp_path):
@@ -314,7 +314,7 @@ def test_replacement_is_atomic_when_the_swap_fails(seed_bundle, tmp_path, monkey
 LOAD_IN_CHILD = """
 import sys
 from nnpartials.errors import BundleError
-from nnpartials.exporter.bundle import load_bundle
+from nnpartials.bundle import load_bundle
 try:
     load_bundle(sys.argv[1])
 except BundleError as exc:
@@ -376,7 +376,7 @@ def test_file_larger_than_listed_is_refused(seed_bundle, tmp_path):
 
 
 def test_manifest_over_the_size_cap_is_refused(seed_bundle, tmp_path):
-    from nnpartials.exporter.bundle import MAX_MANIFEST_BYTES
+    from nnpartials.bundle import MAX_MANIFEST_BYTES
 
     dst = copy_bundle(seed_bundle, tmp_path)
     m = json.loads((dst / "manifest.json").read_text())

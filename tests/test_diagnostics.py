@@ -5,6 +5,7 @@ feature), never numbers produced by the code under test.
 """
 
 import json
+import os
 import math
 
 import numpy as np
@@ -159,16 +160,23 @@ def test_knn_chunks_agree_with_one_chunk():
     np.testing.assert_allclose(d1, brute, rtol=1e-12)
 
 
-def test_normalization_read_from_a_bundle_manifest(tmp_path):
-    manifest = {"inputs": [{"name": "x", "shape": ["batch", 2], "columns": ["a", "b"]}],
-                "y": {"columns": ["y"]}, "input_normalization": {"mean": [1.0, 2.0], "std": [4.0, 5.0]}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    d = diagnose(_line(100), normalization=str(tmp_path))
-    assert d.normalization.std.tolist() == [4.0, 5.0]
+def test_normalization_read_from_a_bundle_manifest(tmp_path, seed_bundle):
+    """A bundle folder is read by the one loader (hashes verified): its Normalization statistics and column names."""
+    from nnpartials.errors import BundleError
+
+    with open(os.path.join(seed_bundle, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    d = diagnose(_line(100), normalization=seed_bundle)
+    np.testing.assert_allclose(d.normalization.std, manifest["input_normalization"]["std"])
+    np.testing.assert_allclose(d.normalization.mean, manifest["input_normalization"]["mean"])
     assert "Normalization layer" in d.normalization.source
-    d = diagnose(_line(100), bundle=str(tmp_path))
-    assert d.input_names == ["a", "b"]
-    assert "dy/da" in d.summary()
+    d = diagnose(_line(100), bundle=seed_bundle)
+    assert d.input_names == manifest["inputs"][0]["columns"]
+    assert f"dy/d{d.input_names[0]}" in d.summary()
+    # a folder with only a hand-written manifest is not a bundle: the loader refuses it
+    (tmp_path / "manifest.json").write_text(json.dumps({"inputs": manifest["inputs"], "y": {"columns": ["y"]}}))
+    with pytest.raises(BundleError):
+        diagnose(_line(100), normalization=str(tmp_path))
 
 
 @pytest.mark.parametrize("train,query,kw,err,match", [

@@ -156,7 +156,7 @@ def test_input_validation():
 def test_small_call_fast_path_validates_like_as_batch():
     """Small C-contiguous float32 calls take one checked C call; a NaN or infinity anywhere in the batch gives
     as_batch's error (same text as the onnxruntime path) and other layouts give the same numbers."""
-    from nnpartials.runtime.validate import as_batch
+    from nnpartials.validate import as_batch
 
     k = Kernel(write_nnp(make_layers("tanh")))
     x = points(6)

@@ -14,10 +14,10 @@ import models
 import nnpartials
 from nnpartials.cli import main
 from nnpartials.errors import BundleError, ExportError
-from nnpartials.exporter.bundle import load_bundle
+from nnpartials.bundle import load_bundle
 
 pytest.importorskip("model_signing", reason="signed bundles need the [sign] extra (model-signing)")
-from nnpartials.exporter.signing import sign_bundle, verify_bundle  # noqa: E402
+from nnpartials.signing import sign_bundle, verify_bundle  # noqa: E402
 
 
 def write_keys(folder, name, curve=None):

@@ -46,7 +46,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from nnpartials.errors import InputError
-    from nnpartials.exporter.bundle import load_bundle
+    from nnpartials.bundle import load_bundle
     from nnpartials.runtime.check import DEFAULT_POINTS, check_bundle
 
     if args.json:

@@ -88,7 +88,7 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from nnpartials.exporter.bundle import load_bundle
+    from nnpartials.bundle import load_bundle
     from nnpartials.io import read_points
     from nnpartials.runtime.diagnostics import diagnose
 

@@ -39,7 +39,7 @@ def run(args) -> int:
 
     from nnpartials.io import check_output_path, read_points, write_partials
     from nnpartials.runtime.serve import Partials
-    from nnpartials.runtime.validate import as_batch
+    from nnpartials.validate import as_batch
 
     check_output_path(args.output, overwrite=args.force)  # before any work: a bad output fails in a second
     providers = args.providers

@@ -27,8 +27,8 @@ def add_arguments(p):
 def run(args) -> int:
     from rich.console import Console
 
-    from nnpartials.exporter.bundle import MANIFEST, SIGNATURE
-    from nnpartials.exporter.signing import verify_bundle
+    from nnpartials.bundle import MANIFEST, SIGNATURE
+    from nnpartials.signing import verify_bundle
 
     b = verify_bundle(args.bundle, args.key)
     Console(highlight=False).print(

@@ -24,7 +24,7 @@ import os
 import tempfile
 
 from nnpartials.errors import BundleError, ExportError
-from nnpartials.exporter.bundle import MANIFEST, SIGNATURE, _read_regular, _write_file, load_bundle
+from nnpartials.bundle import MANIFEST, SIGNATURE, _read_regular, _write_file, load_bundle
 
 INSTALL_HINT = "pip install 'nnpartials[sign]'"
 #: Largest key file read (a PEM EC key is a few hundred bytes).
@@ -117,7 +117,7 @@ def signature_for(files: dict, private_key, password: str | None = None) -> byte
 def check_signature(files: dict, signature: bytes, public_key, where="bundle") -> None:
     """Raise :class:`BundleError` unless ``signature`` (bytes of ``model.sig``) is a valid signature by the private
     key of ``public_key`` (path of a PEM public key) over exactly ``files`` (name -> bytes: manifest.json and every
-    file it lists). Used by :func:`~nnpartials.exporter.bundle.load_bundle` when given a key."""
+    file it lists). Used by :func:`~nnpartials.bundle.load_bundle` when given a key."""
     hashing, _, verifying = _library(BundleError)
     from cryptography.hazmat.primitives import serialization
 
@@ -161,6 +161,6 @@ def sign_bundle(path, private_key, *, password: str | None = None) -> str:
 
 def verify_bundle(path, public_key):
     """Load the bundle folder ``path`` and verify its signature with ``public_key`` (path of a PEM public key);
-    returns the :class:`~nnpartials.exporter.bundle.Bundle`, raises :class:`BundleError` when the bundle is
+    returns the :class:`~nnpartials.bundle.Bundle`, raises :class:`BundleError` when the bundle is
     unsigned, signed with another key, or changed since it was signed."""
     return load_bundle(path, key=public_key)

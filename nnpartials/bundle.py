@@ -1,0 +1,498 @@
+"""The bundle format, shared by the writer (:mod:`nnpartials.exporter.bundle`) and every reader (the runtime,
+the command line, the diagnostics): file names, the manifest schema, and the loader.
+
+A bundle is a folder::
+
+    manifest.json     format version, inputs/outputs/columns, Jacobian layout, sha256 of every file,
+                      tool versions, validation summary, sample box, C-core availability
+    model.onnx        forward graph (self-contained)
+    model.jac.onnx    companion graph with outputs y [batch, n_out] and dy_dx [batch, n_out, n_in]
+    model.nnp         C-core weight file (only when the network is in the C subset)
+    validation.json   export-time comparison against an independent reference
+    model.sig         (with ``--sign``) signature over manifest.json and every listed file (OpenSSF model-signing)
+
+Loading reads only regular files (no links, FIFOs, devices) of the listed size, validates the manifest schema,
+verifies every hash (and, given a public key, the signature), refuses ONNX files that reference external data
+anywhere (subgraphs included), and checks both graphs.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+import onnx
+
+from nnpartials.errors import BundleError
+
+FORMAT = "nnpartials-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FORWARD = "model.onnx"
+JACOBIAN = "model.jac.onnx"
+WEIGHTS = "model.nnp"
+VALIDATION = "validation.json"
+#: Signature written by ``export(..., sign=KEY)`` / ``nnpartials export --sign``; never listed in the manifest
+#: (it signs the manifest).
+SIGNATURE = "model.sig"
+LAYOUT = "dy_dx[b, i, j] = d y[b, i] / d x[b, j]"
+#: Precisions a bundle's inputs and outputs may have (the companion graph computes in the model's own).
+DTYPES = ("float32", "float64")
+
+#: Points drawn for validation when neither data nor Normalization statistics are available: x_j ~ U[-1, 1].
+DEFAULT_BOX = (-1.0, 1.0)
+#: With Normalization statistics the box is mean ± NORMALIZATION_BOX_STDS · std per feature.
+NORMALIZATION_BOX_STDS = 2.0
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A verified bundle in memory: its folder, manifest and the bytes of every file (hash-checked)."""
+
+    path: str
+    manifest: dict
+    files: dict = field(default_factory=dict, repr=False)
+    #: the exact bytes of manifest.json as read (what a signature covers)
+    manifest_bytes: bytes = field(default=b"", repr=False)
+
+    @property
+    def n_in(self) -> int:
+        return sum(i["shape"][1] for i in self.manifest["inputs"])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.manifest["y"]["shape"][1])
+
+    @property
+    def input_columns(self) -> list:
+        return [c for i in self.manifest["inputs"] for c in i["columns"]]
+
+    @property
+    def output_columns(self) -> list:
+        return list(self.manifest["y"]["columns"])
+
+    @property
+    def has_c_core(self) -> bool:
+        return WEIGHTS in self.files
+
+    def read(self, name: str) -> bytes:
+        if name not in self.files:
+            raise BundleError(f"bundle {self.path!r} has no file {name!r}"
+                              + (f" ({self.manifest.get('c_core', {}).get('reason')})" if name == WEIGHTS else ""))
+        return self.files[name]
+
+
+def _write_file(folder, name, data: bytes):
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    with os.fdopen(os.open(os.path.join(folder, name), flags, 0o666), "wb") as f:  # 0o666 & ~umask
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----- loading -----------------------------------------------------------------------------------------------
+#: Largest manifest.json the loader reads (a real one is a few KiB; the cap keeps a hostile one from filling memory).
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+#: Largest signature file (model.sig) the loader reads (a real one is under 2 KiB).
+MAX_SIGNATURE_BYTES = 1024 * 1024
+#: File names a manifest may list: plain names inside the bundle folder, no path separators, not hidden.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_JACOBIAN_MODES = ("forward", "reverse")
+
+
+def _kind(mode) -> str:
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def _read_regular(folder, name, limit: int, missing: str) -> bytes:
+    """The bytes of ``folder/name``, which must be a regular file of at most ``limit`` bytes.
+
+    A symbolic link is refused whatever it points to (``O_NOFOLLOW`` where the platform has it, and an ``lstat``
+    check everywhere), so is anything that is not a regular file (folder, FIFO, device, socket); the file is
+    opened non-blocking (a FIFO cannot hang the open) and never read past ``limit`` bytes (``/dev/zero`` or a
+    file that grows cannot fill memory). ``missing``: the message when the file does not exist.
+    """
+    fpath = os.path.join(folder, name)
+    try:
+        st = os.lstat(fpath)
+    except FileNotFoundError:
+        raise BundleError(missing) from None
+    except OSError as exc:
+        raise BundleError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{fpath}: expected a regular file, found {_kind(st.st_mode)} "
+                          f"(bundle files must be plain files inside the bundle folder, not links)")
+    flags = os.O_RDONLY
+    for flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_BINARY", "O_CLOEXEC"):
+        flags |= getattr(os, flag, 0)
+    try:
+        fd = os.open(fpath, flags)
+    except FileNotFoundError:
+        raise BundleError(missing) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BundleError(f"{fpath}: expected a regular file, found a symbolic link") from None
+        raise BundleError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped between lstat and open
+            raise BundleError(f"{fpath}: expected a regular file, found {_kind(st.st_mode)}")
+        if st.st_size > limit:
+            raise BundleError(f"{fpath}: {st.st_size} bytes, more than the {limit} allowed")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise BundleError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise BundleError(f"{fpath}: more than the {limit} bytes allowed (the file grew while it was read)")
+    return data
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_manifest(raw: bytes, mpath: str):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{mpath}: not UTF-8 text ({exc})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except RecursionError:
+        raise BundleError(f"{mpath}: not a manifest (JSON nested too deeply)") from None
+    except ValueError as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
+               type(None): "null"}
+
+
+def _show(value) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {text}"
+
+
+class _Schema:
+    """Checks of manifest fields; every failure is a BundleError naming the field, what was expected, what came."""
+
+    def __init__(self, mpath):
+        self.mpath = mpath
+
+    def fail(self, field_, expected, found):
+        raise BundleError(f"{self.mpath}: {field_}: expected {expected}, found {_show(found)}")
+
+    def get(self, obj, key, where, expected):
+        if key not in obj:
+            raise BundleError(f"{self.mpath}: {where}{key}: missing (expected {expected})")
+        return obj[key]
+
+    def obj(self, value, field_):
+        if not isinstance(value, dict):
+            self.fail(field_, "an object", value)
+        return value
+
+    def array(self, value, field_, what, n=None):
+        if not isinstance(value, list) or (n is not None and len(value) != n):
+            self.fail(field_, f"a list of {n} {what}" if n is not None else f"a list of {what}", value)
+        return value
+
+    def name(self, value, field_):
+        if not isinstance(value, str) or not value or "\x00" in value:
+            self.fail(field_, "a non-empty string without NUL characters", value)
+        return value
+
+    def pos_int(self, value, field_):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            self.fail(field_, "a positive integer", value)
+        return value
+
+    def number(self, value, field_):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            self.fail(field_, "a finite number", value)
+        return value
+
+    def shape(self, value, field_, dims: int, expected=None):
+        """``["batch", n, ...]`` with ``dims - 1`` positive integers (equal to ``expected`` when given)."""
+        what = "[\"batch\", " + ", ".join(str(e) for e in expected) + "]" if expected else \
+            "[\"batch\"" + ", n" * (dims - 1) + "] with positive integers n"
+        if not isinstance(value, list) or len(value) != dims or value[0] != "batch":
+            self.fail(field_, what, value)
+        ns = [self.pos_int(v, f"{field_}[{k + 1}]") for k, v in enumerate(value[1:])]
+        if expected is not None and ns != list(expected):
+            self.fail(field_, what, value)
+        return ns
+
+    def columns(self, value, field_, n):
+        self.array(value, field_, "column names", n)
+        for k, c in enumerate(value):
+            self.name(c, f"{field_}[{k}]")
+        return value
+
+    def dtype(self, obj, field_):
+        if "dtype" in obj and obj["dtype"] not in DTYPES:
+            self.fail(f"{field_}.dtype", " or ".join(f'"{d}"' for d in DTYPES), obj["dtype"])
+        return obj.get("dtype", "float32")
+
+    def tensor_shape(self, obj, field_, width):
+        """Optional ``tensor_shape``: ``["batch", d1, ..., dk]`` with positive integers whose product is width."""
+        if "tensor_shape" not in obj:
+            return
+        v = obj["tensor_shape"]
+        what = f"[\"batch\", d1, ...] with positive integers whose product is {width}"
+        if not isinstance(v, list) or len(v) < 2 or v[0] != "batch":
+            self.fail(f"{field_}.tensor_shape", what, v)
+        dims = [self.pos_int(d, f"{field_}.tensor_shape[{k + 1}]") for k, d in enumerate(v[1:])]
+        if math.prod(dims) != width:
+            self.fail(f"{field_}.tensor_shape", what, v)
+
+
+def _validate_manifest(m, mpath) -> None:
+    """The manifest's schema, checked in one place before anything else reads it (see "Bundle format")."""
+    s = _Schema(mpath)
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: expected format {FORMAT!r}, found "
+                          f"{_show(m.get('format')) if isinstance(m, dict) else 'a JSON ' + _show(m)}")
+    if m.get("format_version") != FORMAT_VERSION or isinstance(m.get("format_version"), bool):
+        raise BundleError(f"{mpath}: expected format_version {FORMAT_VERSION}, found {m.get('format_version')!r}")
+    files = s.obj(s.get(m, "files", "", "an object: file name -> {sha256, bytes}"), "files")
+    for name in (FORWARD, JACOBIAN):
+        if name not in files:
+            raise BundleError(f"{mpath}: the file list must name {FORWARD} and {JACOBIAN}; {name} is missing")
+    for name, meta in files.items():
+        if not _FILE_NAME.fullmatch(name) or name in (MANIFEST, SIGNATURE):
+            s.fail("files", "plain file names inside the bundle (letters, digits, '.', '_', '-'; not hidden; not "
+                   f"{MANIFEST} or {SIGNATURE})", name)
+        s.obj(meta, f"files[{name!r}]")
+        sha = s.get(meta, "sha256", f"files[{name!r}].", "64 lowercase hex digits")
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            s.fail(f"files[{name!r}].sha256", "64 lowercase hex digits", sha)
+        size = s.get(meta, "bytes", f"files[{name!r}].", "the file size, an integer >= 0")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            s.fail(f"files[{name!r}].bytes", "the file size, an integer >= 0", size)
+
+    inputs = s.get(m, "inputs", "", "a list of {name, shape, columns}")
+    if not isinstance(inputs, list) or not inputs:
+        s.fail("inputs", "a non-empty list of {name, shape, columns}", inputs)
+    widths, names, dtypes = [], [], set()
+    for k, inp in enumerate(inputs):
+        where = f"inputs[{k}]"
+        s.obj(inp, where)
+        name = s.name(s.get(inp, "name", f"{where}.", "a non-empty string"), f"{where}.name")
+        if name in names:
+            s.fail(f"{where}.name", "a name different from the other inputs'", name)
+        names.append(name)
+        (w,) = s.shape(s.get(inp, "shape", f"{where}.", "[\"batch\", width]"), f"{where}.shape", 2)
+        widths.append(w)
+        s.columns(s.get(inp, "columns", f"{where}.", f"a list of {w} column names"), f"{where}.columns", w)
+        dtypes.add(s.dtype(inp, where))
+        s.tensor_shape(inp, where, w)
+    n_in = sum(widths)
+
+    y = s.obj(s.get(m, "y", "", "an object {shape, columns}"), "y")
+    (n_out,) = s.shape(s.get(y, "shape", "y.", "[\"batch\", n_out]"), "y.shape", 2)
+    s.columns(s.get(y, "columns", "y.", f"a list of {n_out} column names"), "y.columns", n_out)
+    dtypes.add(s.dtype(y, "y"))
+    if len(dtypes) > 1:
+        s.fail("inputs[].dtype / y.dtype", "one precision for the inputs and y", sorted(dtypes))
+
+    jac = s.obj(s.get(m, "jacobian", "", "an object {mode, layout, outputs}"), "jacobian")
+    mode = s.get(jac, "mode", "jacobian.", f"one of {_JACOBIAN_MODES}")
+    if mode not in _JACOBIAN_MODES:
+        s.fail("jacobian.mode", f"one of {_JACOBIAN_MODES}", mode)
+    if "layout" in jac and jac["layout"] != LAYOUT:
+        s.fail("jacobian.layout", repr(LAYOUT), jac["layout"])
+    outs = s.array(s.get(jac, "outputs", "jacobian.", "one output per input"), "jacobian.outputs",
+                   "outputs {name, input, shape} (one per input)", len(inputs))
+    for k, (o, name, w) in enumerate(zip(outs, names, widths)):
+        where = f"jacobian.outputs[{k}]"
+        s.obj(o, where)
+        s.name(s.get(o, "name", f"{where}.", "a non-empty string"), f"{where}.name")
+        if s.get(o, "input", f"{where}.", repr(name)) != name:
+            s.fail(f"{where}.input", f"{name!r} (inputs[{k}].name)", o["input"])
+        s.shape(s.get(o, "shape", f"{where}.", f"[\"batch\", {n_out}, {w}]"), f"{where}.shape", 3, (n_out, w))
+
+    if m.get("outputs") is not None:
+        outputs = s.array(m["outputs"], "outputs", "{name, width}")
+        for k, o in enumerate(outputs):
+            s.obj(o, f"outputs[{k}]")
+            s.name(s.get(o, "name", f"outputs[{k}].", "a non-empty string"), f"outputs[{k}].name")
+            s.pos_int(s.get(o, "width", f"outputs[{k}].", "a positive integer"), f"outputs[{k}].width")
+            s.tensor_shape(o, f"outputs[{k}]", o["width"])
+        if outputs and sum(o["width"] for o in outputs) != n_out:
+            s.fail("outputs", f"widths that add up to y's {n_out} columns", [o["width"] for o in outputs])
+    if "opset" in m:
+        s.pos_int(m["opset"], "opset")
+    norm = m.get("input_normalization")
+    if norm is not None:
+        s.obj(norm, "input_normalization")
+        for key in ("mean", "std"):
+            vals = s.array(s.get(norm, key, "input_normalization.", f"{n_in} numbers"), f"input_normalization.{key}",
+                           "numbers", n_in)
+            for j, v in enumerate(vals):
+                s.number(v, f"input_normalization.{key}[{j}]")
+                if key == "std" and v <= 0:
+                    s.fail(f"input_normalization.std[{j}]", "a positive number", v)
+    if m.get("sample_box") is not None:
+        for j, pair in enumerate(s.array(m["sample_box"], "sample_box", "[lo, hi] pairs (one per input feature)",
+                                         n_in)):
+            s.array(pair, f"sample_box[{j}]", "numbers [lo, hi]", 2)
+            lo, hi = (s.number(v, f"sample_box[{j}]") for v in pair)
+            if lo > hi:
+                s.fail(f"sample_box[{j}]", "[lo, hi] with lo <= hi", pair)
+    if m.get("c_core") is not None:
+        c = s.obj(m["c_core"], "c_core")
+        if "available" in c and not isinstance(c["available"], bool):
+            s.fail("c_core.available", "true or false", c["available"])
+        if c.get("reason") is not None and not isinstance(c["reason"], str):
+            s.fail("c_core.reason", "a string or null", c["reason"])
+    for key in ("validation", "source", "tools"):
+        if m.get(key) is not None:
+            s.obj(m[key], key)
+
+
+def _external_data(model: onnx.ModelProto):
+    """(tensor name, where) of the first tensor anywhere in ``model`` that stores its data outside the model, else None.
+
+    Looks at initializers and sparse initializers, every tensor-valued node attribute (Constant values and any
+    other TENSOR/TENSORS/SPARSE_TENSOR(S) attribute), and recursively into every subgraph held by a node
+    attribute (If branches, Loop/Scan bodies, nested to any depth), function bodies and training graphs,
+    whatever the attribute's declared type says."""
+    def external(t):
+        return t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0
+
+    def sparse(st):
+        return [st.values, st.indices]
+
+    stack = [(g, "graph") for g in [model.graph]]
+    stack += [(ti.initialization, f"training_info[{k}].initialization") for k, ti in enumerate(model.training_info)]
+    stack += [(ti.algorithm, f"training_info[{k}].algorithm") for k, ti in enumerate(model.training_info)]
+    node_lists = [(f.node, f"function {f.name!r}") for f in model.functions]
+    while stack or node_lists:
+        if stack:
+            g, where = stack.pop()
+            for t in g.initializer:
+                if external(t):
+                    return t.name, f"{where} {g.name!r} initializer"
+            for st in g.sparse_initializer:
+                for t in sparse(st):
+                    if external(t):
+                        return t.name, f"{where} {g.name!r} sparse initializer"
+            node_lists.append((g.node, f"{where} {g.name!r}"))
+            continue
+        nodes, where = node_lists.pop()
+        for node in nodes:
+            for attr in node.attribute:
+                at = f"{where}, node {node.name!r} ({node.op_type}) attribute {attr.name!r}"
+                tensors = list(attr.tensors)
+                if attr.HasField("t"):
+                    tensors.append(attr.t)
+                if attr.HasField("sparse_tensor"):
+                    tensors += sparse(attr.sparse_tensor)
+                for st in attr.sparse_tensors:
+                    tensors += sparse(st)
+                for t in tensors:
+                    if external(t):
+                        return t.name, at
+                graphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
+                stack += [(sub, f"{at} > subgraph") for sub in graphs]
+    return None
+
+
+def _check_onnx(name, data, path):
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:
+        raise BundleError(f"{path}: {name} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    found = _external_data(model)
+    if found is not None:
+        raise BundleError(f"{path}: {name} references external data (tensor {found[0]!r} in {found[1]}); bundles "
+                          f"must be self-contained")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise BundleError(f"{path}: {name} fails the ONNX checker: {exc}") from None
+    return model
+
+
+def load_bundle(path, key=None) -> Bundle:
+    """Read and verify a bundle folder. Raises :class:`BundleError` with what was expected and what was found.
+
+    Checks, in order: ``manifest.json`` (a regular file of at most :data:`MAX_MANIFEST_BYTES`, valid JSON, the
+    schema in "Bundle format"); every listed file (a regular file, not a symbolic link, FIFO, device or folder,
+    exactly the listed size, the listed sha256); with ``key`` (path of a PEM elliptic-curve public key) the
+    signature ``model.sig`` over ``manifest.json`` and every listed file (needs ``pip install 'nnpartials[sign]'``;
+    an unsigned bundle or another key's signature is refused); then both ONNX graphs (no external data anywhere,
+    ONNX checker). Files the manifest does not list are never read. A :class:`Bundle` is returned as is without
+    ``key``; with ``key`` its folder is loaded and verified again.
+    """
+    if isinstance(path, Bundle):
+        if key is None:
+            return path
+        path = path.path
+    if isinstance(path, (bytes, bytearray, memoryview)) or not isinstance(path, (str, os.PathLike)):
+        raise BundleError(f"expected the path of a bundle folder (str or os.PathLike), got {type(path).__name__}"
+                          + ("; a signature key verifies a bundle folder, not bare weight bytes" if key else ""))
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not os.path.isdir(path):
+        raise BundleError(f"bundle {path!r} is not a folder (expected the folder written by `nnpartials export`)")
+    mpath = os.path.join(path, MANIFEST)
+    raw_manifest = _read_regular(path, MANIFEST, MAX_MANIFEST_BYTES, f"bundle {path!r} has no {MANIFEST}")
+    manifest = _parse_manifest(raw_manifest, mpath)
+    _validate_manifest(manifest, mpath)
+    files = {}
+    for name, meta in manifest["files"].items():
+        fpath = os.path.join(path, name)
+        data = _read_regular(path, name, meta["bytes"], f"bundle {path!r} is missing {name} (listed in the manifest)")
+        digest = _sha256(data)
+        if len(data) != meta["bytes"] or digest != meta["sha256"]:
+            raise BundleError(f"{fpath}: sha256 mismatch: manifest says {meta['sha256']} ({meta['bytes']} bytes), "
+                              f"file has {digest} ({len(data)} bytes); the file was changed or truncated")
+        files[name] = data
+    if key is not None:
+        from nnpartials.signing import check_signature
+
+        signature = _read_regular(path, SIGNATURE, MAX_SIGNATURE_BYTES,
+                                  f"bundle {path!r} is not signed (no {SIGNATURE}), but a key was given to verify it")
+        check_signature({MANIFEST: raw_manifest, **files}, signature, key, where=path)
+    for name in (FORWARD, JACOBIAN):
+        _check_onnx(name, files[name], path)
+    return Bundle(path=path, manifest=manifest, files=files, manifest_bytes=raw_manifest)
