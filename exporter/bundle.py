@@ -249,13 +249,14 @@ class _Prepared:
     source: dict
 
 
-def _prepare_keras(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps) -> _Prepared:
+def _prepare_keras(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps,
+                   allow_unsafe_deserialization=False) -> _Prepared:
     from nnpartials.exporter.jacobian import build_jacobian_model
     from nnpartials.exporter.keras_export import DEFAULT_OPSET, load_model, to_onnx
     from nnpartials.exporter.reference import tf_jacobian
 
     steps.next("loading the model")
-    traced = load_model(model_or_path)
+    traced = load_model(model_or_path, allow_unsafe_deserialization=allow_unsafe_deserialization)
     steps.next("converting to ONNX (tf2onnx, frozen)")
     fwd = to_onnx(traced, opset=opset or DEFAULT_OPSET)
     steps.next("building the Jacobian graph")
@@ -306,7 +307,7 @@ def _prepare_onnx(model_or_path, data, mode, opset, n_validation, tolerance, see
 
 def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int | None = None,
            n_validation: int = 1000, tolerance: float = tolerances.EXPORT_VALIDATION, overwrite: bool = False,
-           progress: bool = False, seed: int = 0, sign=None) -> Bundle:
+           progress: bool = False, seed: int = 0, sign=None, allow_unsafe_deserialization: bool = False) -> Bundle:
     """Export a model to a bundle folder ``out_dir``: a Keras model (object, ``.keras`` file or SavedModel
     directory) or an ONNX model (``onnx.ModelProto``, bytes, or a ``.onnx`` file from PyTorch, skl2onnx, tf2onnx,
     ``onnx.helper``, ...).
@@ -321,6 +322,8 @@ def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int 
     root, home or working folder or a folder above it; these are refused before any work).
     ``sign``: path of a PEM elliptic-curve private key; the bundle gets ``model.sig`` (needs
     ``pip install 'nnpartials[sign]'``), signed before it appears at ``out_dir``.
+    ``allow_unsafe_deserialization``: load a ``.keras`` file with Lambda layers, whose Python code Keras runs while
+    loading (Keras's ``safe_mode=False``; refused by default). Only for files you trust.
     """
     if isinstance(n_validation, bool) or not isinstance(n_validation, (int, np.integer)) or n_validation < 1:
         raise ExportError(f"n_validation must be a positive integer (points for the export-time check), got "
@@ -335,7 +338,8 @@ def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int 
     steps = _Steps(progress)
     with steps:
         front = _prepare_onnx if is_onnx_source(model_or_path) else _prepare_keras
-        pr = front(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps)
+        extra = {"allow_unsafe_deserialization": allow_unsafe_deserialization} if front is _prepare_keras else {}
+        pr = front(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps, **extra)
         fwd, jac, info, validation = pr.fwd, pr.jac, pr.info, pr.validation
         validation["points_from"] = pr.origin
         validation["mode"] = info["mode"]
@@ -534,7 +538,7 @@ def _write_atomically(out_dir, files, manifest, overwrite, sign=None):
             _write_file(tmp, name, data)
         _write_file(tmp, MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         if sign is not None:
-            from nnpartials.signing import sign_bundle
+            from nnpartials.bundle import sign_bundle
 
             sign_bundle(tmp, sign)
         _fsync_dir(tmp)

@@ -18,18 +18,18 @@ anywhere (subgraphs included), and checks both graphs.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 
 import onnx
 
 from nnpartials.errors import BundleError
+from nnpartials.files import _read_regular, _write_file  # noqa: F401  (the writer uses them too)
+from nnpartials.signing import SIGNATURE  # noqa: F401
 
 FORMAT = "nnpartials-bundle"
 FORMAT_VERSION = 1
@@ -40,7 +40,6 @@ WEIGHTS = "model.nnp"
 VALIDATION = "validation.json"
 #: Signature written by ``export(..., sign=KEY)`` / ``nnpartials export --sign``; never listed in the manifest
 #: (it signs the manifest).
-SIGNATURE = "model.sig"
 LAYOUT = "dy_dx[b, i, j] = d y[b, i] / d x[b, j]"
 #: Precisions a bundle's inputs and outputs may have (the companion graph computes in the model's own).
 DTYPES = ("float32", "float64")
@@ -92,14 +91,6 @@ class Bundle:
         return self.files[name]
 
 
-def _write_file(folder, name, data: bytes):
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-    with os.fdopen(os.open(os.path.join(folder, name), flags, 0o666), "wb") as f:  # 0o666 & ~umask
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 # ----- loading -----------------------------------------------------------------------------------------------
 #: Largest manifest.json the loader reads (a real one is a few KiB; the cap keeps a hostile one from filling memory).
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
@@ -109,67 +100,6 @@ MAX_SIGNATURE_BYTES = 1024 * 1024
 _FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _JACOBIAN_MODES = ("forward", "reverse")
-
-
-def _kind(mode) -> str:
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return what
-    return "not a regular file"
-
-
-def _read_regular(folder, name, limit: int, missing: str) -> bytes:
-    """The bytes of ``folder/name``, which must be a regular file of at most ``limit`` bytes.
-
-    A symbolic link is refused whatever it points to (``O_NOFOLLOW`` where the platform has it, and an ``lstat``
-    check everywhere), so is anything that is not a regular file (folder, FIFO, device, socket); the file is
-    opened non-blocking (a FIFO cannot hang the open) and never read past ``limit`` bytes (``/dev/zero`` or a
-    file that grows cannot fill memory). ``missing``: the message when the file does not exist.
-    """
-    fpath = os.path.join(folder, name)
-    try:
-        st = os.lstat(fpath)
-    except FileNotFoundError:
-        raise BundleError(missing) from None
-    except OSError as exc:
-        raise BundleError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"{fpath}: expected a regular file, found {_kind(st.st_mode)} "
-                          f"(bundle files must be plain files inside the bundle folder, not links)")
-    flags = os.O_RDONLY
-    for flag in ("O_NOFOLLOW", "O_NONBLOCK", "O_BINARY", "O_CLOEXEC"):
-        flags |= getattr(os, flag, 0)
-    try:
-        fd = os.open(fpath, flags)
-    except FileNotFoundError:
-        raise BundleError(missing) from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise BundleError(f"{fpath}: expected a regular file, found a symbolic link") from None
-        raise BundleError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # swapped between lstat and open
-            raise BundleError(f"{fpath}: expected a regular file, found {_kind(st.st_mode)}")
-        if st.st_size > limit:
-            raise BundleError(f"{fpath}: {st.st_size} bytes, more than the {limit} allowed")
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise BundleError(f"{fpath}: cannot be read ({exc.strerror or exc})") from None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise BundleError(f"{fpath}: more than the {limit} bytes allowed (the file grew while it was read)")
-    return data
 
 
 def _no_duplicate_keys(pairs):
@@ -496,3 +426,33 @@ def load_bundle(path, key=None) -> Bundle:
     for name in (FORWARD, JACOBIAN):
         _check_onnx(name, files[name], path)
     return Bundle(path=path, manifest=manifest, files=files, manifest_bytes=raw_manifest)
+
+
+def sign_bundle(path, private_key, *, password: str | None = None) -> str:
+    """Sign the bundle folder ``path`` with ``private_key`` (path of a PEM elliptic-curve private key): verify the
+    bundle (hashes, graphs), sign the bytes just verified, and write ``path/model.sig`` (replacing any older one
+    atomically). Returns the signature's path."""
+    import contextlib
+
+    from nnpartials.signing import signature_for
+
+    bundle = load_bundle(path)
+    signature = signature_for({MANIFEST: bundle.manifest_bytes, **bundle.files}, private_key, password)
+    tmp = os.path.join(bundle.path, f".{SIGNATURE}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)
+    try:
+        _write_file(bundle.path, os.path.basename(tmp), signature)
+        os.replace(tmp, os.path.join(bundle.path, SIGNATURE))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return os.path.join(bundle.path, SIGNATURE)
+
+
+def verify_bundle(path, public_key) -> Bundle:
+    """Load the bundle folder ``path`` and verify its signature with ``public_key`` (path of a PEM public key);
+    returns the :class:`Bundle`, raises :class:`BundleError` when the bundle is unsigned, signed with another key,
+    or changed since it was signed."""
+    return load_bundle(path, key=public_key)

@@ -24,7 +24,10 @@ import os
 import tempfile
 
 from nnpartials.errors import BundleError, ExportError
-from nnpartials.bundle import MANIFEST, SIGNATURE, _read_regular, _write_file, load_bundle
+from nnpartials.files import _read_regular, _write_file
+
+#: The signature's file name in a bundle (not listed in the manifest: it signs the manifest).
+SIGNATURE = "model.sig"
 
 INSTALL_HINT = "pip install 'nnpartials[sign]'"
 #: Largest key file read (a PEM EC key is a few hundred bytes).
@@ -138,29 +141,3 @@ def check_signature(files: dict, signature: bytes, public_key, where="bundle") -
             raise BundleError(f"{where}: the signature {SIGNATURE} does not verify with the public key "
                               f"{os.fspath(public_key)!r} ({type(exc).__name__}: {exc}); the bundle was changed, "
                               f"or signed with another key") from None
-
-
-def sign_bundle(path, private_key, *, password: str | None = None) -> str:
-    """Sign the bundle folder ``path`` with ``private_key`` (path of a PEM elliptic-curve private key): verify the
-    bundle (hashes, graphs), sign the bytes just verified, and write ``path/model.sig`` (replacing any older one
-    atomically). Returns the signature's path."""
-    bundle = load_bundle(path)
-    signature = signature_for({MANIFEST: bundle.manifest_bytes, **bundle.files}, private_key, password)
-    tmp = os.path.join(bundle.path, f".{SIGNATURE}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
-    try:
-        _write_file(bundle.path, os.path.basename(tmp), signature)
-        os.replace(tmp, os.path.join(bundle.path, SIGNATURE))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return os.path.join(bundle.path, SIGNATURE)
-
-
-def verify_bundle(path, public_key):
-    """Load the bundle folder ``path`` and verify its signature with ``public_key`` (path of a PEM public key);
-    returns the :class:`~nnpartials.bundle.Bundle`, raises :class:`BundleError` when the bundle is
-    unsigned, signed with another key, or changed since it was signed."""
-    return load_bundle(path, key=public_key)

@@ -17,7 +17,7 @@ from nnpartials.errors import BundleError, ExportError
 from nnpartials.bundle import load_bundle
 
 pytest.importorskip("model_signing", reason="signed bundles need the [sign] extra (model-signing)")
-from nnpartials.signing import sign_bundle, verify_bundle  # noqa: E402
+from nnpartials.bundle import sign_bundle, verify_bundle  # noqa: E402
 
 
 def write_keys(folder, name, curve=None):

@@ -28,7 +28,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from nnpartials.bundle import MANIFEST, SIGNATURE
-    from nnpartials.signing import verify_bundle
+    from nnpartials.bundle import verify_bundle
 
     b = verify_bundle(args.bundle, args.key)
     Console(highlight=False).print(
