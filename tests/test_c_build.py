@@ -1,10 +1,18 @@
-"""The C core on its own: `make test valgrind sanitize`, a short libFuzzer run, warnings under both compilers,
-and the standalone example compiled with plain `cc` against Kernel's results."""
+"""The C core on its own: `make test valgrind sanitize`, a short libFuzzer run, the plain-C (-DNNP_PLAIN_C) and
+no-dispatch (-DNNP_NO_DISPATCH) builds' tests, warnings under both compilers, and the standalone example compiled
+with plain `cc` against Kernel's results.
+
+Compiling nnp.c takes from a few seconds to over a minute of CPU per flavour, so each flavour is built once per
+session, in its own out-<flavour> folder of one private copy of csrc/, and make's own dependency tracking lets every
+later test reuse it. Time limits are generous (a busy 2-core machine); a step that runs out of time fails with its
+name, its command and the limit."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,15 +20,33 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 FUZZ_SECONDS = int(os.environ.get("NNP_FUZZ_SECONDS", "20"))
+BUILD_TIMEOUT = 1800  # one make target of one flavour (the sanitizer and libFuzzer builds: ~1 min of CPU each)
+RUN_TIMEOUT = 600  # running the C tests of a normal build
+SLOW_RUN_TIMEOUT = 1800  # running them under valgrind or ASan/UBSan
+WARN_FLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-ffp-contract=fast"]
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None or shutil.which("make") is None,
                               reason="needs a C compiler (cc) and make")
 
 
-def _run(cmd, timeout=600, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return r
+def _text(b):
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def _run(step, cmd, timeout, input=None):
+    """Run one step; a step that runs out of time is killed with all its children (compilers under make) and the
+    test fails naming the step, its command and the limit."""
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"step '{step}' ran out of time ({timeout} s limit): {' '.join(cmd)}\n"
+                    f"{_text(out)[-2000:]}\n{_text(err)[-2000:]}", pytrace=False)
+    assert p.returncode == 0, f"step '{step}' failed ({p.returncode}): {' '.join(cmd)}\n{out[-4000:]}\n{err[-4000:]}"
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def _clang_fuzzer_available():
@@ -33,75 +59,126 @@ def _clang_fuzzer_available():
     return r.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
+class Flavours:
+    """make in one private copy of csrc/, one out-<name> folder per flavour (compiler, CFLAGS, OPTFLAGS). Two names
+    for the same flavour (cc and gcc are often one compiler) share a folder, so it is compiled once."""
+
+    def __init__(self, csrc):
+        self.csrc = csrc
+        self.names = {}
+
+    def make(self, name, targets, step, cc="cc", cflags="", optflags=None, timeout=BUILD_TIMEOUT, **variables):
+        key = (os.path.realpath(shutil.which(cc) or cc), cflags, optflags)
+        out = "out-" + self.names.setdefault(key, name)
+        targets = [t.format(out=out) for t in targets]  # "{out}/file": a file in the flavour's folder
+        cmd = ["make", "-C", self.csrc, f"CC={cc}", f"OUT={out}", f"CFLAGS={cflags}"]
+        cmd += [f"OPTFLAGS={optflags}"] if optflags else []
+        cmd += [f"{k}={v}" for k, v in variables.items()] + list(targets)
+        return _run(f"{step} [{name}: make {' '.join(targets)}]", cmd, timeout)
+
+    def build(self, name, targets=("all",), **kw):
+        """Compile (nothing when the flavour is already built), with its own time limit, apart from any run."""
+        return self.make(name, targets, "build", **kw)
+
+
+@pytest.fixture(scope="session")
+def flavours(tmp_path_factory):
     """A private copy of csrc/ so that parallel runs and the developer's csrc/out are not disturbed."""
     d = tmp_path_factory.mktemp("csrc") / "csrc"
-    shutil.copytree(CSRC, d, ignore=shutil.ignore_patterns("out"))
-    return str(d)
+    shutil.copytree(CSRC, d, ignore=shutil.ignore_patterns("out", "out-*"))
+    return Flavours(str(d))
 
 
 @needs_cc
-def test_make_test(out_dir):
-    r = _run(["make", "-C", out_dir, "test"])
+def test_make_test(flavours):
+    flavours.build("default")
+    r = flavours.make("default", ["test"], "run the C tests", timeout=RUN_TIMEOUT)
+    assert " 0 failed" in r.stdout
+
+
+@needs_cc
+@pytest.mark.parametrize("name, cflags, optflags", [
+    # the plain C99 kernels instead of the vector-extension ones, as a compiler without GNU extensions (and so
+    # without run-time dispatch either) builds them
+    ("plain-c", "-DNNP_PLAIN_C -DNNP_NO_DISPATCH", None),
+    # vector extensions built once for the target, without the AVX2 clones; at -O2, the warnings' level of old
+    ("no-dispatch", "-DNNP_NO_DISPATCH", "-O2"),
+])
+def test_make_test_variant(flavours, name, cflags, optflags):
+    flavours.build(name, ["all"], cflags=cflags, optflags=optflags)
+    r = flavours.make(name, ["test"], "run the C tests", cflags=cflags, optflags=optflags, timeout=RUN_TIMEOUT)
     assert " 0 failed" in r.stdout
 
 
 @needs_cc
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind)")
-def test_make_valgrind(out_dir):
-    _run(["make", "-C", out_dir, "valgrind"], timeout=900)
+def test_make_valgrind(flavours):
+    flavours.build("default")
+    flavours.make("default", ["valgrind"], "run the C tests and the example under valgrind", timeout=SLOW_RUN_TIMEOUT)
 
 
 @needs_cc
-def test_make_sanitize(out_dir):
+def test_make_sanitize(flavours):
     # ASan/UBSan runtimes ship with gcc (libasan, libubsan) and with clang (libclang-rt)
     probe = subprocess.run(["cc", "-fsanitize=address,undefined", "-x", "c", "-", "-o", os.devnull],
                            input="int main(void) { return 0; }\n", capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"the compiler has no ASan/UBSan runtime: {probe.stderr.strip()[:200]}")
-    r = _run(["make", "-C", out_dir, "sanitize"], timeout=900)
+    flavours.build("default", ["{out}/test_nnp_san"])  # a file of its own in the default flavour's folder
+    r = flavours.make("default", ["sanitize"], "run the C tests under ASan/UBSan", timeout=SLOW_RUN_TIMEOUT)
     assert " 0 failed" in r.stdout
 
 
 @needs_cc
 @pytest.mark.skipif(not _clang_fuzzer_available(),
                     reason="clang with libFuzzer is not installed (apt-get install clang libclang-rt-dev)")
-def test_make_fuzz(out_dir):
-    r = _run(["make", "-C", out_dir, "fuzz", f"FUZZ_SECONDS={FUZZ_SECONDS}"], timeout=FUZZ_SECONDS + 300)
+def test_make_fuzz(flavours):
+    flavours.build("default", ["{out}/fuzz_parse"])
+    r = flavours.make("default", ["fuzz"], "run libFuzzer", timeout=FUZZ_SECONDS + 300, FUZZ_SECONDS=FUZZ_SECONDS)
     log = r.stdout + r.stderr
     assert "Done" in log and "ERROR" not in log
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 @pytest.mark.parametrize("compiler", ["gcc", "clang"])
-def test_warning_free(compiler, tmp_path):
+def test_warning_free(flavours, compiler, tmp_path):
+    """No warning under -Wall -Wextra -pedantic (and -Werror) from either compiler, with and without dispatch."""
     if shutil.which(compiler) is None:
         pytest.skip(f"{compiler} is not installed")
-    flags = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2", "-ffp-contract=fast"]
-    for src in ("nnp.c", "tests/test_nnp.c", "examples/nnp_predict.c", "fuzz/fuzz_parse.c", "bench/nnp_bench.c"):
-        _run([compiler, *flags, "-I", CSRC, "-c", os.path.join(CSRC, src), "-o", str(tmp_path / "x.o")])
-    # and the portable build without vector extensions or dispatch
-    _run([compiler, *flags, "-DNNP_NO_DISPATCH", "-c", os.path.join(CSRC, "nnp.c"), "-o", str(tmp_path / "y.o")])
+    # nnp.c, tests/test_nnp.c, examples/nnp_predict.c: the Makefile's build has -Werror. When `compiler` is cc (often
+    # gcc) these are flavours that the tests above already built (-O3, and -O2 without dispatch); another compiler
+    # builds them at -O2, the level at which this test has always compiled them
+    same_as_cc = os.path.realpath(shutil.which(compiler)) == os.path.realpath(shutil.which("cc") or "cc")
+    flavours.build(compiler, cc=compiler, optflags=None if same_as_cc else "-O2")
+    flavours.build(f"no-dispatch-{compiler}", cc=compiler, cflags="-DNNP_NO_DISPATCH", optflags="-O2")
+    # the other two programs, without nnp.c (their builds link it, and it is checked above)
+    for src in ("fuzz/fuzz_parse.c", "bench/nnp_bench.c"):
+        _run(f"compile {src} with {compiler}",
+             [compiler, *WARN_FLAGS, "-I", flavours.csrc, "-c", os.path.join(flavours.csrc, src),
+              "-o", str(tmp_path / "x.o")], timeout=BUILD_TIMEOUT)
 
 
-def _build_example(tmp_path):
-    exe = str(tmp_path / "nnp_predict")
-    _run(["cc", "-std=c99", "-O2", "-I", CSRC, os.path.join(CSRC, "examples", "nnp_predict.c"),
-          os.path.join(CSRC, "nnp.c"), "-lm", "-o", exe])
+@pytest.fixture(scope="session")
+def example_exe(flavours, tmp_path_factory):
+    """The standalone example built once with plain cc, exactly as README.md and nnp_predict.c tell a user to."""
+    csrc = flavours.csrc
+    exe = str(tmp_path_factory.mktemp("example") / "nnp_predict")
+    _run("build the standalone example with plain cc (README)",
+         ["cc", "-std=c99", "-O2", "-I", csrc, os.path.join(csrc, "examples", "nnp_predict.c"),
+          os.path.join(csrc, "nnp.c"), "-lm", "-o", exe], timeout=BUILD_TIMEOUT)
     return exe
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc)")
-def test_standalone_example_matches_kernel(tmp_path, seed_bundle):
+def test_standalone_example_matches_kernel(example_exe, seed_bundle):
     pytest.importorskip("nnpartials._core", reason="the C extension is not built")
     from nnpartials.runtime.kernel import Kernel
 
-    exe = _build_example(tmp_path)
     model = os.path.join(seed_bundle, "model.nnp")
     x = np.random.default_rng(0).uniform(-5, 5, (40, 2)).astype(np.float32)
     lines = ["# x1, x2", ""] + [f"{a!r}, {b!r}" if i % 2 else f"{a!r} {b!r}" for i, (a, b) in
                                 enumerate(x.astype(float).tolist())]
-    r = _run([exe, model], input="\n".join(lines) + "\n")
+    r = _run("run the standalone example", [example_exe, model], timeout=RUN_TIMEOUT, input="\n".join(lines) + "\n")
     got = np.array([[float(v) for v in line.split()] for line in r.stdout.strip().splitlines()])
     y, J = Kernel(model).jacobian(x)
     assert got.shape == (40, 1 + 2)
@@ -110,8 +187,8 @@ def test_standalone_example_matches_kernel(tmp_path, seed_bundle):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler (cc)")
-def test_standalone_example_errors(tmp_path, seed_bundle):
-    exe = _build_example(tmp_path)
+def test_standalone_example_errors(tmp_path, example_exe, seed_bundle):
+    exe = example_exe
     model = os.path.join(seed_bundle, "model.nnp")
     r = subprocess.run([exe, model], input="1 2 3\n", capture_output=True, text=True)
     assert r.returncode == 1 and "expected 2 numbers" in r.stderr
@@ -128,6 +205,24 @@ def test_standalone_example_errors(tmp_path, seed_bundle):
     assert r.returncode == 1 and "truncated" in r.stderr
     r = subprocess.run([exe], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+def test_step_out_of_time_names_itself(tmp_path):
+    """A step past its limit fails with its name, command and limit, and its children are killed with it."""
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(pytest.fail.Exception) as e:
+        _run("wait for a slow child", ["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout=1)
+    assert "step 'wait for a slow child' ran out of time (1 s limit): sh -c sleep 60" in str(e.value)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed, then reaped by init
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with open(f"/proc/{child}/stat") as f:  # still listed (Linux, no reaper): at most a zombie
+            assert f.read().split(") ")[1][0] == "Z"
 
 
 def test_cdef_matches_header():
