@@ -2,16 +2,21 @@
 
 The question the demo answers. A Keras MLP (Normalization, Dense 64-64-32-32-16-16-8 with LeakyReLU, linear
 output; mean absolute error, Adam(0.001), train/test split 0.2 with random_state 0, validation_split 0.2,
-100 epochs) is trained on ``x1 = linspace(0, 6π, 2000)``, ``x2 = 1.5·x1``, ``y = sin(x1) + cos(x2)``. Its
-predictions match, but GradientTape's ``dy/dx1`` does not match ``cos(x1)``. The partials are exact partials of
-the network; the data, lying on one line, determine only the derivative *along* that line,
+100 epochs) is trained on ``x1 = linspace(0, 6π, 2000)``, ``x2 = 1.5·x1``, ``y = sin(x1) + cos(x2)``. The asker
+found the predictions close to ``y``, but GradientTape's ``dy/dx1`` far from ``cos(x1)``. The partials are the
+network's own; the data, lying on one line, determine only the derivative *along* that line,
 ``d/dt [sin t + cos 1.5t] = cos t - 1.5 sin 1.5t``; each partial on its own is whatever the initial weights left.
 
 * Scenario 1 ("as asked") trains exactly that network, exports the bundle, computes the partials with
   onnxruntime, cross-checks them with the C core's finite differences and with GradientTape, and runs
-  :func:`nnpartials.runtime.diagnostics.diagnose` (rank 1, direction ∝ (1, 1.5), partials not identified).
+  :func:`nnpartials.runtime.diagnostics.diagnose` (which partials, and which directional derivatives, the data
+  identify).
 * Scenario 2 ("the fix") trains the same network with the same recipe on (x1, x2) drawn independently over
-  the same ranges; now the partials match cos(x1) and -sin(x2) and the diagnostics call them identified.
+  the same ranges, and compares its partials with cos(x1) and -sin(x2) in the same way.
+
+Whether a quantity is *identified* (the data's rank) and how *accurately it was learned* (its error against the
+analytic truth) are measured separately; :mod:`nnpartials.demo_report` words both from the numbers, with the
+thresholds of :mod:`nnpartials.demo_config`. The scenario's constants and analytic truth live there too.
 
 :func:`run_demo` writes ``report.md``, PNG plots, both bundles and ``summary.json`` into the report folder.
 """
@@ -29,91 +34,39 @@ import numpy as np
 
 from nnpartials.errors import InputError
 
-# ---- the recipe of the question -----------------------------------------------------------------------------
-HIDDEN_UNITS = (64, 64, 32, 32, 16, 16, 8)
-LEAKY_SLOPE = 0.3  # keras.layers.LeakyReLU's default negative slope
-LEARNING_RATE = 1e-3
-BATCH_SIZE = 32  # Keras' default
-TEST_SIZE = 0.2
-SPLIT_RANDOM_STATE = 0
-VALIDATION_SPLIT = 0.2
-X1_MAX_PI = 6.0  # x1 in [0, 6π]
-X2_FACTOR = 1.5  # x2 = 1.5 x1 on the data line; x2 ranges over [0, 9π]
-
-# ---- demo defaults ----------------------------------------------------------------------------------------------
-DEFAULT_EPOCHS = 100
-#: Points on the data line of scenario 1 (the question's linspace).
-DEFAULT_LINE_POINTS = 2000
-#: Independent points of scenario 2: a 2-D function needs more samples than a curve (2000 leave it under-fitted).
-DEFAULT_RANDOM_POINTS = 8000
-#: Networks per scenario for the ensemble spread (the main one plus this many minus one, other seeds); 0/1: none.
-DEFAULT_ENSEMBLE = 3
-DEFAULT_SEED = 0
-DATA_SEED = 1  # the random draws of scenario 2
-DEFAULT_OUT = "nnpartials_report"
-#: Step the question's finite difference divided by (consecutive points are 6π/1999 apart in x1).
-QUESTION_FD_STEP = 0.01
-#: Cross-checks "pass" when at least this fraction of points agree. The network is piecewise linear
-#: (LeakyReLU); a finite-difference step that straddles a kink mixes two slopes, so a few points may differ.
-CROSSCHECK_MIN_FRACTION = 0.99
-
-#: ``--quick``: fewer epochs and points, no ensemble, and x1 in [0, 2π] (x2 in [0, 3π]): with 6π, scenario 2's
-#: network sits on a loss plateau for ~10000 steps before it resolves cos(x2), too long for a quick run.
-QUICK = dict(epochs=30, line_points=2000, random_points=2000, ensemble=0, x1_max_pi=2.0)
-
-
-@dataclass
-class DemoConfig:
-    out: str = DEFAULT_OUT
-    epochs: int = DEFAULT_EPOCHS
-    line_points: int = DEFAULT_LINE_POINTS
-    random_points: int = DEFAULT_RANDOM_POINTS
-    ensemble: int = DEFAULT_ENSEMBLE
-    seed: int = DEFAULT_SEED
-    x1_max_pi: float = X1_MAX_PI
-    progress: bool = True
-    quick: bool = False
-    plots: bool = True
-
-    @classmethod
-    def quick_config(cls, **kw) -> "DemoConfig":
-        base = dict(QUICK)
-        base.update(kw)
-        return cls(quick=True, **base)
-
-    def check(self):
-        for name, lo in (("epochs", 1), ("line_points", 20), ("random_points", 20), ("ensemble", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-                raise InputError(f"{name}: expected an integer >= {lo}, got {v!r}")
-        if not (isinstance(self.x1_max_pi, (int, float)) and 0 < self.x1_max_pi <= 1000):
-            raise InputError(f"x1_max_pi: expected a number in (0, 1000], got {self.x1_max_pi!r}")
-        return self
-
-    @property
-    def x1_max(self) -> float:
-        return float(self.x1_max_pi) * math.pi
+# The scenario's recipe, ranges, default sizes, analytic truth and verdict thresholds live in
+# nnpartials.demo_config (imported by demo_plots and demo_report too); re-exported here for callers of this module.
+from nnpartials.demo_config import (  # noqa: F401
+    ACCURATE_MAX_FRAC,
+    BATCH_SIZE,
+    CROSSCHECK_MIN_FRACTION,
+    DATA_SEED,
+    DEFAULT_ENSEMBLE,
+    DEFAULT_EPOCHS,
+    DEFAULT_LINE_POINTS,
+    DEFAULT_OUT,
+    DEFAULT_RANDOM_POINTS,
+    DEFAULT_SEED,
+    HIDDEN_UNITS,
+    LEAKY_SLOPE,
+    LEARNING_RATE,
+    LINE_TANGENT,
+    POOR_REGION_MERGE_FRAC,
+    QUESTION_FD_STEP,
+    QUICK,
+    SPLIT_RANDOM_STATE,
+    TEST_SIZE,
+    VALIDATION_SPLIT,
+    X1_MAX_PI,
+    X2_FACTOR,
+    DemoConfig,
+    analytic_directional,
+    analytic_partials,
+    target,
+)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def target(x1, x2):
-    return np.sin(x1) + np.cos(x2)
-
-
-def analytic_partials(x1, x2):
-    """(dy/dx1, dy/dx2) of sin(x1) + cos(x2)."""
-    return np.cos(x1), -np.sin(x2)
-
-
-def analytic_directional(t):
-    """d/dt [sin t + cos 1.5t] = cos t - 1.5 sin 1.5t: the derivative along the data line x = (t, 1.5t)."""
-    return np.cos(t) - X2_FACTOR * np.sin(X2_FACTOR * t)
-
-
-#: The data line's tangent in input units: d x / d t for x = (t, 1.5 t).
-LINE_TANGENT = np.array([1.0, X2_FACTOR])
-
-
 def line_data(n: int, x1_max: float = X1_MAX_PI * math.pi):
     """The question's data: x1 = linspace(0, 6π, n), x2 = 1.5 x1, y = sin x1 + cos x2 (float32 like Keras)."""
     x1 = np.linspace(0.0, x1_max, n)
@@ -218,6 +171,58 @@ def rms(a, b) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def poor_regions(t, err, threshold: float, merge_points: int):
+    """Runs of consecutive points (t sorted) where ``|err| > threshold``; runs at most ``merge_points`` apart are
+    merged. Returns ``[(i_start, i_end, integrated |err| over the run's points above threshold)]``."""
+    above = np.abs(np.asarray(err, dtype=np.float64)) > threshold
+    idx = np.flatnonzero(above)
+    if idx.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(idx) > merge_points + 1)
+    starts = np.r_[idx[0], idx[cut + 1]]
+    ends = np.r_[idx[cut], idx[-1]]
+    a = np.abs(err)
+    return [(int(s), int(e), float(a[s:e + 1][above[s:e + 1]].sum())) for s, e in zip(starts, ends)]
+
+
+def fit_summary(learned, analytic, t=None) -> dict:
+    """How closely ``learned`` follows ``analytic``: RMS and largest error, the analytic peak |value|, and with ``t``
+    (sorted points along the line) where the largest error sits and the t-interval of the worst region where the
+    error exceeds ``ACCURATE_MAX_FRAC`` of the peak (None when there is none)."""
+    learned = np.asarray(learned, dtype=np.float64).ravel()
+    analytic = np.asarray(analytic, dtype=np.float64).ravel()
+    err = learned - analytic
+    peak = float(np.max(np.abs(analytic)))
+    out = {"rms": float(np.sqrt(np.mean(err ** 2))), "max_abs": float(np.max(np.abs(err))), "peak": peak,
+           "points": int(err.size)}
+    out["above_fraction"] = float(np.mean(np.abs(err) > ACCURATE_MAX_FRAC * peak))
+    if t is not None:
+        t = np.asarray(t, dtype=np.float64).ravel()
+        out["t_of_max"] = float(t[int(np.argmax(np.abs(err)))])
+        runs = poor_regions(t, err, ACCURATE_MAX_FRAC * peak, max(1, int(POOR_REGION_MERGE_FRAC * err.size)))
+        if runs:
+            s, e, _ = max(runs, key=lambda r: r[2])
+            out["worst_interval"] = [float(t[s]), float(t[e])]
+            out["worst_interval_points"] = int(e - s + 1)
+            out["poor_regions"] = len(runs)
+        else:
+            out["worst_interval"] = None
+            out["poor_regions"] = 0
+    return out
+
+
+def direction_span_residual(v_z, directions_z, rank) -> np.ndarray:
+    """|v − P v| for the unit vector ``v_z`` (normalised coordinates) and P the projector onto the first ``rank``
+    rows of ``directions_z`` (orthonormal rows; batched over leading axes). 0: v lies in the supported span."""
+    v = np.asarray(v_z, dtype=np.float64)
+    v = v / np.linalg.norm(v)
+    vt = np.asarray(directions_z, dtype=np.float64)
+    rank = np.asarray(rank)
+    mask = (np.arange(vt.shape[-2]) < rank[..., None]).astype(np.float64)
+    proj_sq = np.einsum("...k,...k->...", mask, np.einsum("...kj,j->...k", vt, v) ** 2)
+    return np.sqrt(np.clip(1.0 - proj_sq, 0.0, 1.0))
 
 
 @dataclass
@@ -379,6 +384,11 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
         "first_layer_row_difference_change": history["first_layer_row_difference_change"],
         "final_val_loss": history["val_loss"][-1],
         "amplitude_directional": float(np.max(np.abs(analytic_directional(t)))),
+        # per learned quantity along the line: RMS, largest error, analytic peak, where the error is largest
+        "fit": {"y": fit_summary(y_line, target(t, X2_FACTOR * t), t),
+                "dy_dx1": fit_summary(J_line[:, 0], a1, t),
+                "dy_dx2": fit_summary(J_line[:, 1], a2, t),
+                "directional": fit_summary(dir_line, analytic_directional(t), t)},
     }
     res = ScenarioResult(key=key, title=title, x_train=x_train, n_points=len(x), history=history,
                          bundle_path=bundle.path, t=t, x_line=x_line, y_line=y_line, J_line=J_line,
@@ -398,7 +408,10 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     b1, b2 = analytic_partials(x_test[:, 0].astype(np.float64), x_test[:, 1].astype(np.float64))
     metrics["rms_dy_dx1_test"] = rms(Jt[:, 0], b1)
     metrics["rms_dy_dx2_test"] = rms(Jt[:, 1], b2)
-    metrics["rms_y_test"] = rms(part.forward(x_test)[:, 0], y_test[:, 0])
+    y_test_pred = part.forward(x_test)[:, 0]
+    metrics["rms_y_test"] = rms(y_test_pred, y_test[:, 0])
+    metrics["fit_test"] = {"y": fit_summary(y_test_pred, y_test[:, 0]), "dy_dx1": fit_summary(Jt[:, 0], b1),
+                           "dy_dx2": fit_summary(Jt[:, 1], b2)}
     res.x_test, res.J_test = x_test, Jt
     g = diag.global_
     # The split of the along-line derivative D between the two partials when the network's gradient in its
@@ -408,6 +421,8 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     w_dir = LINE_TANGENT / diag.normalization.std ** 2
     shares = w_dir / float(w_dir @ LINE_TANGENT)
     metrics["normalization_std"] = diag.normalization.std.tolist()
+    z_train = diag.normalization.to_z(np.asarray(x_train, dtype=np.float64))
+    metrics["max_abs_z1_minus_z2"] = float(np.max(np.abs(z_train[:, 0] - z_train[:, 1])))
     metrics["along_data_shares"] = shares.tolist()
     Da = analytic_directional(t)
     metrics["rms_dy_dx1_vs_share"] = rms(J_line[:, 0], shares[0] * Da)
@@ -418,6 +433,16 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     metrics["null_directions"] = g.null_directions.tolist()
     metrics["globally_identified"] = g.identified.tolist()
     metrics["identified_fraction_on_line"] = diag.local.identified.mean(axis=0).tolist()
+    # Is the derivative along the data line, (1, 1.5), identified? The same test the diagnostics apply to each
+    # coordinate axis: its distance (normalised coordinates) from the span the data support, against span_tol.
+    loc = diag.local
+    v_z = LINE_TANGENT / diag.normalization.std
+    metrics["span_tol"] = float(diag.span_tol)
+    metrics["directional_span_residual"] = float(direction_span_residual(v_z, g.directions_z, g.effective_rank))
+    metrics["directional_globally_identified"] = bool(metrics["directional_span_residual"] <= diag.span_tol)
+    local_res = direction_span_residual(v_z, loc.directions_z, loc.local_rank)
+    metrics["directional_identified_fraction_on_line"] = float(
+        np.mean((local_res <= diag.span_tol) & ~loc.outside))
     step("done")
     return res
 

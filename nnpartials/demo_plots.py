@@ -1,5 +1,8 @@
 """PNG plots of ``nnpartials demo``: both scenarios side by side, always evaluated along the data line
-x = (t, 1.5 t), t in [0, 6π] (inside scenario 2's domain too, so the panels compare like with like)."""
+x = (t, 1.5 t), t in [0, 6π] (inside scenario 2's domain too, so the panels compare like with like).
+
+Titles state only what the numbers in ``metrics`` show: errors with the verdict words of
+:mod:`nnpartials.demo_config` (the thresholds the report uses), and identification from the diagnostics."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnpartials.demo import LINE_TANGENT, X2_FACTOR, analytic_directional, analytic_partials, target
+from nnpartials.demo_config import (ACCURATE, LINE_TANGENT, PREDICTION_WORDS, X2_FACTOR, analytic_directional,
+                                    analytic_partials, fit_grade, fit_words, identified_words, target)
 
 ANALYTIC = dict(color="black", lw=1.6, label="analytic")
 MODEL = dict(color="tab:blue", lw=1.1)
@@ -27,6 +31,14 @@ def _plt():
 
 def _short(s):
     return "Scenario 1: on the line x2 = 1.5·x1" if s.key == "line" else "Scenario 2: independent (x1, x2)"
+
+
+def _accurate(f) -> bool:
+    return fit_grade(f["rms"], f["max_abs"], f["peak"]) == ACCURATE
+
+
+def _prediction_words(f) -> str:
+    return PREDICTION_WORDS[fit_grade(f["rms"], f["max_abs"], f["peak"])]
 
 
 def _frac(v):
@@ -94,11 +106,17 @@ def plot_prediction(scenarios, out: Path) -> str:
         t = s.t
         ax.plot(t, target(t, X2_FACTOR * t), **ANALYTIC)
         ax.plot(t, s.y_line, label="network (onnxruntime)", **MODEL)
-        ax.set_title(f"{_short(s)}\nprediction y: RMS error {s.metrics['rms_y']:.3f}", fontsize=10)
+        f = s.metrics["fit"]["y"]
+        ax.set_title(f"{_short(s)}\nprediction y: RMS error {f['rms']:.3f}, max {f['max_abs']:.3f} "
+                     f"({100 * f['max_abs'] / f['peak']:.0f} % of peak {f['peak']:.2f})\n{_prediction_words(f)}",
+                     fontsize=10)
+        if f.get("worst_interval") and not _accurate(f):
+            a, b = f["worst_interval"]
+            ax.axvspan(a, b, color=RED, alpha=0.08, lw=0, label="largest-error region")
         ax.set_xlabel("t = x1  (x2 = 1.5 t)")
     _figure_legend(fig, axes)
     np.atleast_1d(axes)[0].set_ylabel("y = sin(x1) + cos(x2)")
-    fig.suptitle("Prediction vs analytic along the data line: both networks fit y")
+    fig.suptitle("Prediction vs analytic along the data line")
     return _save(fig, out / "prediction.png")
 
 
@@ -124,12 +142,14 @@ def plot_partials(scenarios, out: Path) -> str:
                 share = s.metrics["along_data_shares"][j]
                 ax.plot(t, share * analytic_directional(t), color="tab:gray", lw=1.0, ls=":",
                         label=f"{_frac(share)}·(cos t − 1.5 sin 1.5t): its share of the along-line slope")
-            rms = s.metrics[f"rms_dy_dx{j + 1}"]
-            status = (f"identified at {100 * ident[j]:.0f}% of points" if ident[j] > 0
-                      else "NOT identified by the data")
+            f = s.metrics["fit"][f"dy_dx{j + 1}"]
+            status = identified_words(ident[j], "line points")
+            if ident[j] > 0:
+                status += "; " + fit_words(f)
             colour = "black" if ident[j] > 0.5 else RED
             head = f"{_short(s)}\n" if j == 0 else ""
-            ax.set_title(f"{head}{names[j]} vs {refs[j]}: RMS error {rms:.3f} — {status}", fontsize=10, color=colour)
+            ax.set_title(f"{head}{names[j]} vs {refs[j]}: RMS error {f['rms']:.3f}, max {f['max_abs']:.2f}\n{status}",
+                         fontsize=10, color=colour)
             if col == 0:
                 ax.set_ylabel(names[j])
             if j == 1:
@@ -151,12 +171,19 @@ def plot_directional(scenarios, out: Path) -> str:
         ax.plot(t, s.dir_line, label="∂y/∂x1 + 1.5·∂y/∂x2 (autodiff)", **MODEL)
         ax.plot(t, s.fd_dir_line, label="finite difference of ŷ along the data, step Δx1", **FD)
         m = s.metrics
-        ax.set_title(f"{_short(s)}\nRMS error {m['rms_directional']:.3f} (analytic peak {m['amplitude_directional']:.2f});"
-                     f" FD vs autodiff RMS {m['rms_fd_vs_autodiff_directional']:.3f}", fontsize=10)
+        f = m["fit"]["directional"]
+        frac = m["directional_identified_fraction_on_line"]
+        status = identified_words(frac, "line points") + (f"; {fit_words(f)}" if frac > 0 else "")
+        ax.set_title(f"{_short(s)}\n{status}\nRMS error {f['rms']:.3f}, max {f['max_abs']:.2f} "
+                     f"({100 * f['max_abs'] / f['peak']:.0f} % of peak {f['peak']:.2f}); "
+                     f"FD vs autodiff RMS {m['rms_fd_vs_autodiff_directional']:.3f}", fontsize=10)
+        if f.get("worst_interval") and not _accurate(f):
+            a, b = f["worst_interval"]
+            ax.axvspan(a, b, color=RED, alpha=0.08, lw=0, label="largest-error region")
         ax.set_xlabel("t = x1  (x2 = 1.5 t)")
     _figure_legend(fig, axes)
     np.atleast_1d(axes)[0].set_ylabel("d y / d t along x = (t, 1.5 t)")
-    fig.suptitle("Directional derivative along the data line: identified in both scenarios")
+    fig.suptitle("Directional derivative along the data line (1, 1.5)")
     return _save(fig, out / "directional.png")
 
 
