@@ -302,7 +302,8 @@ def _prepare_onnx(model_or_path, data, mode, opset, n_validation, tolerance, see
                      input_names=om.input_names, input_shapes=om.input_shapes, dtype=om.dtype, normalization=None,
                      box=sample_box(om),
                      source={"kind": "onnx", "producer": om.producer or None,
-                             "renamed_outputs": om.renamed_outputs or None, "upgraded_from_opset": om.upgraded_from})
+                             "renamed_outputs": om.renamed_outputs or None,
+                             "dropped_outputs": om.dropped_outputs or None, "upgraded_from_opset": om.upgraded_from})
 
 
 def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int | None = None,

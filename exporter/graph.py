@@ -65,7 +65,12 @@ class GraphBuilder:
 
     # ----- reading -----------------------------------------------------------------------------------------
     def _read_graph(self):
-        inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+        # data_prop: shapes computed at run time from Shape/Gather/Concat of static dims (attention heads) are
+        # propagated, so the tensors they reshape keep static shapes
+        try:
+            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False, data_prop=True)
+        except Exception:  # pragma: no cover - data propagation failing on an unusual graph: plain inference
+            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
         for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
             tt = vi.type.tensor_type
             if not tt.HasField("shape"):
@@ -85,6 +90,11 @@ class GraphBuilder:
                         self.const_values[node.output[0]] = arr
                         self.shapes[node.output[0]] = tuple(arr.shape)
                         self.dtypes[node.output[0]] = attr.t.data_type
+            elif node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in self.const_values:
+                # an exporter's alias of a weight (TorchScript shares equal initializers this way) is a constant too
+                self.const_values[node.output[0]] = self.const_values[node.input[0]]
+                self.shapes.setdefault(node.output[0], self.shapes.get(node.input[0]))
+                self.dtypes.setdefault(node.output[0], self.dtypes.get(node.input[0]))
 
     def shape(self, name):
         return self.shapes.get(name)

@@ -42,10 +42,11 @@ ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Exp", "Log", "Tanh", "Sigmoid", "Erf", "Relu", "LeakyRelu",
     "Elu", "Selu", "Celu", "Softplus", "Softsign", "HardSigmoid", "HardSwish", "Clip", "Sqrt", "Reciprocal",
     "Identity", "Cast", "Not", "Sign", "Max", "Min", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
-    "And", "Or", "Where", "Sin", "Cos", "Atan", "Mish", "ThresholdedRelu", "Floor", "Ceil", "Round",
+    "And", "Or", "Where", "Sin", "Cos", "Atan", "Mish", "ThresholdedRelu", "Floor", "Ceil", "Round", "Gelu",
 }
 #: Single-node activations mapped by attributes.
-SIMPLE = {"Relu", "LeakyRelu", "Elu", "Selu", "Tanh", "Sigmoid", "Softplus", "Softsign", "Exp", "Clip", "HardSigmoid"}
+SIMPLE = {"Relu", "LeakyRelu", "Elu", "Selu", "Tanh", "Sigmoid", "Softplus", "Softsign", "Exp", "Clip", "HardSigmoid",
+          "Gelu"}
 #: Tolerance of the numeric identification (float32 evaluation), relative to max(1, |f|).
 MATCH_TOL = 2e-5
 #: Tolerance of the final check against onnxruntime, relative to max(1, max |y|).
@@ -641,6 +642,10 @@ class _Lowerer:
                 # clip(z, lo, hi) = lo + (hi - lo) * clip((z - lo) / (hi - lo), 0, 1)
                 return "hard_sigmoid", 1.0 / (hi - lo), -lo / (hi - lo), (hi - lo, lo)
             _fail(f"{_nd(node)} clips to [{lo}, {hi}], which is not an activation of the format")
+        if op == "Gelu":  # opset 20: exact (erf) or the tanh approximation, both activations of the format
+            approx = at.get("approximate", "none")
+            approx = approx.decode() if isinstance(approx, bytes) else approx
+            return ("gelu_tanh" if approx == "tanh" else "gelu"), 0.0, 0.0, None
         name = {"Tanh": "tanh", "Sigmoid": "sigmoid", "Softplus": "softplus", "Softsign": "softsign",
                 "Exp": "exponential"}[op]
         return name, 0.0, 0.0, None

@@ -50,6 +50,7 @@ class OnnxModel:
     dtype: str            # "float32" or "float64"
     producer: str = ""
     renamed_outputs: dict = field(default_factory=dict)
+    dropped_outputs: list = field(default_factory=list)  # non-float outputs left out (no derivative)
     upgraded_from: int | None = None
     source: str = "onnx"
 
@@ -145,6 +146,24 @@ def _rename_tensor(graph: onnx.GraphProto, old: str, new: str):
             vi.name = new
 
 
+def _prune(graph: onnx.GraphProto):
+    """Remove the nodes and initializers no graph output needs (after outputs were dropped)."""
+    from nnpartials.exporter.jacobian import _outer_reads
+
+    need = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(list(graph.node)):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(i for i in node.input if i)
+            need.update(_outer_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    inits = [t for t in graph.initializer if t.name in need]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
 def _all_names(graph) -> set:
     names = {vi.name for vi in list(graph.input) + list(graph.output) + list(graph.value_info)}
     names.update(t.name for t in graph.initializer)
@@ -152,6 +171,60 @@ def _all_names(graph) -> set:
         names.update(n.input)
         names.update(n.output)
     return names
+
+
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
+               "If", "Loop", "Scan", "SequenceConstruct", "Optional"}
+#: Constants larger than this (elements) are not materialised by folding (keeps the graph's size bounded).
+FOLD_MAX_ELEMENTS = 1 << 16
+
+
+def fold_constants(model: onnx.ModelProto) -> int:
+    """Replace nodes whose inputs are all constants by initializers holding their values (computed by onnx's
+    reference implementation): exporters compute reshape targets from constants (TorchScript: Mod, Slice, Concat
+    of constants), and shape inference resolves them only once they are plain values. Returns the count folded."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = model.graph
+    const = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    opset = _default_opset(model) or 17
+    keep, folded = [], 0
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        if (node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED or not ins
+                or any(i not in const for i in ins) or any(o in outputs for o in node.output)
+                or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and not node.input:
+                for a in node.attribute:
+                    if a.name == "value":
+                        const[node.output[0]] = numpy_helper.to_array(a.t)
+            keep.append(node)
+            continue
+        try:
+            feeds = {i: const[i] for i in ins}
+            sub = onnx.helper.make_graph(
+                [node], "fold", [onnx.helper.make_tensor_value_info(i, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                                   list(v.shape)) for i, v in feeds.items()],
+                [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output if o])
+            m = onnx.helper.make_model(sub, opset_imports=[onnx.helper.make_opsetid("", opset)])
+            vals = ReferenceEvaluator(m).run(None, feeds)
+        except Exception:  # an op the reference cannot fold: keep it
+            keep.append(node)
+            continue
+        if any(np.asarray(v).size > FOLD_MAX_ELEMENTS for v in vals):
+            keep.append(node)
+            continue
+        for o, v in zip([o for o in node.output if o], vals):
+            v = np.asarray(v)
+            const[o] = v
+            g.initializer.append(numpy_helper.from_array(v, o))
+        folded += 1
+    if folded:
+        del g.node[:]
+        g.node.extend(keep)
+    return folded
 
 
 def load_onnx(source) -> OnnxModel:
@@ -190,6 +263,18 @@ def load_onnx(source) -> OnnxModel:
         raise ExportError(f"{what}: the graph has no inputs (every input has an initializer)")
     if len(g.output) == 0:
         raise ExportError(f"{what}: the graph has no outputs")
+    # outputs that are not floating point (a classifier's int64 label) have no derivative: they are left out of the
+    # bundle (listed in dropped_outputs), with the nodes only they needed
+    dropped = [vi.name for vi in g.output if vi.type.HasField("tensor_type")
+               and vi.type.tensor_type.elem_type not in _DTYPES and vi.type.tensor_type.elem_type not in
+               (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)]
+    if dropped:
+        if len(dropped) == len(g.output):
+            raise ExportError(f"{what}: no output is floating point ({dropped}); there is nothing to differentiate")
+        keep = [vi for vi in g.output if vi.name not in dropped]
+        del g.output[:]
+        g.output.extend(keep)
+        _prune(g)
     dtypes = {_elem_dtype(vi, "input") for vi in inputs} | {_elem_dtype(vi, "output") for vi in g.output}
     if len(dtypes) != 1:
         raise ExportError(f"{what}: inputs and outputs mix float32 and float64; expected one precision")
@@ -235,6 +320,7 @@ def load_onnx(source) -> OnnxModel:
             d0.Clear()
             d0.dim_param = "batch"
     del g.value_info[:]  # re-inferred with the symbolic batch axis
+    fold_constants(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         onnx.checker.check_model(model, full_check=True)
@@ -245,7 +331,7 @@ def load_onnx(source) -> OnnxModel:
     return OnnxModel(model=model, input_names=input_names, input_shapes=in_shapes,
                      output_names=[o.name for o in model.graph.output], output_shapes=out_shapes, dtype=dtype,
                      producer=f"{model.producer_name} {model.producer_version}".strip(), renamed_outputs=renamed,
-                     upgraded_from=upgraded)
+                     dropped_outputs=dropped, upgraded_from=upgraded)
 
 
 def check_batch_independence(om: OnnxModel, n: int = 3, seed: int = 0):
@@ -268,7 +354,11 @@ def check_batch_independence(om: OnnxModel, n: int = 3, seed: int = 0):
     for k in range(n):
         one = sess.run(None, {nm: x[k:k + 1] for nm, x in zip(om.input_names, xs)})
         for name, a, b in zip(om.output_names, full, one):
-            if a.shape[0] != n or not np.allclose(a[k:k + 1], b, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(b).max())):
+            if a.shape[0] != n or b.shape[0] != 1:
+                raise ExportError(f"output {name!r} has {a.shape[0]} rows for a batch of {n} points and "
+                                  f"{b.shape[0]} for one point: its first axis is not the batch axis (a converter "
+                                  f"that reshapes the outputs, e.g. to [-1, 1], merges points with other axes)")
+            if not np.allclose(a[k:k + 1], b, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(b).max())):
                 raise ExportError(f"output {name!r} of point {k} differs when computed in a batch and alone; the "
                                   f"graph mixes the points of a batch, so per-point partials are not defined")
 

@@ -558,6 +558,7 @@ def _gather(c):
         c.unsupported("gather along the batch axis or a dynamic axis: the output would not keep every point")
     idx = np.asarray(c.const(1, "indices")).astype(np.int64)
     n = xs[axis]
+    x, y = c.x, c.y
     flat = np.where(idx < 0, idx + n, idx).reshape(-1)
     K = c.K
     ys = c.shape(c.y)
@@ -569,8 +570,18 @@ def _gather(c):
     def rev(b, g):
         from nnpartials.exporter.rules import _matmul_along
 
-        g2 = b.reshape(g, [K] + [0 if d is None else d for d in pre] + [flat.size] + [0 if d is None else d for d in post],
-                       shape=(K,) + tuple(pre) + (flat.size,) + tuple(post))
+        # g [K, *pre, *idx shape, *post] -> [K, *pre, n_idx, *post]; the target is read off x's run-time shape
+        # (the batch axis may be anywhere in pre or post)
+        xsh = b.shape_of(x)
+        parts = [b.const([K], np.int64)]
+        if axis > 0:
+            parts.append(b.op("Slice", [xsh, b.const([0], np.int64), b.const([axis], np.int64)], dtype=_INT64))
+        parts.append(b.const([flat.size], np.int64))
+        if axis + 1 < len(xs):
+            parts.append(b.op("Slice", [xsh, b.const([axis + 1], np.int64), b.const([len(xs)], np.int64)],
+                              dtype=_INT64))
+        tgt = b.op("Concat", parts, axis=0, dtype=_INT64, shape=(len(xs) + 1,))
+        g2 = b.op("Reshape", [b.expand_like(g, y, K), tgt], shape=(K,) + tuple(pre) + (flat.size,) + tuple(post))
         return _matmul_along(b, g2, axis + 1, sel)
 
     return [Linear(fwd=lambda b, d: b.op("Gather", [d, iname], axis=axis + 1, shape=(K,) + tuple(ys)), rev=rev), None]

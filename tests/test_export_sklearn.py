@@ -16,8 +16,8 @@ they differ by more than tolerances.CHECK_FD_KINK (scaled) are left out; at most
 Two things of skl2onnx 1.20 the helpers work around (both reported): the MLPRegressor converter reshapes the
 prediction to [-1, 1] whatever the number of targets, so a 2-target model outputs [2N, 1] for N points (export
 refuses that graph, see test_multi_target_regressor_as_converted); and the classifier's graph has an int64
-``label`` output next to ``probabilities``, which export refuses (it differentiates float outputs only), so the
-helper keeps the probabilities only."""
+``label`` output next to ``probabilities``, which export leaves out (it differentiates float outputs only) and
+lists in the manifest's source.dropped_outputs."""
 
 import warnings
 
@@ -90,16 +90,6 @@ def _fix_target_reshape(model, n_targets):
     return model
 
 
-def _probabilities_only(model):
-    """Keep the float ``probabilities`` output of a classifier's graph; the int64 ``label`` output goes (its
-    ArgMax/ArrayFeatureExtractor branch is then unused and not differentiated)."""
-    keep = [o for o in model.graph.output if o.name == "probabilities"]
-    assert len(keep) == 1
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
-    return model
-
-
 def _central_differences(f, x):
     """float64 central differences of f (sklearn, float64) with each of STEPS; [N, n_out, n_in] each."""
     out = []
@@ -168,7 +158,7 @@ def test_multi_target_regressor_as_converted(tmp_path, fitted, points):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rows = sess.run(None, {"x": points[:4].astype(np.float32)})[0].shape
     if rows == (8, 1):  # skl2onnx's Reshape(pred, [-1, 1])
-        with pytest.raises(ExportError, match="'variable'.*differs when computed in a batch and alone"):
+        with pytest.raises(ExportError, match="'variable' has 6 rows for a batch of 3 points.*not the batch axis"):
             nnpartials.export(model, tmp_path / "b", n_validation=N_VALIDATION)
         assert not (tmp_path / "b").exists()
     else:
@@ -187,10 +177,9 @@ def test_mlp_classifier_probabilities_jacobian_matches_sklearn(tmp_path, fitted,
     model = _convert(clf, zipmap=False)
     assert [o.name for o in model.graph.output] == ["label", "probabilities"]
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    with pytest.raises(ExportError, match="output 'label' has element type INT64"):
-        nnpartials.export(model, tmp_path / "as_converted")
-    b = _export(tmp_path, _probabilities_only(model), mode)
+    b = _export(tmp_path, model, mode)  # the int64 label has no derivative: left out, and said so
     man = b.manifest
+    assert man["source"]["dropped_outputs"] == ["label"]
     assert [o["name"] for o in man["outputs"]] == ["probabilities"] and man["y"]["shape"] == ["batch", 3]
     assert not man["c_core"]["available"] and "Softmax" in man["c_core"]["reason"]
     y, J = nnpartials.Partials(b).jacobian(points.astype(np.float32))

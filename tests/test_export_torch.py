@@ -15,7 +15,6 @@ import pytest
 
 import nnpartials
 from nnpartials import tolerances
-from nnpartials.errors import UnsupportedOpError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 EXPORTERS = ["dynamo", "torchscript"]
@@ -24,9 +23,6 @@ N_VALIDATION = 200
 
 #: MLPs that export and validate but are not lowered to the C core (exporter/lower.py), with the manifest's reason.
 NOT_LOWERED = {
-    ("mlp_gelu", "dynamo"): "GELU written as ONNX's Gelu op (opset 20) is not lowered: lower.py maps single-node "
-                            "activations from SIMPLE, which has no Gelu (\"op Gelu is not supported by the C core\")",
-    ("mlp_gelu", "torchscript"): "as for dynamo: the Gelu op (opset 20) is not in lower.py's SIMPLE",
     ("mlp_gelu_opset18", "torchscript"): "TorchScript writes gelu as Mul(z, 1 + Erf(z / sqrt 2)) followed by "
                                          "Mul(0.5); the region without the trailing 0.5 is 2 * gelu(z), and "
                                          "lower.py's _identify fits no output scale (\"the elementwise subgraph "
@@ -34,28 +30,6 @@ NOT_LOWERED = {
                                          "selu, max relative difference 0.352)\")",
 }
 
-#: Transformer exports that fail, with the exact error. None is a missing derivative rule: the first three are
-#: shape information the exporter does not work out, the fourth a constant it does not see through.
-_SOFTMAX = ("UnsupportedOpError: ONNX op 'Softmax' (node 'node_Softmax_75') cannot be differentiated here: softmax "
-            "over the batch axis or a dynamic axis. The attention heads' Reshape targets are computed from "
-            "Shape/Gather/Concat and onnx.shape_inference without data_prop leaves the score axes symbolic. With "
-            "data_prop=True (tried by patching, not in the code) forward mode exports and matches torch to 2.3e-7; "
-            "reverse mode then builds a companion graph that onnxruntime cannot run (Reshape 'nnp_reshape_114', the "
-            "reverse of node_Reshape_114, which merges the sequence and batch axes into [4*batch, 8]: input "
-            "{32,4,64,8}, requested {32,1,4,8,8})")
-_RESHAPE = ("UnsupportedOpError: ONNX op 'Reshape' (node '/layer/self_attn/Reshape_2') cannot be differentiated here: "
-            "the graph carries no shape for tensor '/layer/self_attn/Reshape_2_output_0' (shape inference could not "
-            "work it out); its target is Concat of Slices of Shape whose bounds are Mod of constants, which "
-            "data_prop does not resolve either")
-TRANSFORMER_FAILS = {
-    ("dynamo", "forward"): _SOFTMAX,
-    ("dynamo", "reverse"): _SOFTMAX,
-    ("torchscript", "forward"): _RESHAPE,
-    ("torchscript", "reverse"): "UnsupportedOpError: ONNX op 'LayerNormalization' (node "
-                                "'/layer/norm2/LayerNormalization') cannot be differentiated here: scale 1 "
-                                "('layer.norm2.weight') must be a constant. It is Identity(layer.norm1.weight): "
-                                "TorchScript deduplicates equal initializers (both LayerNorm scales are ones)",
-}
 
 
 def _mlp_case(name, exporter):
@@ -147,11 +121,7 @@ def test_cnn_jacobian_matches_torch_autograd(tmp_path, exporter):
     np.testing.assert_array_equal(Js.reshape(J.shape), J)
 
 
-@pytest.mark.parametrize("exporter,mode", [
-    pytest.param(e, m, id=f"{e}-{m}", marks=[pytest.mark.xfail(strict=True, raises=UnsupportedOpError,
-                                                                reason=TRANSFORMER_FAILS[e, m])]
-                 if (e, m) in TRANSFORMER_FAILS else [])
-    for e in EXPORTERS for m in ("forward", "reverse")])
+@pytest.mark.parametrize("exporter,mode", [(e, m) for e in EXPORTERS for m in ("forward", "reverse")])
 def test_transformer_encoder_layer_jacobian_matches_torch_autograd(tmp_path, exporter, mode):
     """nn.TransformerEncoderLayer(d_model 8, nhead 2, dim_feedforward 16, batch_first, dropout 0) in eval mode on
     [batch, 4, 8]: attention (MatMul, Softmax), LayerNormalization, ReLU, and the exporters' Reshape/Transpose."""
