@@ -564,6 +564,11 @@ def _concat(c):
     return terms
 
 
+#: ``end`` values at or beyond this mean "to the end of the axis" (TensorFlow's strided slices with an end mask, as
+#: tf2onnx writes them: INT32_MAX or INT64_MAX)
+_SLICE_TO_END = 2 ** 31 - 1
+
+
 @rule("Slice")
 def _slice(c):
     if any(c.need(i) for i in range(1, len(c.node.input))):
@@ -573,26 +578,36 @@ def _slice(c):
     ends = c.const(2).reshape(-1)
     axes = c.const(3).reshape(-1) if len(c.node.input) > 3 and c.node.input[3] else np.arange(len(starts))
     steps = c.const(4).reshape(-1) if len(c.node.input) > 4 and c.node.input[4] else np.ones(len(starts), np.int64)
-    axes = [int(a) % len(xs) for a in axes]
-    if any(xs[a] is None for a in axes):
-        c.unsupported("slices along the batch axis or a dynamic axis: the output would not keep every point")
-    if len(axes) == 1 and int(steps[0]) == 1:
-        n = xs[axes[0]]
-        start, stop = int(starts[0]), int(ends[0])
+    rest = [None] * (len(c.node.input) - 1)
+    spec = []
+    for a, st, en, sp in zip(axes, starts, ends, steps):
+        a, st, en, sp = int(a) % len(xs), int(st), int(en), int(sp)
+        n = xs[a]
+        # a whole axis taken in order is no selection: x[:, 1:3] becomes Slice(starts [0, 1], ends [INT_MAX, 3])
+        # over axes [0, 1], which keeps the (dynamic) batch axis whole
+        whole_start = st == 0 or (n is not None and st <= -n)
+        if sp == 1 and whole_start and (en >= _SLICE_TO_END or (n is not None and en >= n)):
+            continue
+        if n is None:
+            c.unsupported("slices along the batch axis or a dynamic axis: the output would not keep every point")
+        if sp == 0:
+            c.unsupported("slice step 0")
+        spec.append((a, st, en, sp))
+    if not spec:
+        return [ONE] + rest
+    if len(spec) == 1 and spec[0][3] == 1:
+        a, start, stop, _ = spec[0]
+        n = xs[a]
         start = max(0, min(n, start + n if start < 0 else start))
         stop = max(0, min(n, stop + n if stop < 0 else stop))
-        return [_slice_term(c, axes[0], start, max(start, stop), n)] + [None] * (len(c.node.input) - 1)
+        return [_slice_term(c, a, start, max(start, stop), n)] + rest
     # several axes or steps: the same Slice on the derivative (axes shifted past K); the adjoint scatters g back
     # into zeros of the input's shape, one axis at a time, with an index map per axis
-    sel = []
-    for a, st, en, sp in zip(axes, starts, ends, steps):
-        idx = np.arange(xs[a])[slice(int(st), int(en), int(sp))] if int(sp) != 0 else None
-        if idx is None:
-            c.unsupported("slice step 0")
-        sel.append((a, idx))
+    sel = [(a, np.arange(xs[a])[slice(st, en, sp)]) for a, st, en, sp in spec]
     ys = c.shape(c.y)
     K = c.K
-    fst, fen, fax, fsp = (c.b.const(v, np.int64) for v in (starts, ends, [a + 1 for a in axes], steps))
+    fax = c.b.const([a + 1 for a, _, _, _ in spec], np.int64)
+    fst, fen, fsp = (c.b.const([v[k] for v in spec], np.int64) for k in (1, 2, 3))
 
     def fwd(b, d):
         return b.op("Slice", [d, fst, fen, fax, fsp], shape=(K,) + tuple(ys))
@@ -604,7 +619,7 @@ def _slice(c):
             g = _matmul_along(b, g, a + 1, p.T.copy())
         return g
 
-    return [Linear(fwd=fwd, rev=rev)] + [None] * (len(c.node.input) - 1)
+    return [Linear(fwd=fwd, rev=rev)] + rest
 
 
 def _matmul_along(b, t, axis, m):

@@ -14,14 +14,15 @@ from nnpartials.exporter.reference import tf_jacobian
 N_POINTS = 1000
 
 
-def check_against_tape(keras_model, low=-3.0, high=3.0, seed=0):
+def check_against_tape(keras_model, low=-3.0, high=3.0, seed=0, n_points=N_POINTS):
+    """Both modes against GradientTape on ``n_points`` uniform points; inputs of any rank ([B, *shape])."""
     traced = load_model(keras_model)
     fwd = to_onnx(traced)
     # exactly the model's inputs: no frozen statistic became a graph input
     assert [i.name for i in fwd.graph.input] == traced.input_names
     assert len(fwd.graph.input) == len(keras_model.inputs)
     rng = np.random.default_rng(seed)
-    xs = [rng.uniform(low, high, size=(N_POINTS, w)).astype(np.float32) for w in traced.input_widths]
+    xs = [rng.uniform(low, high, size=(n_points, *s)).astype(np.float32) for s in traced.input_shapes]
     y_ref, j_ref = tf_jacobian(traced, xs)
     results = {}
     for mode in ("forward", "reverse"):
@@ -31,7 +32,7 @@ def check_against_tape(keras_model, low=-3.0, high=3.0, seed=0):
         _, yrel, _ = tolerances.scaled_error(outs[0], y_ref)
         assert yrel <= tolerances.FORWARD_F32, f"{mode}: y differs from Keras by {yrel:.3g}"
         for name, j, jr in zip(traced.input_names, outs[1:], j_ref):
-            assert j.shape == jr.shape == (N_POINTS, info["n_out"], jr.shape[2])
+            assert j.shape == jr.shape == (n_points, info["n_out"], jr.shape[2])
             _, rel, _ = tolerances.scaled_error(j, jr)
             assert rel <= tolerances.JACOBIAN_F32, f"{mode} mode, input {name}: max scaled error {rel:.3g}"
             results[(mode, name)] = rel

@@ -288,6 +288,29 @@ def test_slice_rule():
     check_rule(m, {"x": u((5,))})
 
 
+@pytest.mark.parametrize("starts,ends,axes,steps,shape,out", [
+    # x[:, 1:3] as tf2onnx writes it: the batch axis "sliced" whole (ends INT32_MAX)
+    ([0, 1], [2 ** 31 - 1, 3], [0, 1], None, (5,), (2,)),
+    # every axis whole (INT64_MAX ends): the identity
+    ([0, 0], [2 ** 63 - 1, 2 ** 63 - 1], [0, 1], None, (5,), (5,)),
+    # the batch axis whole, a range and a step on the others
+    ([0, 1, 0], [2 ** 31 - 1, 3, 5], [0, 1, 2], [1, 1, 2], (4, 5), (2, 3)),
+    # a whole axis reversed (how a Bidirectional layer's time reversal is exported)
+    ([-1], [-(2 ** 63) + 1], [1], [-1], (3, 2), (3, 2)),
+])
+def test_slice_whole_batch_axis(starts, ends, axes, steps, shape, out):
+    consts = {"s": np.array(starts, np.int64), "e": np.array(ends, np.int64), "a": np.array(axes, np.int64)}
+    if steps is not None:
+        consts["st"] = np.array(steps, np.int64)
+    check_rule(make_model("Slice", [("x", shape)], out, consts=consts), {"x": u(shape)})
+
+
+def test_slice_of_the_batch_axis_is_refused():
+    consts = {"s": np.array([1], np.int64), "e": np.array([2 ** 31 - 1], np.int64), "a": np.array([0], np.int64)}
+    with pytest.raises(UnsupportedOpError, match="batch axis"):
+        build_jacobian_model(make_model("Slice", [("x", (3,))], (3,), consts=consts))
+
+
 def test_split_rule():
     m = make_model("Split", [("x", (5,))], None, consts={"split": np.array([2, 3], np.int64)},
                    attrs={"axis": 1}, n_outputs=2, out_shapes=[(2,), (3,)])

@@ -36,6 +36,9 @@ def add_arguments(p):
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing bundle folder (only a folder holding an nnpartials bundle; never ., a "
                         "parent of it, the home folder or /)")
+    p.add_argument("--allow-lambda", dest="allow_lambda", action="store_true",
+                   help="load a .keras file that holds Lambda layers: this RUNS the Python code stored in the file "
+                        "(Keras refuses it by default, safe_mode); use it only for files you trust")
     p.add_argument("--sign", metavar="KEY", default=None,
                    help="sign the bundle with this PEM elliptic-curve private key: writes model.sig, checked by "
                         "`nnpartials verify BUNDLE --key PUB` (needs pip install 'nnpartials[sign]')")
@@ -49,7 +52,7 @@ def run(args) -> int:
 
     data = read_points(args.data) if args.data else None
     b = export(args.model, args.out, data=data, mode=args.mode, opset=args.opset, n_validation=args.points,
-               overwrite=args.force, progress=True, sign=args.sign)
+               overwrite=args.force, progress=True, sign=args.sign, allow_unsafe_deserialization=args.allow_lambda)
     m = b.manifest
     con = Console()
     v = m["validation"]
