@@ -15,7 +15,7 @@ import math
 import numpy as np
 from onnx import TensorProto, helper
 
-from nnpartials.exporter.rules import ONE, Linear, Scale, rule
+from nnpartials.exporter.rules import ONE, Linear, Scale, _matmul_along, rule
 
 _INT64 = TensorProto.INT64
 
@@ -139,18 +139,23 @@ def _unfold_k(b, t, K, tail):
     return b.reshape(t, [K, -1] + list(tail), shape=(K, None) + tuple(tail))
 
 
+def _conv_geometry(c):
+    """(weights, [channels in], spatial in, channels out, spatial out, kernel, strides, dilations, group) of a
+    Conv or ConvTranspose node with constant weights."""
+    w = np.asarray(c.const(1, "weights"))
+    ch, in_sp = _spatial(c, c.x)
+    (m,), out_sp = _spatial(c, c.y)
+    n = len(in_sp)
+    return (w, ch, in_sp, m, out_sp, list(w.shape[2:]), list(c.attr("strides") or [1] * n),
+            list(c.attr("dilations") or [1] * n), int(c.attr("group", 1)))
+
+
 @rule("Conv")
 def _conv(c):
     if c.need(1) or (len(c.node.input) > 2 and c.need(2)):
         c.unsupported("the weights or the bias depend on the input; only a convolution with constant weights")
-    w = np.asarray(c.const(1, "weights"))
-    ch, in_sp = _spatial(c, c.x)
-    (m,), out_sp = _spatial(c, c.y)[0], _spatial(c, c.y)[1]
+    w, ch, in_sp, m, out_sp, kernel, strides, dil, group = _conv_geometry(c)
     n = len(in_sp)
-    kernel = list(w.shape[2:])
-    strides = list(c.attr("strides") or [1] * n)
-    dil = list(c.attr("dilations") or [1] * n)
-    group = int(c.attr("group", 1))
     pb, pe = _conv_pads(c, in_sp, kernel, strides, dil)
     # the adjoint: a transposed convolution with the same weights, its output padding making the input size back
     opad = [in_sp[i] - (strides[i] * (out_sp[i] - 1) + (kernel[i] - 1) * dil[i] + 1 - pb[i] - pe[i])
@@ -182,14 +187,8 @@ def _conv_transpose(c):
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto not in ("NOTSET", "", "VALID") or c.attr("output_shape") is not None:
         c.unsupported("auto_pad SAME_* or output_shape on ConvTranspose; give explicit pads")
-    w = np.asarray(c.const(1, "weights"))
-    ch, in_sp = _spatial(c, c.x)
-    (m,), out_sp = _spatial(c, c.y)[0], _spatial(c, c.y)[1]
+    w, ch, in_sp, m, out_sp, kernel, strides, dil, group = _conv_geometry(c)
     n = len(in_sp)
-    kernel = list(w.shape[2:])
-    strides = list(c.attr("strides") or [1] * n)
-    dil = list(c.attr("dilations") or [1] * n)
-    group = int(c.attr("group", 1))
     pads = list(c.attr("pads") or [0] * (2 * n)) if auto != "VALID" else [0] * (2 * n)
     opad = list(c.attr("output_padding") or [0] * n)
     K = c.K
@@ -568,8 +567,6 @@ def _gather(c):
     pre, post = list(xs[:axis]), list(xs[axis + 1:])
 
     def rev(b, g):
-        from nnpartials.exporter.rules import _matmul_along
-
         # g [K, *pre, *idx shape, *post] -> [K, *pre, n_idx, *post]; the target is read off x's run-time shape
         # (the batch axis may be anywhere in pre or post)
         xsh = b.shape_of(x)
@@ -730,18 +727,13 @@ def _resize(c):
         out = ReferenceEvaluator(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])).run(
             None, {"x": eye})[0]
         mats.append((a, out.reshape(n_in, n_out)))  # row i: the output along the axis for input e_i
-    K = c.K
 
     def fwd(b, d):
-        from nnpartials.exporter.rules import _matmul_along
-
         for a, m in mats:
             d = _matmul_along(b, d, a + 1, m.astype(b.np_float))
         return d
 
     def rev(b, g):
-        from nnpartials.exporter.rules import _matmul_along
-
         for a, m in reversed(mats):
             g = _matmul_along(b, g, a + 1, m.T.astype(b.np_float).copy())
         return g
