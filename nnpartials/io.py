@@ -1,23 +1,35 @@
-"""Reading points and writing partials for the command line (CSV, .npy, .npz).
+"""Reading points and writing partials for the command line (CSV, .npy, .npz, Parquet).
 
 Outputs are written all at once or not at all: :func:`atomic_output` writes to a hidden temporary file next
 to the destination (``.NAME.partial-XXXX``) and renames it over the destination only when writing finished;
 any exception, KeyboardInterrupt included, removes the temporary file. (A process killed outright, e.g. by
 SIGKILL, can leave a ``.NAME.partial-XXXX`` file behind, never a truncated file under the real name.)
+:func:`atomic_output_folder` does the same for a folder (a Parquet dataset written by several workers).
+
+Parquet (needs pyarrow, ``pip install 'nnpartials[dask]'``) is read and written in batches, so memory stays bounded
+whatever the size of the table: :func:`open_parquet` checks an input (a file, a folder of files or a glob) and
+streams its point batches, :func:`partials_schema` and :func:`partials_record_batch` make the output table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import os
+import re
+import shutil
 import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from nnpartials.errors import InputError
+from nnpartials.errors import InputError, InputTypeError, NNPartialsError
 
 PARTIALS_EXTENSIONS = (".csv", ".npy", ".npz")
+#: extensions of Parquet files: inputs may use any of them, outputs end in .parquet
+PARQUET_EXTENSIONS = (".parquet", ".parq", ".pq")
+PARQUET_OUTPUT_EXTENSIONS = (".parquet",)
 CSV_BLOCK_ROWS = 65536  # rows formatted per np.savetxt call when writing CSV (bounds the float64 table in memory)
 
 
@@ -220,3 +232,262 @@ def write_partials(path, x, y, dy_dx, in_cols, out_cols, *, overwrite: bool = Tr
                 block = np.concatenate([x[s:e].astype(np.float64), y[s:e].astype(np.float64),
                                         dy_dx[s:e].reshape(e - s, -1).astype(np.float64)], axis=1)
                 np.savetxt(f, block, delimiter=",", fmt="%.9g")
+
+
+# ---- Parquet ----------------------------------------------------------------------------------------------------
+
+def _pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise NNPartialsError("Parquet input and output need pyarrow: pip install 'nnpartials[dask]'") from None
+    return pyarrow
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def is_parquet_input(path) -> bool:
+    """True for a Parquet input: a file ending in .parquet (.parq, .pq), a folder, or a glob pattern."""
+    path = os.fspath(path)
+    return (os.path.splitext(path)[1].lower() in PARQUET_EXTENSIONS or os.path.isdir(path)
+            or (_has_glob(path) and not os.path.exists(path)))
+
+
+def _natural_key(path: str):
+    """part.2 before part.10 (the order Dask writes and reads part files in)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def parquet_input_files(path) -> list:
+    """The Parquet files of an input, in reading order: the file itself; every ``*.parquet`` (``.parq``, ``.pq``)
+    file in a folder and its subfolders, skipping names that start with ``.`` or ``_`` (hidden and temporary
+    files, ``_metadata``); or the files a glob pattern matches (``**`` spans folders). Folders and globs are read
+    in natural order (``part.2`` before ``part.10``). No file is an error."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
+            files += [os.path.join(root, n) for n in names
+                      if not n.startswith((".", "_")) and os.path.splitext(n)[1].lower() in PARQUET_EXTENSIONS]
+        if not files:
+            raise InputError(f"input folder {path!r} holds no Parquet files (*.parquet, *.parq, *.pq)")
+        return sorted(files, key=lambda f: _natural_key(os.path.relpath(f, path)))
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise InputError(f"input {path!r} is not a file or folder")
+        return [path]
+    if _has_glob(path):
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+        if not files:
+            raise InputError(f"input pattern {path!r} matches no files")
+        return sorted(files, key=_natural_key)
+    raise InputError(f"input file {path!r} does not exist")
+
+
+def _numeric(t) -> bool:
+    import pyarrow.types as pt
+
+    return pt.is_integer(t) or pt.is_floating(t) or pt.is_boolean(t)
+
+
+@dataclass
+class ParquetInput:
+    """A checked Parquet input (see :func:`open_parquet`): its files, its number of rows (from the files'
+    metadata), and the Arrow type of each of the model's columns (a column whose type differs between files is
+    read as float64)."""
+
+    label: str
+    files: list
+    columns: list
+    types: dict
+    num_rows: int
+    rows_per_file: list = field(default_factory=list)
+
+    def batches(self, batch_size: int):
+        """Yield ``(arrays, first_row)``: the model's columns (pyarrow arrays, in the model's order, cast to
+        :attr:`types`) of at most ``batch_size`` rows, read one record batch at a time, and the batch's first row
+        in the whole input."""
+        pa = _pyarrow()
+        import pyarrow.parquet as pq
+
+        row = 0
+        for f in self.files:
+            try:
+                with pq.ParquetFile(f) as pf:
+                    for b in pf.iter_batches(batch_size=batch_size, columns=self.columns):
+                        arrays = [b.column(b.schema.get_field_index(c)) for c in self.columns]
+                        arrays = [a if a.type == self.types[c] else a.cast(self.types[c])
+                                  for a, c in zip(arrays, self.columns)]
+                        yield arrays, row
+                        row += b.num_rows
+            except (pa.ArrowException, OSError) as exc:
+                raise InputError(f"{f}: cannot read the Parquet file ({exc})") from None
+
+
+def open_parquet(path, columns) -> ParquetInput:
+    """Check a Parquet input before any work: every file is readable Parquet and holds the model's ``columns``
+    (matched by name; any order, extra columns ignored) with numeric Arrow types (integer, floating point,
+    boolean). Reads only the files' metadata."""
+    pa = _pyarrow()
+    import pyarrow.parquet as pq
+
+    files = parquet_input_files(path)
+    columns = list(columns)
+    types, rows = {}, []
+    for f in files:
+        try:
+            with pq.ParquetFile(f) as pf:
+                schema, n = pf.schema_arrow, pf.metadata.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{f}: not a readable Parquet file ({exc})") from None
+        names = list(schema.names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise InputError(f"{f}: columns {names} lack the model's columns {missing} (columns are matched by name; "
+                             f"expected {columns}, in any order)")
+        dup = sorted({c for c in columns if names.count(c) > 1})
+        if dup:
+            raise InputError(f"{f}: duplicate columns {dup}")
+        for c in columns:
+            t = schema.field(c).type
+            if not _numeric(t):
+                raise InputTypeError(f"{f}: column {c!r} has Arrow type {t}; expected a number type "
+                                     f"(integer, floating point or boolean)")
+            types.setdefault(c, set()).add(t)
+        rows.append(n)
+    unified = {c: next(iter(ts)) if len(ts) == 1 else pa.float64() for c, ts in types.items()}
+    return ParquetInput(os.fspath(path), files, columns, unified, int(sum(rows)), rows)
+
+
+def arrow_to_points(arrays, columns, *, first_row: int = 0, label: str = "input", nan_policy: str = "raise"):
+    """The model's columns of one batch (pyarrow arrays) as a numpy array ``[n, n_in]`` (the columns' common numpy
+    type, as pandas' ``to_numpy`` gives it). A missing (null) value is NaN: with ``nan_policy="raise"`` it is an
+    error naming the column and the row (counted from 0 over the whole input)."""
+    out = []
+    for a, c in zip(arrays, columns):
+        if a.null_count and nan_policy == "raise":
+            k = first_row + int(np.flatnonzero(~a.is_valid().to_numpy(zero_copy_only=False))[0])
+            raise InputError(f"{label}: missing (null) value in column {c!r} at row {k} ({a.null_count} in this "
+                             f"batch); pass --nan-policy propagate to treat missing values as NaN")
+        v = a.to_numpy(zero_copy_only=False)
+        if a.null_count and v.dtype.kind in "biu":
+            v = v.astype(np.float64)
+        out.append(v)
+    if not out:
+        return np.zeros((0, 0))
+    return np.column_stack(out) if len(out) > 1 else out[0].reshape(-1, 1)
+
+
+def partials_schema(in_cols, in_types, out_cols, dtype="float32"):
+    """Arrow schema of a partials table: the model's input columns (``in_types``: name -> Arrow type, or one numpy
+    dtype for all), the outputs and one column ``d<y>/d<x>`` per partial, in the model's precision."""
+    pa = _pyarrow()
+    ft = pa.from_numpy_dtype(np.dtype(dtype))
+    if not isinstance(in_types, dict):
+        in_types = {c: pa.from_numpy_dtype(np.dtype(in_types)) for c in in_cols}
+    fields = [pa.field(c, in_types[c]) for c in in_cols]
+    fields += [pa.field(c, ft) for c in list(out_cols) + partial_column_names(in_cols, out_cols)]
+    return pa.schema(fields)
+
+
+def partials_record_batch(schema, inputs, y, dy_dx):
+    """One record batch of a partials table (``schema`` from :func:`partials_schema`): ``inputs`` the input
+    columns (pyarrow or numpy arrays, one per input column), ``y`` ``[n, n_out]``, ``dy_dx`` ``[n, n_out, n_in]``."""
+    pa = _pyarrow()
+    n = y.shape[0]
+    k = len(inputs)
+    arrays = [a if isinstance(a, pa.Array) and a.type == f.type else pa.array(a, type=f.type)
+              for a, f in zip(inputs, schema)]
+    flat = np.concatenate([y.reshape(n, y.shape[1]), dy_dx.reshape(n, dy_dx.shape[1] * dy_dx.shape[2])], axis=1)
+    arrays += [pa.array(np.ascontiguousarray(flat[:, j]), type=schema.field(k + j).type) for j in range(flat.shape[1])]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+# ---- a folder written all at once --------------------------------------------------------------------------------
+
+_DATASET_EXTRAS = ("_metadata", "_common_metadata", "_SUCCESS")
+
+
+def _is_dataset_folder(path) -> bool:
+    """A folder that holds only Parquet files (and Dask/Spark's metadata files): one a run may replace."""
+    for root, dirs, names in os.walk(path):
+        for n in names:
+            p = os.path.join(root, n)
+            if os.path.islink(p) or not (os.path.splitext(n)[1].lower() in PARQUET_EXTENSIONS
+                                         or n in _DATASET_EXTRAS or n.startswith(".")):
+                return False
+        if any(os.path.islink(os.path.join(root, d)) for d in dirs):
+            return False
+    return True
+
+
+def check_output_folder(path, extensions=PARQUET_OUTPUT_EXTENSIONS, *, overwrite: bool = False) -> str:
+    """Check, before any work, that a dataset folder ``path`` can be written: its extension, an existing writable
+    parent folder, and no existing ``path`` unless ``overwrite``; even then only a file or a folder of Parquet
+    files is replaced, never a folder holding anything else."""
+    path = os.fspath(path).rstrip(os.sep) or os.sep
+    ext = os.path.splitext(path)[1].lower()
+    if extensions and ext not in extensions:
+        raise InputError(f"{path}: expected an output ending in {' or '.join(extensions)}, got "
+                         f"{ext or 'no extension'!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: the folder {folder} is not writable")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise InputError(_exists_message(path))
+        if os.path.isdir(path) and not os.path.islink(path) and not _is_dataset_folder(path):
+            raise InputError(f"{path} is a folder holding other files than Parquet files; not replacing it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_folder(path, *, overwrite: bool = True):
+    """Write the folder ``path`` all at once or not at all: yields the path of a hidden temporary folder next to
+    it (``.NAME.partial-XXXX``, permissions as a new folder would get) and renames it to ``path`` when the block
+    ends normally; on any exception (KeyboardInterrupt included) the temporary folder is removed and ``path`` left
+    as it was. With ``overwrite`` an existing ``path`` (a file, or a folder :func:`check_output_folder` accepts) is
+    moved aside, the new folder renamed in, then the old one removed; without it an existing ``path`` is an
+    InputError."""
+    path = os.fspath(path).rstrip(os.sep) or os.sep
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc} ({folder})") from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        _publish_folder(tmp, path, folder, name, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish_folder(tmp, path, folder, name, overwrite):
+    if not os.path.lexists(path):
+        try:
+            os.rename(tmp, path)  # fails if a non-empty folder appeared meanwhile
+            return
+        except OSError:
+            if not os.path.lexists(path):
+                raise
+    if not overwrite:
+        raise InputError(_exists_message(path))
+    if os.path.isdir(path) and not os.path.islink(path) and not _is_dataset_folder(path):
+        raise InputError(f"{path} is a folder holding other files than Parquet files; not replacing it")
+    aside = tempfile.mkdtemp(prefix=f".{name}.old-", dir=folder)
+    os.rename(path, os.path.join(aside, name))
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(os.path.join(aside, name), path)
+        os.rmdir(aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

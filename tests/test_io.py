@@ -6,7 +6,7 @@ import stat
 import numpy as np
 import pytest
 
-from nnpartials.errors import InputError
+from nnpartials.errors import InputError, InputTypeError
 from nnpartials.io import read_points, write_partials
 
 COLS = ["x1", "x2"]
@@ -207,3 +207,124 @@ def test_check_output_path(tmp_path):
     with pytest.raises(InputError, match="already exists"):
         check_output_path(tmp_path / "e.npy", exts)
     check_output_path(tmp_path / "e.npy", exts, overwrite=True)
+
+
+# ---- Parquet ----------------------------------------------------------------------------------------------------
+
+def _parquet(path, **cols):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+def test_parquet_inputs_in_natural_order_without_hidden_files(tmp_path):
+    from nnpartials.io import is_parquet_input, parquet_input_files
+
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    (d / "_tmp").mkdir()
+    for name in ("part.10.parquet", "part.2.parquet", "part.1.parquet", "sub/part.0.pq", ".part.9.parquet",
+                 "_metadata", "_tmp/part.5.parquet", "notes.txt"):
+        (d / name).write_bytes(b"")
+    got = [os.path.relpath(f, d) for f in parquet_input_files(d)]
+    assert got == ["part.1.parquet", "part.2.parquet", "part.10.parquet", os.path.join("sub", "part.0.pq")]
+    assert [os.path.basename(f) for f in parquet_input_files(str(d / "part.*.parquet"))] == \
+        ["part.1.parquet", "part.2.parquet", "part.10.parquet"]
+    assert parquet_input_files(d / "part.2.parquet") == [str(d / "part.2.parquet")]
+    assert is_parquet_input(d) and is_parquet_input(str(d / "*.parquet")) and is_parquet_input("x.parquet")
+    assert not is_parquet_input(tmp_path / "x.csv")
+    with pytest.raises(InputError, match="matches no files"):
+        parquet_input_files(str(tmp_path / "none*.parquet"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no Parquet files"):
+        parquet_input_files(tmp_path / "empty")
+    with pytest.raises(InputError, match="does not exist"):
+        parquet_input_files(tmp_path / "missing.parquet")
+
+
+def test_open_parquet_checks_columns_and_types_before_reading(tmp_path):
+    from nnpartials.io import open_parquet
+
+    _parquet(tmp_path / "a.parquet", x2=np.array([1, 2], np.int64), x1=np.array([0.5, 1.5]))
+    _parquet(tmp_path / "b.parquet", x1=np.array([2.5]), x2=np.array([3.5]), extra=["keep"])
+    src = open_parquet(tmp_path / "*.parquet", COLS)
+    assert src.num_rows == 3 and src.rows_per_file == [2, 1]
+    assert str(src.types["x1"]) == "double" and str(src.types["x2"]) == "double"  # int64 here, double there
+    batches = list(src.batches(2))
+    assert [first for _, first in batches] == [0, 2]
+    assert [a.to_pylist() for a in batches[0][0]] == [[0.5, 1.5], [1.0, 2.0]]  # model order, unified type
+    _parquet(tmp_path / "c.parquet", x1=[1.0], y=[2.0])
+    with pytest.raises(InputError, match=r"lack the model's columns \['x2'\]"):
+        open_parquet(tmp_path / "c.parquet", COLS)
+    _parquet(tmp_path / "d.parquet", x1=[1.0], x2=["a"])
+    with pytest.raises(InputTypeError, match="column 'x2' has Arrow type string"):
+        open_parquet(tmp_path / "d.parquet", COLS)
+    (tmp_path / "e.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        open_parquet(tmp_path / "e.parquet", COLS)
+
+
+def test_arrow_to_points_nulls(tmp_path):
+    import pyarrow as pa
+
+    from nnpartials.io import arrow_to_points
+
+    arrays = [pa.array([1.0, 2.0, 3.0]), pa.array([4, None, 6], pa.int32())]
+    with pytest.raises(InputError, match="missing \\(null\\) value in column 'x2' at row 101"):
+        arrow_to_points(arrays, COLS, first_row=100)
+    got = arrow_to_points(arrays, COLS, nan_policy="propagate")
+    assert got.dtype == np.float64 and np.isnan(got[1, 1]) and got[2].tolist() == [3.0, 6.0]
+    assert arrow_to_points([pa.array([1, 2], pa.int64())] * 2, COLS).dtype == np.int64
+
+
+def test_partials_record_batches_round_trip(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nnpartials.io import partials_record_batch, partials_schema
+
+    x, y, dy = _arrays(6)
+    schema = partials_schema(COLS, {"x1": pa.float32(), "x2": pa.int64()}, ["y"])
+    assert schema.names == ["x1", "x2", "y", "dy/dx1", "dy/dx2"]
+    batch = partials_record_batch(schema, [pa.array(x[:, 0]), pa.array(np.arange(6))], y, dy)
+    pq.write_table(pa.Table.from_batches([batch]), tmp_path / "p.parquet")
+    t = pq.read_table(tmp_path / "p.parquet")
+    assert t.schema == schema
+    np.testing.assert_array_equal(t.column("dy/dx2").to_numpy(), dy[:, 0, 1])
+    np.testing.assert_array_equal(t.column("y").to_numpy(), y[:, 0])
+
+
+def test_atomic_output_folder(tmp_path):
+    from nnpartials.io import atomic_output_folder, check_output_folder
+
+    out = tmp_path / "o.parquet"
+    with atomic_output_folder(out, overwrite=False) as tmp:
+        assert os.path.basename(tmp).startswith(".o.parquet.partial-") and not out.exists()
+        (open(os.path.join(tmp, "part.0.parquet"), "wb")).close()
+    assert os.listdir(out) == ["part.0.parquet"] and _leftovers(tmp_path) == []
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    with pytest.raises(InputError, match="already exists"):
+        check_output_folder(out)
+    with pytest.raises(InputError, match="already exists"):
+        with atomic_output_folder(out, overwrite=False):
+            pass
+    for exc in (KeyboardInterrupt, RuntimeError):
+        with pytest.raises(exc):
+            with atomic_output_folder(out) as tmp:
+                (open(os.path.join(tmp, "part.1.parquet"), "wb")).close()
+                raise exc()
+        assert os.listdir(out) == ["part.0.parquet"] and _leftovers(tmp_path) == []
+    with atomic_output_folder(out) as tmp:  # replaces a Parquet dataset folder
+        (open(os.path.join(tmp, "part.7.parquet"), "wb")).close()
+    assert os.listdir(out) == ["part.7.parquet"] and [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="other files than Parquet"):
+        check_output_folder(out, overwrite=True)
+    with pytest.raises(InputError, match="expected an output ending in .parquet"):
+        check_output_folder(tmp_path / "o.csv")
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_folder(tmp_path / "no" / "o.parquet")

@@ -7,13 +7,21 @@ HELP = "compute y and dy/dx for a table of points with a bundle (onnxruntime or 
 DESCRIPTION = """\
 Compute the outputs and all partial derivatives dy_i/dx_j at every point of a table.
 
-Input: .csv (optionally with a header naming the model's columns, see manifest.json) or .npy [N, n_in].
-Output: .csv (inputs, outputs and a column d<y>/d<x> per partial), .npy (dy_dx [N, n_out, n_in])
-or .npz (x, y, dy_dx). Large inputs are processed in chunks with a progress bar.
+Input: .csv (optionally with a header naming the model's columns, see manifest.json), .npy [N, n_in], or
+Parquet: a .parquet file, a folder of .parquet files, or a glob ('data/*.parquet', quoted); Parquet columns
+are matched to the model's columns by name (any order, extra columns ignored) and must be numbers.
+Output: .csv (inputs, outputs and a column d<y>/d<x> per partial), .npy (dy_dx [N, n_out, n_in]),
+.npz (x, y, dy_dx) or .parquet (the CSV's columns). Large inputs are processed in chunks with a progress bar;
+Parquet is read and written in batches of --chunk rows, so memory stays bounded for any input size.
+
+With --workers N (a local Dask cluster of N processes) or --scheduler ADDRESS (an existing Dask cluster),
+Parquet in and out only, the chunks are computed in parallel and OUT is a folder of part files
+(part.0.parquet, ...), a Parquet dataset that pandas, pyarrow and Dask read like one file. With a remote
+scheduler the bundle, the input and the output folder must be at the same paths on every worker.
 
 The output is checked before any work (extension, existing and writable folder) and written all at once:
-to a hidden temporary file next to it (.NAME.partial-XXXX), renamed to NAME only when complete, removed if
-the run fails or is interrupted. An existing output file is left alone unless -f/--force is given.
+to a hidden temporary file (or folder) next to it (.NAME.partial-XXXX), renamed to NAME only when complete,
+removed if the run fails or is interrupted. An existing output is left alone unless -f/--force is given.
 """
 
 
@@ -21,9 +29,10 @@ def add_arguments(p):
     from nnpartials.cli import positive_int
 
     p.add_argument("bundle", help="bundle folder written by `nnpartials export`")
-    p.add_argument("-i", "--input", required=True, metavar="POINTS", help="points (.csv or .npy)")
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="partials (.csv, .npy or .npz)")
-    p.add_argument("-f", "--force", action="store_true", help="replace the output file if it exists")
+    p.add_argument("-i", "--input", required=True, metavar="POINTS",
+                   help="points (.csv, .npy, or Parquet: a .parquet file, a folder of them, or a glob)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="partials (.csv, .npy, .npz or .parquet)")
+    p.add_argument("-f", "--force", action="store_true", help="replace the output if it exists")
     p.add_argument("--backend", choices=("onnxruntime", "c"), default="onnxruntime", help="evaluation path")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers: cpu, cuda, or a comma list")
     p.add_argument("--chunk", type=positive_int, default=65536, metavar="N",
@@ -31,33 +40,195 @@ def add_arguments(p):
     p.add_argument("--nan-policy", choices=("raise", "propagate"), default="raise",
                    help="reject NaN/Inf inputs (default) or pass them through")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=positive_int, metavar="N",
+                       help="compute on a local Dask cluster of N worker processes (Parquet in and out; "
+                            "OUT is a folder of part files)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="compute on an existing Dask cluster (tcp://host:8786; Parquet in and out)")
 
 
-def run(args) -> int:
-    import numpy as np
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from nnpartials.io import check_output_path, read_points, write_partials
-    from nnpartials.runtime.serve import Partials
-    from nnpartials.validate import as_batch
-
-    check_output_path(args.output, overwrite=args.force)  # before any work: a bad output fails in a second
+def _providers(args):
     providers = args.providers
     if providers not in ("cpu", "cuda"):
         providers = [p.strip() for p in providers.split(",") if p.strip()]
-    p = Partials(args.bundle, providers=providers if args.backend == "onnxruntime" else None,
-                 backend=args.backend, max_batch=args.chunk, nan_policy=args.nan_policy)
+    return providers if args.backend == "onnxruntime" else None
+
+
+def _progress(show):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("partials"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not show, transient=True)
+
+
+def run(args) -> int:
+    import os
+
+    from nnpartials.errors import InputError
+    from nnpartials.io import PARTIALS_EXTENSIONS, check_output_path, is_parquet_input
+
+    parquet_in = is_parquet_input(args.input)
+    parquet_out = os.path.splitext(args.output)[1].lower() == ".parquet"
+    if args.workers or args.scheduler:
+        if not (parquet_in and parquet_out):
+            raise InputError("--workers and --scheduler read and write Parquet: give a .parquet file, a folder or a "
+                             "glob as input and an output ending in .parquet")
+        return _run_dask(args)
+    check_output_path(args.output, PARTIALS_EXTENSIONS + (".parquet",), overwrite=args.force)  # before any work
+    if parquet_in or parquet_out:
+        return _run_streaming(args, parquet_in, parquet_out)
+    return _run_in_memory(args)
+
+
+def _run_in_memory(args) -> int:
+    import numpy as np
+
+    from nnpartials.io import read_points, write_partials
+    from nnpartials.runtime.serve import Partials
+    from nnpartials.validate import as_batch
+
+    p = Partials(args.bundle, providers=_providers(args), backend=args.backend, max_batch=args.chunk,
+                 nan_policy=args.nan_policy)
     x = as_batch(read_points(args.input, p.input_columns), p.n_in, name=args.input, nan_policy=args.nan_policy)
     n = x.shape[0]
     y = np.empty((n, p.n_out), np.float32)
     dy = np.empty((n, p.n_out, p.n_in), np.float32)
-    show = not args.no_progress and n > args.chunk
-    with Progress(TextColumn("partials"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not show, transient=True) as bar:
+    with _progress(not args.no_progress and n > args.chunk) as bar:
         task = bar.add_task("partials", total=n)
         for s in range(0, n, args.chunk):
             y[s:s + args.chunk], dy[s:s + args.chunk] = p.jacobian(x[s:s + args.chunk])
             bar.update(task, advance=min(args.chunk, n - s))
     write_partials(args.output, x, y, dy, p.input_columns, p.output_columns, overwrite=args.force)
     print(f"wrote {args.output}: {n} points, {p.n_out} output(s) x {p.n_in} input(s)")
+    return 0
+
+
+def _run_streaming(args, parquet_in, parquet_out) -> int:
+    """In-process, one batch of --chunk points at a time: Parquet in (record batches) and/or Parquet out (one row
+    group per batch), so that neither the input nor the output is held in memory whole when both are Parquet."""
+    import numpy as np
+
+    from nnpartials.errors import InputError
+    from nnpartials.io import (arrow_to_points, atomic_output, open_parquet, partials_record_batch, partials_schema,
+                               read_points, write_partials)
+    from nnpartials.runtime.serve import Partials
+    from nnpartials.validate import as_batch
+
+    p = Partials(args.bundle, providers=_providers(args), backend=args.backend, max_batch=args.chunk,
+                 nan_policy=args.nan_policy)
+    in_cols, out_cols = p.input_columns, p.output_columns
+    if parquet_in:
+        src = open_parquet(args.input, in_cols)
+        n, in_types = src.num_rows, src.types
+
+        def batches():
+            for arrays, first in src.batches(args.chunk):
+                yield arrays, arrow_to_points(arrays, in_cols, first_row=first, label=args.input,
+                                              nan_policy=args.nan_policy)
+    else:
+        x = as_batch(read_points(args.input, in_cols), p.n_in, name=args.input, nan_policy=args.nan_policy,
+                     dtype=np.float64)
+        n, in_types = x.shape[0], np.float64
+
+        def batches():
+            for s in range(0, n, args.chunk):
+                xs = x[s:s + args.chunk]
+                yield list(xs.T), xs
+
+    def evaluated(bar, task):
+        first = 0
+        for inputs, pts in batches():
+            try:
+                y, dy = p.jacobian(pts)
+            except InputError as err:  # its row numbers count from the batch's first row
+                raise InputError(f"{args.input}, rows {first}..{first + len(pts) - 1}: {err}") from None
+            bar.update(task, advance=len(pts))
+            first += len(pts)
+            yield inputs, pts, y, dy
+
+    with _progress(not args.no_progress and n > args.chunk) as bar:
+        task = bar.add_task("partials", total=n)
+        if parquet_out:
+            import pyarrow.parquet as pq
+
+            schema = partials_schema(in_cols, in_types, out_cols, p.dtype)
+            with atomic_output(args.output, None, overwrite=args.force) as tmp:
+                with pq.ParquetWriter(tmp, schema) as writer:
+                    for inputs, _, y, dy in evaluated(bar, task):
+                        writer.write_batch(partials_record_batch(schema, inputs, y, dy))
+        else:  # Parquet in, .csv/.npy/.npz out: these formats are written whole, from memory
+            xs, ys, dys = [], [], []
+            for _, pts, y, dy in evaluated(bar, task):
+                xs.append(np.asarray(pts, p.dtype))  # as the in-memory path keeps them: in the model's precision
+                ys.append(y)
+                dys.append(dy)
+
+            def cat(parts, shape):
+                return np.concatenate(parts) if parts else np.zeros(shape, p.dtype)
+
+            write_partials(args.output, cat(xs, (0, p.n_in)), cat(ys, (0, p.n_out)), cat(dys, (0, p.n_out, p.n_in)),
+                           in_cols, out_cols, overwrite=args.force)
+    print(f"wrote {args.output}: {n} points, {p.n_out} output(s) x {p.n_in} input(s)")
+    return 0
+
+
+def _run_dask(args) -> int:
+    """Parquet in and out on a Dask cluster: the workers read the input partitions, compute them with
+    nnpartials.dask and write one part file each into a hidden temporary folder, renamed to OUT at the end."""
+    import contextlib
+    import logging
+    import os
+    import warnings
+
+    from nnpartials.bundle import load_bundle
+    from nnpartials.errors import NNPartialsError
+    from nnpartials.io import atomic_output_folder, check_output_folder, open_parquet, partials_schema
+
+    check_output_folder(args.output, overwrite=args.force)  # before any work
+    bundle = load_bundle(args.bundle)
+    src = open_parquet(args.input, bundle.input_columns)
+    try:
+        import dask
+        import dask.dataframe as dd
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise NNPartialsError("--workers and --scheduler need Dask: pip install 'nnpartials[dask]'") from None
+    import nnpartials.dask as nd
+
+    dtype = bundle.manifest["inputs"][0].get("dtype", "float32")
+    schema = partials_schema(bundle.input_columns, src.types, bundle.output_columns, dtype)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(atomic_output_folder(args.output, overwrite=args.force))
+        if args.scheduler:
+            try:
+                client = stack.enter_context(Client(args.scheduler, timeout="10s"))
+            except OSError as exc:
+                raise NNPartialsError(f"cannot connect to the Dask scheduler at {args.scheduler}: {exc}") from None
+        else:
+            with warnings.catch_warnings():  # the scheduler's HTTP endpoint moving off a busy port 8787 is no news
+                warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+                cluster = stack.enter_context(LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                                           processes=True, dashboard_address=None,
+                                                           silence_logs=logging.ERROR))
+            client = stack.enter_context(Client(cluster))
+        # absolute paths: the workers of a remote cluster do not share this process's working folder
+        frame = dd.read_parquet([os.path.abspath(f) for f in src.files], columns=list(bundle.input_columns))
+        # one evaluation thread per worker process on a local cluster (--workers N uses N cores, not N x cores)
+        table = nd.partials(bundle, frame, backend=args.backend, nan_policy=args.nan_policy, max_batch=args.chunk,
+                            providers=_providers(args), threads=None if args.scheduler else 1)
+        writes = [dask.delayed(nd._write_part)(part, os.path.join(out, f"part.{k}.parquet"), schema)
+                  for k, part in enumerate(table.to_delayed())]
+        futures = client.compute(writes)
+        try:
+            with _progress(not args.no_progress) as bar:
+                task = bar.add_task("partials", total=src.num_rows)
+                for f in as_completed(futures):
+                    bar.update(task, advance=f.result())
+        except BaseException:
+            client.cancel(futures)
+            raise
+    n_in, n_out = bundle.n_in, bundle.n_out
+    print(f"wrote {args.output}: {src.num_rows} points, {n_out} output(s) x {n_in} input(s), "
+          f"{len(writes)} part file(s)")
     return 0
