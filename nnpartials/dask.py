@@ -27,7 +27,7 @@ import threading
 
 import numpy as np
 
-from nnpartials.errors import BundleError, InputError, InputTypeError, NNPartialsError
+from nnpartials.errors import BundleError, InputError, InputTypeError, NNPartialsError, OrderNotAvailableError
 
 __all__ = ["partials", "cache_info", "clear_cache", "OrderNotAvailableError"]
 
@@ -35,10 +35,6 @@ __all__ = ["partials", "cache_info", "clear_cache", "OrderNotAvailableError"]
 ORDERS = (1,)
 #: The cached Partials evaluate one slice per call: the slicing by ``max_batch`` is done here, as Partials does it.
 _UNSPLIT = 2 ** 62
-
-
-class OrderNotAvailableError(NNPartialsError, NotImplementedError):
-    """A derivative order that nnpartials does not compute yet (second derivatives)."""
 
 
 # ---- per-process cache --------------------------------------------------------------------------------------------

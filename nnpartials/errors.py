@@ -54,3 +54,7 @@ class NotLowerableError(NNPartialsError, ValueError):
 
 class InternalError(NNPartialsError, RuntimeError):
     """nnpartials called its own C core wrongly (a bad argument, a workspace too small): a bug to report."""
+
+
+class OrderNotAvailableError(NNPartialsError, NotImplementedError):
+    """A derivative order that nnpartials does not compute yet (second derivatives)."""
