@@ -107,6 +107,34 @@ def sample_points(traced, data=None, n: int = 1000, seed: int = 0, dtype=np.floa
 
 
 # ----- validation --------------------------------------------------------------------------------------------
+#: Bytes the largest derivative tensor of one validation call may take: points are validated in chunks so that a
+#: forward-mode Jacobian of a convolutional network (784 directions times every activation) fits in memory.
+VALIDATION_CHUNK_BYTES = 256 * 1024 * 1024
+
+
+def validation_rows(jac_model: onnx.ModelProto) -> int:
+    """Points per onnxruntime call when validating ``jac_model``: its largest tensor per point (the derivative
+    tensors, [K, batch, ...], counted with their K) within :data:`VALIDATION_CHUNK_BYTES`."""
+    from nnpartials.exporter.graph import GraphBuilder
+
+    b = GraphBuilder(jac_model)
+    per_point = 1
+    for shape in b.shapes.values():
+        if shape and any(d is None for d in shape):
+            per_point = max(per_point, int(np.prod([1 if d is None else d for d in shape], dtype=np.int64)))
+    item = 8 if b.ftype == onnx.TensorProto.DOUBLE else 4
+    return max(1, VALIDATION_CHUNK_BYTES // (per_point * item))
+
+
+def run_in_chunks(sess, feeds: dict, rows: int) -> list:
+    """``sess.run(None, feeds)`` over at most ``rows`` points per call, outputs concatenated along the batch axis."""
+    n = next(iter(feeds.values())).shape[0]
+    if n <= rows:
+        return sess.run(None, feeds)
+    parts = [sess.run(None, {k: v[s:s + rows] for k, v in feeds.items()}) for s in range(0, n, rows)]
+    return [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+
+
 def validate_jacobian(traced, jac_model: onnx.ModelProto, xs, tolerance=tolerances.EXPORT_VALIDATION,
                       reference=None) -> dict:
     """Compare the companion graph (onnxruntime, CPU) with GradientTape on the points ``xs``.
@@ -120,7 +148,7 @@ def validate_jacobian(traced, jac_model: onnx.ModelProto, xs, tolerance=toleranc
     y_ref, j_ref = reference if reference is not None else tf_jacobian(traced, xs)
     sess = ort.InferenceSession(jac_model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {n: x for n, x in zip(traced.input_names, xs)}
-    res = sess.run(None, feeds)
+    res = run_in_chunks(sess, feeds, validation_rows(jac_model))
     y, js = res[0], res[1:]
     out = {"points": int(xs[0].shape[0]), "tolerance": tolerance,
            "rule": "max|J - J_tf| <= tolerance * max(1, max|J_tf|)", "reference": "tensorflow GradientTape"}
@@ -151,7 +179,7 @@ def validate_onnx(fwd: onnx.ModelProto, jac_model: onnx.ModelProto, names, xs,
     from nnpartials.onnx_reference import Float64Graph
 
     sess = ort.InferenceSession(jac_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    res = sess.run(None, dict(zip(names, xs)))
+    res = run_in_chunks(sess, dict(zip(names, xs)), validation_rows(jac_model))
     y, js = res[0], res[1:]
     ref = Float64Graph(fwd)
     y_ref = ref.forward(xs)

@@ -44,6 +44,11 @@ ELEMENTWISE = {
     "Identity", "Cast", "Not", "Sign", "Max", "Min", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
     "And", "Or", "Where", "Sin", "Cos", "Atan", "Mish", "ThresholdedRelu", "Floor", "Ceil", "Round", "Gelu",
 }
+#: Layer ops that are not dense: a graph holding one is outside the C core, and the reason names them.
+_NOT_DENSE = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+              "Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+              "Einsum", "Resize", "Gather", "GatherElements", "LSTM", "GRU", "RNN", "Attention", "ReduceMax",
+              "ReduceMin", "Pad", "Tile"}
 #: Single-node activations mapped by attributes.
 SIMPLE = {"Relu", "LeakyRelu", "Elu", "Selu", "Tanh", "Sigmoid", "Softplus", "Softsign", "Exp", "Clip", "HardSigmoid",
           "Gelu"}
@@ -184,6 +189,10 @@ class _Lowerer:
         if tt.elem_type != onnx.TensorProto.FLOAT:
             _fail(f"input {inp.name!r} is not float32")
         dims = tt.shape.dim
+        layers = sorted({n.op_type for n in g.node} & _NOT_DENSE)
+        if layers:
+            _fail(f"the graph has {', '.join(layers)} layers; the C core evaluates chains of dense layers with "
+                  f"elementwise activations")
         if len(dims) != 2 or not dims[1].HasField("dim_value") or dims[1].dim_value < 1:
             _fail(f"input {inp.name!r} must have shape [batch, n_in] with a known n_in")
         self.input_name = inp.name

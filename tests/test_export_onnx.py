@@ -222,3 +222,28 @@ def test_refusals_name_the_node(tmp_path):
         nnpartials.export(ext, tmp_path / "ext")
     assert not any(p.exists() for p in (tmp_path / "if", tmp_path / "mix", tmp_path / "cs", tmp_path / "old",
                                          tmp_path / "ext"))
+
+
+def test_validation_runs_in_chunks_that_fit_memory(tmp_path, monkeypatch):
+    """Forward mode on a CNN: the companion graph's derivative tensors are [784, batch, ...]; validation splits the
+    points so the largest stays within VALIDATION_CHUNK_BYTES (here made small to force several calls)."""
+    import onnxruntime as ort
+
+    from nnpartials.exporter import bundle as writer
+
+    monkeypatch.setattr(writer, "VALIDATION_CHUNK_BYTES", 1024 * 1024)
+    calls = []
+    real_run = ort.InferenceSession.run
+
+    def counting_run(self, names, feeds, *a, **k):
+        calls.append(next(iter(feeds.values())).shape[0])
+        return real_run(self, names, feeds, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", counting_run)
+    b = nnpartials.export(_cnn(), tmp_path / "cnn", mode="forward", n_validation=60)
+    assert b.manifest["validation"]["passed"] and b.manifest["validation"]["points"] == 60
+    jac = onnx.load_model_from_string(b.read("model.jac.onnx"))
+    rows = writer.validation_rows(jac)
+    assert 1 <= rows < 60 and max(calls) <= 60  # the validation calls held at most `rows` points each
+    assert sum(1 for c in calls if c == rows) >= 60 // rows
+    assert "conv" in b.manifest["c_core"]["reason"].lower()  # the reason names the layers, not the input rank
