@@ -1,6 +1,6 @@
 """Settings of the benchmark suite, read from the environment once.
 
-``NNP_BENCH_TINY=1``    tiny sizes (batches 1, 8, 32), one call per benchmark: the CI smoke run.
+``NNP_BENCH_TINY=1``    tiny sizes (batches 1, 8, 32; ``cnn`` 1, 4, 8), one call per benchmark: the CI smoke run.
 ``NNP_BENCH_THREADS``   threads every library may use (default: all cores, ``os.cpu_count()``).
 ``NNP_BENCH_RECORD``    where the session writes its JSON record (the report reads it).
 ``NNP_BENCH_MAX_CALL_S`` skip a batch-100,000 case whose time per call, predicted from batch 1,000, exceeds this
@@ -18,10 +18,28 @@ import os
 TINY = os.environ.get("NNP_BENCH_TINY", "").strip().lower() not in ("", "0", "false", "no")
 
 #: Batch sizes as (id, batch): the ids name the full-size batches in test ids and the report, so a tiny run has
-#: the same test names.
+#: the same test names. These are the dense workloads' batches; :func:`batches` gives any workload's.
 BATCHES = ((1, 1), (1000, 8), (100000, 32)) if TINY else ((1, 1), (1000, 1000), (100000, 100000))
 BATCH_IDS = tuple(b for b, _ in BATCHES)
 LARGE = 100000
+#: Workloads with their own batch sizes. ``cnn`` (784 inputs, 10 outputs, 5,408 values per point after the first
+#: convolution): 1, 100 and 1,000. Batch 100,000 does not fit: its dy/dx alone is 100,000 × 10 × 784 float32 =
+#: 3.1 GB (6.3 GB for the float64 reference), a reverse-mode pass carries 10 cotangents × 5,408 values = 216 KB per
+#: point (22 GB), and one call would take tens of seconds per path. At 1,000, reverse mode needs 0.2 GB but
+#: forward mode (784 tangents) 17 GB, so the forward-mode paths skip there (NNP_BENCH_MAX_GB); 100 is the largest
+#: batch at which both modes fit (1.6 GiB), so that forward and reverse mode are compared on a batch, too.
+WORKLOAD_BATCHES = {
+    "cnn": ((1, 1), (100, 4), (1000, 8)) if TINY else ((1, 1), (100, 100), (1000, 1000)),
+}
+
+
+def batches(workload: str) -> tuple:
+    """(id, batch) pairs of ``workload``."""
+    return WORKLOAD_BATCHES.get(workload, BATCHES)
+
+
+def batch_ids(workload: str) -> tuple:
+    return tuple(b for b, _ in batches(workload))
 
 THREADS = int(os.environ.get("NNP_BENCH_THREADS") or os.cpu_count() or 1)
 MAX_CALL_S = float(os.environ.get("NNP_BENCH_MAX_CALL_S", "20"))

@@ -105,10 +105,16 @@ def machine_info() -> dict:
         "git_commit": _git_commit(),
         "uncommitted": _dirty(["csrc", "exporter", "runtime", "nnpartials"]),
         "tiny": config.TINY,
-        "batches": dict((str(k), v) for k, v in config.BATCHES),
+        "batches": {w: dict((str(k), v) for k, v in config.batches(w)) for w in _workload_names()},
         "argv": sys.argv,
         "report_command": os.environ.get("NNP_BENCH_COMMAND"),
     }
+
+
+def _workload_names():
+    from benchmarks.workloads import NAMES
+
+    return NAMES
 
 
 class BenchContext:
@@ -146,9 +152,9 @@ class BenchContext:
             w = self._workloads[name] = workloads.build(name)
             from benchmarks.paths import auto_mode
 
-            self.workload_info[name] = {"title": w.title, "architecture": w.describe(), "n_in": w.n_in,
-                                        "n_out": w.n_out, "auto_mode": auto_mode(w),
-                                        "forward_flops_per_point": w.forward_flops}
+            self.workload_info[name] = {"title": w.title, "kind": w.kind, "architecture": w.describe(),
+                                        "input_shape": list(w.input_shape), "n_in": w.n_in, "n_out": w.n_out,
+                                        "auto_mode": auto_mode(w), "forward_flops_per_point": w.forward_flops}
         return self._workloads[name]
 
     def bundle(self, name, mode):
@@ -158,14 +164,17 @@ class BenchContext:
 
             w = self.workload(name)
             t0 = time.perf_counter()
-            b = nnpartials.export(w.keras_model, os.path.join(self.tmp, f"{name}-{mode}"), mode=mode, overwrite=True)
+            opts = w.export_options(mode)
+            b = nnpartials.export(w.keras_model, os.path.join(self.tmp, f"{name}-{mode}"), mode=mode, overwrite=True,
+                                  **opts)
             secs = time.perf_counter() - t0
             import onnx
 
             nodes = {f: len(onnx.load_model_from_string(b.read(f)).graph.node) for f in ("model.onnx", "model.jac.onnx")}
-            self.exports[f"{name}/{mode}"] = {"seconds": secs, "nodes": nodes,
-                                              "c_core": b.manifest.get("c_core", {}).get("available"),
-                                              "c_core_reason": b.manifest.get("c_core", {}).get("reason")}
+            c_core = b.manifest.get("c_core", {})
+            self.exports[f"{name}/{mode}"] = {"seconds": secs, "nodes": nodes, "c_core": c_core.get("available"),
+                                              "c_core_reason": c_core.get("reason"),
+                                              "validation_points": b.manifest.get("validation", {}).get("points")}
             self._bundles[key] = b
         return self._bundles[key]
 
@@ -233,7 +242,24 @@ class BenchContext:
                         self._prior_records[f"{r['workload']}/{r['batch']}/{r['path']}"] = r
         return self._prior_records
 
+    def add_not_applicable(self):
+        """Record the cases not collected because their path does not apply to the workload (``Path.applies``), for
+        every workload this session ran: status "n/a" with the reason (not a skip)."""
+        from benchmarks.paths import PATHS
+
+        for name in sorted({r["workload"] for r in self.records.values() if r.get("status") != "n/a"}):
+            for batch_id, batch in config.batches(name):
+                for p in PATHS:
+                    reason = p.applies(name)
+                    key = f"{name}/{batch_id}/{p.name}"
+                    if not reason or key in self.records or (config.ONLY_PATHS and p.name not in config.ONLY_PATHS):
+                        continue
+                    self.records[key] = {"workload": name, "batch": batch_id, "batch_run": batch, "path": p.name,
+                                         "label": p.label, "family": p.family, "computes": p.computes,
+                                         "dtype": p.dtype, "status": "n/a", "reason": reason}
+
     def dump(self, path):
+        self.add_not_applicable()
         self.machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         self.machine["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         data = {"machine": self.machine, "workloads": self.workload_info, "exports": self.exports, "results": list(self.records.values()),

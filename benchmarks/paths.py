@@ -8,6 +8,14 @@ the path's native type inside ``call`` (JAX results are waited for with ``block_
 Families: ``floor`` (onnxruntime forward pass only), ``nnpartials`` (the companion graph in each mode, the
 ``Partials`` wrapper, the C core), ``peer`` (TensorFlow, JAX, PyTorch; the report's "fastest peer" is the
 fastest of these at each workload and batch size).
+
+Inputs reach every path in the model's own shape (``Workload.shaped``: ``[batch, 28, 28, 1]`` for ``cnn``,
+``[batch, n_in]`` otherwise; NCHW for PyTorch's convolutions), and every ``to_numpy`` gives dy/dx as
+``[batch, n_out, n_in]`` over the flattened (C-order, NHWC) features.
+
+A path that cannot run on this machine says why in ``available`` (a skip: a missing extra, no C compiler); a path
+that does not apply to a workload at all says why in ``applies`` (the C core on the convolutional workload): such
+a case is not collected, and the record lists it as ``n/a`` with the reason, not as a skip.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ class Path:
     flop_factor: Callable = None  # (workload) -> evaluations per point, overrides 1 + directions
     #: modules imported before the setup is timed (import cost is a per-process cost, not the path's setup)
     preload: tuple = ()
+    #: (workload name) -> None when the path applies to that workload, else why it does not (not a skip: the
+    #: case is not collected and the record says "n/a")
+    applies: Callable = lambda name: None
 
     def flops_per_point(self, w) -> int:
         if self.flop_factor is not None:
@@ -96,11 +107,16 @@ def _ort_session(path):
     return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def _flat_j(w, j):
+    """dy/dx from a path's own layout [batch, n_out, *input shape] to [batch, n_out, n_in]."""
+    return np.asarray(j).reshape(len(j), w.n_out, w.n_in)
+
+
 def make_ort_forward(ctx, w):
     bundle = ctx.bundle(w.name, auto_mode(w))
     sess = _ort_session(os.path.join(bundle.path, "model.onnx"))
     name = bundle.manifest["inputs"][0]["name"]
-    return Runner(call=lambda x: sess.run(None, {name: x}), to_numpy=lambda out: (out[0], None))
+    return Runner(call=lambda x: sess.run(None, {name: x}), prepare=w.shaped, to_numpy=lambda out: (out[0], None))
 
 
 def make_ort_jacobian(mode):
@@ -108,7 +124,8 @@ def make_ort_jacobian(mode):
         bundle = ctx.bundle(w.name, mode)
         sess = _ort_session(os.path.join(bundle.path, "model.jac.onnx"))
         name = bundle.manifest["inputs"][0]["name"]
-        return Runner(call=lambda x: sess.run(None, {name: x}), to_numpy=lambda out: (out[0], out[1]))
+        return Runner(call=lambda x: sess.run(None, {name: x}), prepare=w.shaped,
+                      to_numpy=lambda out: (out[0], _flat_j(w, out[1])))
 
     return make
 
@@ -118,10 +135,21 @@ def make_partials(ctx, w):
 
     bundle = ctx.bundle(w.name, auto_mode(w))
     p = nnpartials.Partials(bundle.path, threads=config.THREADS)
-    return Runner(call=p.jacobian, to_numpy=lambda out: out)
+    # an image goes in as [batch, 28, 28, 1], as a user would pass it (Partials also takes [batch, 784])
+    return Runner(call=p.jacobian, prepare=w.shaped, to_numpy=lambda out: out)
 
 
 # ----- the C core -------------------------------------------------------------------------------------------
+C_CORE_NA = ("not applicable: the C core covers dense chains only (Dense layers with elementwise activations); "
+             "this workload has convolutions and max-pooling, and its bundle has no model.nnp")
+
+
+def c_core_applies(name):
+    from benchmarks.workloads import kind
+
+    return None if kind(name) == "dense" else C_CORE_NA
+
+
 def kernel_available():
     try:
         importlib.import_module("nnpartials.runtime.kernel")
@@ -210,7 +238,8 @@ def make_tf(compiled):
             # no Python control flow to convert; autograph=False also keeps tracing independent of the source
             # file on disk (autograph re-reads it)
             fn = tf.function(fn, autograph=False)
-        return Runner(call=fn, prepare=tf.constant, to_numpy=lambda out: (out[0].numpy(), out[1].numpy()))
+        return Runner(call=fn, prepare=lambda x: tf.constant(w.shaped(x)),
+                      to_numpy=lambda out: (out[0].numpy(), _flat_j(w, out[1].numpy())))
 
     return make
 
@@ -230,10 +259,53 @@ def _jax_act(name):
     }[name]
 
 
+def _jax_cnn(w):
+    """(f(params, x) for one point x [28, 28, 1] → (y, y), params): the CNN in Keras's own layouts (NHWC, HWIO),
+    ``lax.conv_general_dilated`` and ``lax.reduce_window``."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from benchmarks.workloads import Conv, Dense, Flatten, MaxPool
+
+    ops = list(w.ops)
+    params = tuple((jnp.asarray(op.kernel), jnp.asarray(op.bias)) if isinstance(op, Conv) else
+                   (jnp.asarray(op.weight), jnp.asarray(op.bias)) if isinstance(op, Dense) else None for op in ops)
+    acts = {"relu": jax.nn.relu, "linear": lambda z: z, "softmax": jax.nn.softmax}
+
+    def f(params, x):
+        h = x[None]  # a batch of one: [1, H, W, C]
+        for op, p in zip(ops, params):
+            if isinstance(op, Conv):
+                h = acts[op.activation](lax.conv_general_dilated(
+                    h, p[0], (1, 1), op.padding.upper(), dimension_numbers=("NHWC", "HWIO", "NHWC")) + p[1])
+            elif isinstance(op, MaxPool):
+                k = (1, op.size, op.size, 1)
+                h = lax.reduce_window(h, -jnp.inf, lax.max, k, k, "VALID")  # a Python -inf: JAX sees max-pool
+            elif isinstance(op, Flatten):
+                h = h.reshape(-1)  # (h, w, c) order, as Keras's Flatten
+            else:
+                h = acts[op.activation](h @ p[0] + p[1])
+        return h, h
+
+    return f, params
+
+
 def make_jax(transform):
     def make(ctx, w):
         import jax
         import jax.numpy as jnp
+
+        if w.kind == "cnn":
+            f, params = _jax_cnn(w)
+            jac = getattr(jax, transform)(f, argnums=1, has_aux=True)
+            fn = jax.jit(jax.vmap(jac, in_axes=(None, 0)))
+
+            def call_cnn(x):
+                return jax.block_until_ready(fn(params, x))
+
+            return Runner(call=call_cnn, prepare=lambda x: jax.device_put(w.shaped(x)),
+                          to_numpy=lambda out: (np.asarray(out[1]), _flat_j(w, out[0])))
 
         acts = [_jax_act(a) for _, _, a in w.layers]
         params = [(jnp.asarray(W), jnp.asarray(b)) for W, b, _ in w.layers]
@@ -258,6 +330,58 @@ def make_jax(transform):
 
 
 # ----- PyTorch ----------------------------------------------------------------------------------------------
+def _torch_cnn(w):
+    """f(x) for one point x [C, H, W] → (y, y): the CNN in PyTorch's layouts. Kernels HWIO → OIHW; the input
+    NHWC → NCHW (in ``prepare``, outside the timed region; a reshape for one channel); the Dense weight's rows
+    reordered from Keras's (h, w, c) flatten order to NCHW's (c, h, w), so no activation is transposed back."""
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.workloads import Conv, Dense, Flatten, MaxPool
+
+    acts = {"relu": torch.relu, "linear": lambda z: z, "softmax": lambda z: torch.softmax(z, dim=-1)}
+    steps = []
+    shape = tuple(w.input_shape)  # NHWC shape of the current activation, per point
+    for op, out_shape in zip(w.ops, w.shapes[1:]):
+        if isinstance(op, Conv):
+            k = torch.from_numpy(np.ascontiguousarray(op.kernel.transpose(3, 2, 0, 1)))
+            steps.append(("conv", (k, torch.from_numpy(op.bias), op.padding, acts[op.activation])))
+        elif isinstance(op, MaxPool):
+            steps.append(("pool", op.size))
+        elif isinstance(op, Flatten):
+            flat_from = shape
+            steps.append(("flatten", None))
+        else:
+            W = op.weight
+            if steps and steps[-1][0] == "flatten":
+                h_, w_, c_ = flat_from
+                W = W.reshape(h_, w_, c_, -1).transpose(2, 0, 1, 3).reshape(h_ * w_ * c_, -1)
+            steps.append(("dense", (torch.from_numpy(np.ascontiguousarray(W)), torch.from_numpy(op.bias),
+                                    acts[op.activation])))
+        shape = out_shape
+
+    def f(x):
+        h = x[None]  # a batch of one: [1, C, H, W]
+        for kind, p in steps:
+            if kind == "conv":
+                h = p[3](F.conv2d(h, p[0], p[1], padding=p[2]))
+            elif kind == "pool":
+                h = F.max_pool2d(h, p)
+            elif kind == "flatten":
+                h = h.reshape(-1)  # (c, h, w) order: the Dense rows were reordered to match
+            else:
+                h = p[2](h @ p[0] + p[1])
+        return h, h
+
+    return f
+
+
+def _nchw_j(w, j):
+    """dy/dx [batch, n_out, C, H, W] from PyTorch → [batch, n_out, n_in] in NHWC (Keras) feature order."""
+    j = np.asarray(j)
+    return np.ascontiguousarray(j.transpose(0, 1, 3, 4, 2)).reshape(len(j), w.n_out, w.n_in)
+
+
 def make_torch(ctx, w):
     import torch
     import torch.nn.functional as F
@@ -266,6 +390,16 @@ def make_torch(ctx, w):
     from benchmarks.workloads import LEAKY_SLOPE
 
     torch.set_num_threads(config.THREADS)
+    if w.kind == "cnn":
+        jf_cnn = vmap(jacrev(_torch_cnn(w), has_aux=True))
+
+        def call_cnn(x):
+            with torch.no_grad():
+                return jf_cnn(x)
+
+        return Runner(call=call_cnn,
+                      prepare=lambda x: torch.from_numpy(np.ascontiguousarray(w.shaped(x).transpose(0, 3, 1, 2))),
+                      to_numpy=lambda out: (out[1].numpy(), _nchw_j(w, out[0].numpy())))
     acts = {"linear": lambda z: z, "leaky_relu": lambda z: torch.where(z > 0, z, LEAKY_SLOPE * z),
             "tanh": torch.tanh, "gelu": lambda z: F.gelu(z, approximate="none")}
     layers = [(torch.from_numpy(np.ascontiguousarray(W)), torch.from_numpy(b), acts[a]) for W, b, a in w.layers]
@@ -300,12 +434,12 @@ PATHS = [
          lambda w: _mode_k(auto_mode(w))(w), make_partials),
     Path("c_kernel", "C core analytic (Kernel.jacobian, threads split large batches)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
          make_kernel, available=kernel_available, blocked=True,
-         preload=("nnpartials.runtime.kernel",)),
+         preload=("nnpartials.runtime.kernel",), applies=c_core_applies),
     Path("c_alone", "C core analytic, C alone (nnp_jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
-         make_c_alone, available=c_alone_available, blocked=True, self_timed=True),
+         make_c_alone, available=c_alone_available, blocked=True, self_timed=True, applies=c_core_applies),
     Path("c_kernel_fd", "C core finite differences, float64 (Kernel.fd_jacobian)", "check", "J",
          lambda w: 4 * w.n_in, make_kernel_fd, available=kernel_available, dtype="float64", blocked=True,
-         preload=("nnpartials.runtime.kernel",),
+         preload=("nnpartials.runtime.kernel",), applies=c_core_applies,
          flop_factor=lambda w: 1 + 4 * w.n_in),
     Path("tf_function", "TensorFlow GradientTape in tf.function", "peer", "y+J", lambda w: w.n_out, make_tf(True),
          preload=("tensorflow",)),

@@ -1,7 +1,7 @@
 """Where onnxruntime spends its time in the forward and companion graphs (its own profiler, per op type).
 
-    python -m benchmarks.profile_ort                  # the three workloads, reverse mode, at the batches below
-    python -m benchmarks.profile_ort seed:100000 wide:1000
+    python -m benchmarks.profile_ort                  # the dense workloads, reverse mode, at the batches below
+    python -m benchmarks.profile_ort seed:100000 wide:1000 cnn:1000
 
 Prints, per graph, the node count before and after onnxruntime's graph optimisation and the share of kernel time
 per op type (a few runs after a warm-up). Used to explain the results in NOTES.md; not part of the timed suite.
@@ -31,8 +31,9 @@ def profile(name: str, batch: int, mode: str = "reverse", runs: int = 5, threads
     w = workloads.build(name)
     out = []
     with tempfile.TemporaryDirectory(prefix="nnp-prof-") as tmp:
-        b = nnpartials.export(w.keras_model, os.path.join(tmp, "bundle"), mode=mode, overwrite=True)
-        x = w.inputs(batch)
+        b = nnpartials.export(w.keras_model, os.path.join(tmp, "bundle"), mode=mode, overwrite=True,
+                              **w.export_options(mode))
+        x = w.shaped(w.inputs(batch))  # the model's own input shape ([batch, 28, 28, 1] for cnn)
         feed = {b.manifest["inputs"][0]["name"]: x}
         for f in ("model.onnx", "model.jac.onnx"):
             so = ort.SessionOptions()

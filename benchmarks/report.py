@@ -26,8 +26,8 @@ DISTURBED_GROUP = 0.25
 #: A peer ahead by less than this factor is called level (the run-to-run noise on a shared machine is larger).
 TIE = 1.10
 ANALYTIC_NNP = ("ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone")
-BATCH_LABEL = {1: "1", 1000: "1,000", 100000: "100,000"}
-WORKLOAD_ORDER = ("seed", "physics", "wide")
+BATCH_LABEL = {1: "1", 100: "100", 1000: "1,000", 10000: "10,000", 100000: "100,000"}
+WORKLOAD_ORDER = ("seed", "physics", "wide", "cnn")
 PATH_ORDER = ("ort_forward", "ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone", "c_kernel_fd",
               "tf_function", "tf_eager", "jax_jacrev", "jax_jacfwd", "torch_jacrev")
 SHORT = {
@@ -48,6 +48,8 @@ WORKLOAD_TITLE = {
     "seed": "seed network: Normalization + Dense 64, 64, 32, 32, 16, 16, 8 (LeakyReLU), Dense 1; 2 inputs → 1 output",
     "physics": "physics-style network: 3 inputs, 4 × Dense 256 tanh, 2 outputs",
     "wide": "wide-input network: 64 inputs, Dense 256, 256 gelu, 1 output",
+    "cnn": "small CNN: 28×28×1 image, Conv2D 8 3×3 relu, MaxPool 2, Conv2D 16 3×3 relu, MaxPool 2, Dense 10 softmax; "
+           "784 inputs → 10 outputs",
 }
 
 
@@ -166,7 +168,13 @@ class Results:
         self.machine = data.get("machine", {})
         self.rows = {(r["workload"], int(r["batch"]), r["path"]): r for r in data.get("results", [])}
         self.workloads = [w for w in WORKLOAD_ORDER if any(k[0] == w for k in self.rows)]
+        self.workloads += sorted({k[0] for k in self.rows} - set(self.workloads))
+        #: every batch size of the run (workloads have their own: see batches_of)
         self.batches = sorted({k[1] for k in self.rows})
+
+    def batches_of(self, w):
+        """The batch sizes workload ``w`` ran at."""
+        return sorted({k[1] for k in self.rows if k[0] == w})
 
     def get(self, w, b, p):
         return self.rows.get((w, b, p))
@@ -282,8 +290,10 @@ def section_flops(res):
     return [
         "## FLOP convention",
         "",
-        "Only the multiply-adds of the dense layers count: 2·in·out FLOPs per layer per point (normalization, bias "
-        f"additions and activations are not counted). One forward pass costs F per point ({f}). y with dy/dx "
+        "Only the multiply-adds of the dense and convolution layers count: 2·in·out FLOPs per dense layer per point, "
+        "2·k_h·k_w·c_in·c_out per output position of a convolution (out_h·out_w positions per point; normalization, "
+        "bias additions, activations, pooling and softmax are not counted). "
+        f"One forward pass costs F per point ({f}). y with dy/dx "
         "computed with K directions counts F·(1 + K) per point, with K as each path works: K = n_in for forward mode "
         "(companion graph in forward mode, jacfwd), K = n_out for reverse mode (companion graph in reverse mode, "
         "GradientTape, jacrev), K = min(n_in, n_out) for the C core's automatic mode. The float64 "
@@ -305,7 +315,7 @@ def section_tables(res):
              "other processes used while the case was timed (0% = the case had the machine to itself).", ""]
     for w in res.workloads:
         lines += [f"### {WORKLOAD_TITLE.get(w, w)}", ""]
-        for b in res.batches:
+        for b in res.batches_of(w):
             fp = res.fastest_peer(w, b)
             lines.append(f"**batch {BATCH_LABEL.get(b, b)}** — fastest peer: {SHORT.get(fp, fp) if fp else 'none measured'}")
             lines.append("")
@@ -320,6 +330,10 @@ def section_tables(res):
                 note = ""
                 if r["status"] == "skipped":
                     note = "skipped: " + (r.get("reason") or "")
+                elif r["status"] == "n/a":
+                    note = r.get("reason") or "not applicable"
+                    if not note.startswith("not applicable"):
+                        note = "not applicable: " + note
                 elif r["status"] == "failed":
                     note = "**failed**: " + (r.get("reason") or "")
                 elif r.get("timer", "").startswith("C program"):
@@ -345,7 +359,7 @@ def summary_table(res):
              "|---|---:|---:|---:|---|---|---:|"]
     for w in res.workloads:
         ap = res.auto_path(w)
-        for b in res.batches:
+        for b in res.batches_of(w):
             bn, fp = res.best_nnp(w, b), res.fastest_peer(w, b)
             ratio = res.t(w, b, bn) / res.t(w, b, fp) if bn and fp else None
             lines.append(f"| {w} | {BATCH_LABEL.get(b, b)} | {fmt_time(res.t(w, b, 'ort_forward'))} | "
@@ -460,11 +474,12 @@ def section_first_call(res):
     for w in res.workloads:
         lines.append(f"**{w}**")
         lines.append("")
-        lines.append("| path | " + " | ".join(f"batch {BATCH_LABEL.get(b, b)}" for b in res.batches) + " |")
-        lines.append("|---|" + "---:|" * len(res.batches))
-        for p in res.paths(w, res.batches[0]):
+        bs = res.batches_of(w)
+        lines.append("| path | " + " | ".join(f"batch {BATCH_LABEL.get(b, b)}" for b in bs) + " |")
+        lines.append("|---|" + "---:|" * len(bs))
+        for p in res.paths(w, bs[0]):
             cells = []
-            for b in res.batches:
+            for b in bs:
                 r = res.get(w, b, p)
                 if r and r.get("first_call_s") is not None:
                     cells.append(fmt_time((r.get("setup_s") or 0) + r["first_call_s"]))
@@ -491,7 +506,7 @@ def behind(res):
     """[(workload, batch, best nnpartials path, [(peer, ratio)], facts)] where a peer beats every nnpartials path."""
     out = []
     for w in res.workloads:
-        for b in res.batches:
+        for b in res.batches_of(w):
             bn = res.best_nnp(w, b)
             if bn is None:
                 continue
@@ -538,7 +553,7 @@ def paths_behind(res):
     graph a default export ships, Partials, Kernel) that are slower than the fastest peer."""
     out = []
     for w in res.workloads:
-        for b in res.batches:
+        for b in res.batches_of(w):
             slow = []
             for p in USER_PATHS:
                 p = res.auto_path(w) if p == "auto" else p
@@ -579,13 +594,18 @@ def section_behind(res):
     return lines
 
 
+def _count(n):
+    return {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}.get(n, str(n))
+
+
 def render(data, out_dir, command, notes_path=None):
     res = Results(data)
     os.makedirs(out_dir, exist_ok=True)
     png = os.path.join(out_dir, "ratios.png")
     chart_ok = chart(res, png)
     lines = ["# nnpartials benchmark results", ""]
-    lines.append("y and all partial derivatives dy_i/dx_j of three networks, per call, on the machine below. "
+    lines.append(f"y and all partial derivatives dy_i/dx_j of {_count(len(res.workloads))} networks, per call, on the "
+                 "machine below. "
                  "Reproduce with `python -m benchmarks.report` (see `benchmarks/README.md`).")
     if res.machine.get("tiny"):
         lines.append("")
@@ -623,18 +643,22 @@ def chart(res, path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return False
-    ws, bs = res.workloads, res.batches
-    if not ws or not bs:
+    ws = res.workloads
+    ncols = max((len(res.batches_of(w)) for w in ws), default=0)
+    if not ws or not ncols:
         return False
-    fig, axes = plt.subplots(len(ws), len(bs), figsize=(5.2 * len(bs), 0.42 * len(PATH_ORDER) * len(ws) + 1.2),
+    fig, axes = plt.subplots(len(ws), ncols, figsize=(5.2 * ncols, 0.42 * len(PATH_ORDER) * len(ws) + 1.2),
                              squeeze=False, sharey="row")
-    allv = [res.ratio_peer(w, b, p) for w in ws for b in bs for p in PATH_ORDER]
+    allv = [res.ratio_peer(w, b, p) for w in ws for b in res.batches_of(w) for p in PATH_ORDER]
     allv = [v for v in allv if v]
     lo = min(allv + [0.5]) / 2.5
     hi = max(allv + [2.0]) * 4
     from matplotlib.ticker import LogLocator, NullFormatter
 
     for i, w in enumerate(ws):
+        bs = res.batches_of(w)
+        for j in range(len(bs), ncols):  # a workload with fewer batch sizes than the widest row
+            axes[i][j].set_visible(False)
         for j, b in enumerate(bs):
             ax = axes[i][j]
             names = list(PATH_ORDER)
@@ -649,7 +673,7 @@ def chart(res, path) -> bool:
                     ax.text(max(v, 1.0) * 1.12, y, fmt_ratio(v), va="center", fontsize=7)
                 else:
                     why = "skipped" if r and r["status"] == "skipped" else "failed" if r and r["status"] == "failed" \
-                        else "not timed" if r else "—"
+                        else "n/a" if r and r["status"] == "n/a" else "not timed" if r else "—"
                     ax.text(1.12, y, why, va="center", fontsize=7, color="#777")
             ax.axvline(1.0, color="k", lw=0.8)
             ax.set_xscale("log")

@@ -10,6 +10,9 @@ compared with each other run next to each other in time. Each case:
    time per call = the median over rounds.
 
 With ``--benchmark-disable`` steps 1–3 run and the timed call runs once.
+
+Each workload has its own batch sizes (``config.batches``). A path that does not apply to a workload
+(``Path.applies``: the C core on the convolutional workload) has no case; the record lists it as "n/a".
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ def _cases():
     for w in NAMES:
         if config.ONLY_WORKLOADS and w not in config.ONLY_WORKLOADS:
             continue
-        for b in config.BATCH_IDS:
+        for b in config.batch_ids(w):
             for p in PATHS:
                 if config.ONLY_PATHS and p.name not in config.ONLY_PATHS:
+                    continue
+                if p.applies(w):  # not applicable: recorded as "n/a" by the session (conftest), not collected
                     continue
                 # a self-timed path (the C program) leaves pytest-benchmark's fixture unused, by design
                 marks = [pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")] if p.self_timed else []
@@ -92,7 +97,7 @@ def _timed(fn, x):
 @pytest.mark.parametrize("workload,batch_id,path", _cases())
 def test_partials(benchmark, bench, workload, batch_id, path):
     p = BY_NAME[path]
-    batch = dict(config.BATCHES)[batch_id]
+    batch = dict(config.batches(workload))[batch_id]
     rec = {"workload": workload, "batch": batch_id, "batch_run": batch, "path": path, "label": p.label,
            "family": p.family, "computes": p.computes, "dtype": p.dtype, "status": "failed", "reason": None}
     bench.records[f"{workload}/{batch_id}/{path}"] = rec

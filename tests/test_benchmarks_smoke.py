@@ -2,7 +2,9 @@
 
 Equivalent command: ``NNP_BENCH_TINY=1 python -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider``.
 Timings never fail this test: it checks that every benchmark case runs (or skips with a reason, e.g. JAX or
-PyTorch not installed), that every path agrees with the float64 reference, and that the report renders.
+PyTorch not installed), that every path agrees with the float64 reference, and that the report renders. The four
+workloads run, the convolutional ``cnn`` included; a path that does not apply to a workload (the C core on ``cnn``)
+is not a skip: it has no case, and the record lists it as "n/a" with the reason.
 """
 
 from __future__ import annotations
@@ -40,13 +42,22 @@ def tiny_record(tmp_path_factory):
 def test_every_benchmark_case_runs_or_skips_with_a_reason(tiny_record):
     data, _ = tiny_record
     results = data["results"]
-    from benchmarks.paths import PATHS
+    from benchmarks import config
+    from benchmarks.paths import BY_NAME, PATHS
     from benchmarks.workloads import NAMES
 
-    assert len(results) == len(PATHS) * len(NAMES) * 3
+    assert "cnn" in NAMES
+    assert len(results) == sum(len(PATHS) * len(config.batch_ids(w)) for w in NAMES)
+    assert {(r["workload"], r["batch"], r["path"]) for r in results} == {
+        (w, b, p.name) for w in NAMES for b in config.batch_ids(w) for p in PATHS}
     for r in results:
-        assert r["status"] in ("ok", "skipped"), r
-        if r["status"] == "skipped":
+        assert r["status"] in ("ok", "skipped", "n/a"), r
+        na = BY_NAME[r["path"]].applies(r["workload"])
+        # "n/a" exactly where the path does not apply (the C core on the CNN), with the path's stated reason
+        assert (r["status"] == "n/a") == bool(na), r
+        if r["status"] == "n/a":
+            assert r["reason"] == na and r["reason"].startswith("not applicable"), r
+        elif r["status"] == "skipped":
             assert r["reason"], r
         else:
             assert r["max_err"] is not None and r["max_err"] <= data["config"]["agree"], r
@@ -57,6 +68,9 @@ def test_every_benchmark_case_runs_or_skips_with_a_reason(tiny_record):
             assert r["status"] == "ok", r
         if r["path"].startswith(("jax_", "torch_")) and r["status"] == "skipped":
             assert "not installed" in r["reason"] and "[peers]" in r["reason"], r
+    cnn = [r for r in results if r["workload"] == "cnn"]
+    assert {r["path"] for r in cnn if r["status"] == "n/a"} == {"c_kernel", "c_alone", "c_kernel_fd"}
+    assert data["workloads"]["cnn"]["n_in"] == 784 and data["workloads"]["cnn"]["n_out"] == 10
 
 
 @pytest.mark.slow
@@ -70,7 +84,58 @@ def test_report_renders_from_a_tiny_run(tiny_record):
                     "## Machine and settings", "## Where nnpartials is behind"):
         assert heading in text
     assert "Tiny run" in text
+    assert "### small CNN" in text and "**batch 100** " in text and "not applicable: the C core" in text
     assert (out / "ratios.png").stat().st_size > 1000
+
+
+def test_cnn_reference_is_the_derivative_and_inputs_avoid_kinks():
+    """The float64 reference of the convolutional workload against float64 central differences of its own forward
+    pass, the FLOP count of the convention, and the kink margin of the drawn inputs."""
+    from benchmarks import workloads
+
+    w = workloads.build("cnn")
+    assert (w.n_in, w.n_out, w.max_width) == (784, 10, 26 * 26 * 8)
+    assert w.forward_flops == 2 * 9 * 1 * 8 * 26 * 26 + 2 * 9 * 8 * 16 * 11 * 11 + 2 * 400 * 10
+    x = w.inputs(3)
+    assert x.shape == (3, 784) and x.dtype == np.float32 and 0 <= x.min() and x.max() < 1
+    y, j = workloads.reference(w, x)
+    assert workloads.cnn_forward(w, x)[2].min() >= workloads.KINK_MARGIN
+    yk = np.asarray(w.keras_model(w.shaped(x)))
+    assert np.abs(yk - y).max() < 1e-6 and np.allclose(y.sum(axis=1), 1.0)
+    h = 1e-6
+    x64 = x.astype(np.float64)
+    fd = np.empty_like(j)
+    for k in range(784):
+        e = np.zeros(784)
+        e[k] = h
+        fd[:, :, k] = (workloads.cnn_forward(w, x64 + e)[0] - workloads.cnn_forward(w, x64 - e)[0]) / (2 * h)
+    assert np.abs(fd - j).max() <= 1e-8 * max(1.0, np.abs(j).max())
+    assert np.abs(j).max() > 1e-4  # not trivially zero
+
+
+def test_report_renders_per_workload_batches_and_not_applicable(tmp_path):
+    from benchmarks import report
+
+    data = {"machine": {}, "workloads": {"cnn": {"auto_mode": "reverse", "forward_flops_per_point": 384128},
+                                         "seed": {"auto_mode": "reverse", "forward_flops_per_point": 16400}},
+            "results": [
+                _rec("seed", 1, "ort_jac_reverse", 14e-6, "nnpartials"),
+                _rec("seed", 100000, "ort_jac_reverse", 30e-3, "nnpartials"),
+                _rec("cnn", 1, "ort_jac_reverse", 1e-4, "nnpartials"),
+                _rec("cnn", 1, "jax_jacrev", 2e-4, "peer"),
+                _rec("cnn", 100, "ort_jac_reverse", 1e-3, "nnpartials"),
+                _rec("cnn", 100, "jax_jacrev", 2e-3, "peer"),
+                {"workload": "cnn", "batch": 100, "path": "c_kernel", "family": "nnpartials", "status": "n/a",
+                 "reason": "not applicable: the C core covers dense chains only"},
+            ]}
+    res = report.Results(data)
+    assert res.workloads == ["seed", "cnn"]
+    assert res.batches_of("cnn") == [1, 100] and res.batches_of("seed") == [1, 100000]
+    assert res.ratio_peer("cnn", 100, "ort_jac_reverse") == pytest.approx(0.5)
+    text = open(report.render(data, str(tmp_path), "test")).read()
+    assert "### small CNN" in text and "**batch 100** " in text
+    assert "not applicable: the C core covers dense chains only" in text
+    assert "2·k_h·k_w·c_in·c_out" in text
 
 
 def _rec(w, b, p, t, family, flops=1e6):
