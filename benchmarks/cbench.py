@@ -1,8 +1,8 @@
 """Build and run ``csrc/bench/nnp_bench.c``: the C core timed from C alone, without Python.
 
-The program is compiled from ``csrc/nnp.c`` with the C library's own optimisation flags (``csrc/Makefile`` and
-the cffi build: ``-O3 -ffp-contract=fast -fno-trapping-math``, no ``-march``), so it measures what a user linking
-the library gets by default.
+The program is compiled with the C library's units (``csrc/nnp*.c``, the files of ``SOURCES`` in ``csrc/build_ffi.py``)
+and its own optimisation flags (``csrc/Makefile`` and the cffi build: ``-O3 -ffp-contract=fast -fno-trapping-math``,
+no ``-march``), so it measures what a user linking the library gets by default.
 ``NNP_BENCH_CFLAGS`` replaces those flags (e.g. ``-O3 -march=native``).
 """
 
@@ -21,6 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
 SOURCE = os.path.join(CSRC, "bench", "nnp_bench.c")
+# the C core's units, as csrc/build_ffi.py and csrc/Makefile list them (tests/test_c_build.py checks that they agree)
+LIBRARY_SOURCES = ("nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c")
 DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast -fno-trapping-math"
 
 
@@ -36,7 +38,7 @@ def unavailable():
     """None when the C-alone benchmark can be built here, else why not."""
     if compiler() is None:
         return "no C compiler (cc, gcc or clang) on PATH"
-    for f in ("nnp.c", "nnp.h"):
+    for f in ("nnp.h", *LIBRARY_SOURCES):
         if not os.path.exists(os.path.join(CSRC, f)):
             return f"csrc/{f} is missing"
     return None
@@ -53,7 +55,8 @@ def compiler_version() -> str:
 def build(out_dir: str) -> str:
     """Compile the program into ``out_dir``; returns the executable's path."""
     exe = os.path.join(out_dir, "nnp_bench")
-    cmd = [compiler(), *shlex.split(cflags()), "-I", CSRC, SOURCE, os.path.join(CSRC, "nnp.c"), "-lm", "-o", exe]
+    cmd = [compiler(), *shlex.split(cflags()), "-I", CSRC, SOURCE, *(os.path.join(CSRC, f) for f in LIBRARY_SOURCES),
+           "-lm", "-o", exe]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
         raise RuntimeError(f"building the C benchmark failed: {' '.join(cmd)}\n{res.stderr}")

@@ -1,4 +1,4 @@
-"""cffi build script for ``nnpartials._core`` (API mode, out-of-line), compiled from ``csrc/nnp.c``.
+"""cffi build script for ``nnpartials._core`` (API mode, out-of-line), compiled from the C core's units (``SOURCES``).
 
 Used by ``setup.py`` (``cffi_modules=["csrc/build_ffi.py:ffibuilder"]``). The cdef below mirrors ``csrc/nnp.h``;
 ``tests/test_c_build.py::test_cdef_matches_header`` checks that they agree.
@@ -10,6 +10,9 @@ import sys
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The library's units: every csrc/nnp*.c, as in csrc/Makefile's SRCS (tests/test_c_build.py checks that they agree).
+SOURCES = ["nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c"]
+HEADERS = ["nnp.h", "nnp_internal.h", "nnp_simd.h", "nnp_kernels.h"]
 
 CDEF = """
 #define NNP_FORMAT_VERSION 1
@@ -101,8 +104,9 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "nnpartials._core",
     '#include "nnp.h"\n',
-    sources=[os.path.relpath(os.path.join(HERE, "nnp.c"))],
+    sources=[os.path.relpath(os.path.join(HERE, f)) for f in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
+    depends=[os.path.relpath(os.path.join(HERE, f)) for f in HEADERS],
     extra_compile_args=_compile_args(),
     libraries=[] if sys.platform == "win32" else ["m"],
 )

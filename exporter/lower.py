@@ -101,7 +101,7 @@ def _kinks(act, p0, p1):
 
 
 def _c_slope(act, p0, p1, v, fused=False):
-    """The C core's derivative of an activation at float32 pre-activations v (``act_d_f32`` in csrc/nnp.c: the
+    """The C core's derivative of an activation at float32 pre-activations v (``act_d_f32`` in csrc/nnp_kernels.h: the
     same branch conditions, in float32, so a kink gets the C core's convention), as float64. fused: hard_sigmoid's
     ``p0 * v + p1`` as one fused multiply-add (the C core is built with -ffp-contract=fast, and its AVX2+FMA build
     contracts it) instead of two roundings."""

@@ -1,13 +1,17 @@
-"""The C core on its own: `make test valgrind sanitize`, a short libFuzzer run, the plain-C (-DNNP_PLAIN_C) and
-no-dispatch (-DNNP_NO_DISPATCH) builds' tests, warnings under both compilers, and the standalone example compiled
-with plain `cc` against Kernel's results.
+"""The C core on its own: `make test valgrind sanitize`, a short libFuzzer run, the plain-C (-DNNP_PLAIN_C, with and
+without run-time dispatch) and no-dispatch (-DNNP_NO_DISPATCH) builds' tests, warnings under both compilers, the
+standalone example compiled with plain `cc` exactly as README.md says against Kernel's results, and the lists of the
+library's source files in its builds.
 
-Compiling nnp.c takes from a few seconds to over a minute of CPU per flavour, so each flavour is built once per
-session, in its own out-<flavour> folder of one private copy of csrc/, and make's own dependency tracking lets every
-later test reuse it. Time limits are generous (a busy 2-core machine); a step that runs out of time fails with its
-name, its command and the limit."""
+Compiling the library (csrc/nnp*.c) takes from a few seconds to over a minute of CPU per flavour, so each flavour is
+built once per session, in its own out-<flavour> folder of one private copy of csrc/, and make's own dependency
+tracking lets every later test reuse it. Time limits are generous (a busy 2-core machine); a step that runs out of
+time fails with its name, its command and the limit."""
 
+import glob
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -98,9 +102,11 @@ def test_make_test(flavours):
 
 @needs_cc
 @pytest.mark.parametrize("name, cflags, optflags", [
-    # the plain C99 kernels instead of the vector-extension ones, as a compiler without GNU extensions (and so
-    # without run-time dispatch either) builds them
-    ("plain-c", "-DNNP_PLAIN_C -DNNP_NO_DISPATCH", None),
+    # the plain C99 kernels instead of the vector-extension ones, in both builds of the run-time dispatch (on an
+    # AVX2 machine the AVX2+FMA one runs)
+    ("plain-c", "-DNNP_PLAIN_C", None),
+    # the same without dispatch, as a compiler without GNU extensions builds them (for the baseline target)
+    ("plain-c-no-dispatch", "-DNNP_PLAIN_C -DNNP_NO_DISPATCH", None),
     # vector extensions built once for the target, without the AVX2 clones; at -O2, the warnings' level of old
     ("no-dispatch", "-DNNP_NO_DISPATCH", "-O2"),
 ])
@@ -145,27 +151,54 @@ def test_warning_free(flavours, compiler, tmp_path):
     """No warning under -Wall -Wextra -pedantic (and -Werror) from either compiler, with and without dispatch."""
     if shutil.which(compiler) is None:
         pytest.skip(f"{compiler} is not installed")
-    # nnp.c, tests/test_nnp.c, examples/nnp_predict.c: the Makefile's build has -Werror. When `compiler` is cc (often
-    # gcc) these are flavours that the tests above already built (-O3, and -O2 without dispatch); another compiler
-    # builds them at -O2, the level at which this test has always compiled them
+    # the library, tests/test_nnp.c, examples/nnp_predict.c: the Makefile's build has -Werror. When `compiler` is cc
+    # (often gcc) these are flavours that the tests above already built (-O3, and -O2 without dispatch); another
+    # compiler builds them at -O2, the level at which this test has always compiled them
     same_as_cc = os.path.realpath(shutil.which(compiler)) == os.path.realpath(shutil.which("cc") or "cc")
     flavours.build(compiler, cc=compiler, optflags=None if same_as_cc else "-O2")
     flavours.build(f"no-dispatch-{compiler}", cc=compiler, cflags="-DNNP_NO_DISPATCH", optflags="-O2")
-    # the other two programs, without nnp.c (their builds link it, and it is checked above)
+    # the other two programs, without the library (their builds link it, and it is checked above)
     for src in ("fuzz/fuzz_parse.c", "bench/nnp_bench.c"):
         _run(f"compile {src} with {compiler}",
              [compiler, *WARN_FLAGS, "-I", flavours.csrc, "-c", os.path.join(flavours.csrc, src),
               "-o", str(tmp_path / "x.o")], timeout=BUILD_TIMEOUT)
 
 
+def _readme_example_command(csrc, exe):
+    """README.md's one-line build of the example, word for word, with its csrc/ being `csrc` and its output `exe`;
+    a word with a wildcard is expanded as a shell would (sorted)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.startswith("cc ") and "examples/nnp_predict.c" in line]
+    assert len(lines) == 1, f"README.md should show exactly one `cc ...` line building the example: {lines}"
+    cmd = []
+    for word in shlex.split(lines[0]):
+        if word == "csrc" or word.startswith("csrc/"):
+            word = csrc + word[len("csrc"):]
+        if any(c in word for c in "*?["):
+            matches = sorted(glob.glob(word))
+            assert matches, f"README.md's {word!r} matches no file"
+            cmd += matches
+        else:
+            cmd.append(word)
+    assert cmd[cmd.index("-o") + 1] == "nnp_predict", cmd
+    cmd[cmd.index("-o") + 1] = exe
+    return cmd
+
+
+def test_readme_example_command_is_what_the_example_says():
+    """The example's own comment gives the same build line as README.md."""
+    with open(os.path.join(CSRC, "examples", "nnp_predict.c"), encoding="utf-8") as f:
+        said = re.search(r"Build: (cc .*)", f.read()).group(1).strip()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert any(line.split("#")[0].strip() == said for line in f), said
+
+
 @pytest.fixture(scope="session")
 def example_exe(flavours, tmp_path_factory):
     """The standalone example built once with plain cc, exactly as README.md and nnp_predict.c tell a user to."""
-    csrc = flavours.csrc
     exe = str(tmp_path_factory.mktemp("example") / "nnp_predict")
-    _run("build the standalone example with plain cc (README)",
-         ["cc", "-std=c99", "-O2", "-I", csrc, os.path.join(csrc, "examples", "nnp_predict.c"),
-          os.path.join(csrc, "nnp.c"), "-lm", "-o", exe], timeout=BUILD_TIMEOUT)
+    _run("build the standalone example with plain cc (README)", _readme_example_command(flavours.csrc, exe),
+         timeout=BUILD_TIMEOUT)
     return exe
 
 
@@ -246,3 +279,28 @@ def test_cdef_matches_header():
         assert norm(p) in cdef, p
     for name, value in re.findall(r"#define (NNP_(?:E_\w+|OK|MODE_\w+|WS_\w+|ACT_\w+))\s+\(?(-?\d+)\)?", header):
         assert re.search(rf"#define {name} {value}\b", build_ffi.CDEF), name
+
+
+def test_source_lists_agree():
+    """The library is every csrc/nnp*.c: the Makefile, the cffi build and the C benchmark list exactly those files,
+    and MANIFEST.in ships them and the private headers (the sdist must build)."""
+    sys.path.insert(0, CSRC)
+    try:
+        import importlib
+
+        build_ffi = importlib.import_module("build_ffi")
+    finally:
+        sys.path.remove(CSRC)
+    from benchmarks import cbench
+
+    units = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CSRC, "nnp*.c")))
+    headers = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CSRC, "nnp*.h")))
+    with open(os.path.join(CSRC, "Makefile")) as f:
+        make = f.read()
+    assert sorted(re.search(r"^SRCS = (.*)$", make, re.M).group(1).split()) == units
+    assert sorted(re.search(r"^HDRS = (.*)$", make, re.M).group(1).split()) == headers
+    assert sorted(build_ffi.SOURCES) == units and sorted(build_ffi.HEADERS) == headers
+    assert sorted(cbench.LIBRARY_SOURCES) == units
+    with open(os.path.join(ROOT, "MANIFEST.in")) as f:
+        manifest = f.read()
+    assert re.search(r"^include .*csrc/\*\.c .*csrc/\*\.h", manifest, re.M), "MANIFEST.in must ship csrc/*.c and *.h"

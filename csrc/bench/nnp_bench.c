@@ -24,7 +24,7 @@
  * Times are wall-clock (CLOCK_MONOTONIC); built with -DNNP_BENCH_CPUTIME they are the process's CPU time instead
  * (for a machine shared with other load).
  *
- * Build: cc -std=c99 -O3 -ffp-contract=fast -fno-trapping-math csrc/bench/nnp_bench.c csrc/nnp.c -lm -o nnp_bench
+ * Build: cc -std=c99 -O3 -ffp-contract=fast -fno-trapping-math csrc/bench/nnp_bench.c csrc/nnp*.c -lm -o nnp_bench
  */
 #define _POSIX_C_SOURCE 199309L
 #include "../nnp.h"

@@ -7,7 +7,7 @@
  * with '#' are skipped. Output: one line per point with the n_out outputs y_i followed by the n_out * n_in
  * partials dy_i/dx_j (i-major: dy_0/dx_0 dy_0/dx_1 ... dy_1/dx_0 ...), separated by spaces.
  *
- * Build: cc -std=c99 -O2 -I csrc csrc/examples/nnp_predict.c csrc/nnp.c -lm -o nnp_predict
+ * Build: cc -std=c99 -O2 -I csrc csrc/examples/nnp_predict.c csrc/nnp*.c -lm -o nnp_predict
  */
 #include "nnp.h"
 

@@ -2,7 +2,7 @@
  * crc32_bitwise.h - CRC-32 (IEEE 802.3: reflected, polynomial 0xEDB88320, initial value and final xor 0xFFFFFFFF),
  * one bit at a time, for the test tools (tests/test_nnp.c, fuzz/fuzz_parse.c).
  *
- * A reference implementation, written independently of nnp.c's table-driven CRC-32, so that a mistake in the
+ * A reference implementation, written independently of nnp_format.c's table-driven CRC-32, so that a mistake in the
  * library's table or loop cannot hide behind the same mistake in the files the tests write. Slow; test use only.
  */
 #ifndef NNP_TESTS_CRC32_BITWISE_H

@@ -1,0 +1,260 @@
+/*
+ * nnp_kernels.h - private to the C core: the float32 pieces that the batch kernels (nnp_batch.c) and the
+ * single-point path (nnp_point.c) share: activations with their derivatives, and dot products. All are
+ * always-inline, so that each dispatched block function compiles its own copy for its target (nnp_simd.h).
+ */
+#ifndef NNP_KERNELS_H
+#define NNP_KERNELS_H
+
+#include "nnp_internal.h"
+
+/* dot product over contiguous memory with 8 independent lanes (vectorizes without reassociation) */
+NNP_INLINE float dot8(size_t k, const float *a, const float *b)
+{
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t p = 0;
+    int l;
+    float s;
+    for (; p + 8 <= k; p += 8)
+        for (l = 0; l < 8; l++) acc[l] += a[p + l] * b[p + l];
+    s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; p < k; p++) s += a[p] * b[p];
+    return s;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Activations (float32). z holds pre-activations with the bias not yet added.                            */
+
+#define SQRT1_2F 0.70710678118654752440f
+#define INV_SQRT_2PI_F 0.39894228040143267794f
+#define SQRT_2_OVER_PI_F 0.79788456080286535588f
+#define GELU_C 0.044715f
+
+/* z <- f(z + b) for n contiguous entries */
+NNP_INLINE void act_f32(const nnp_layer *L, float *NNP_RESTRICT z, size_t n)
+{
+    const float *b = L->b;
+    const float p0 = L->p0, p1 = L->p1;
+    size_t j;
+    switch (L->act) {
+    case NNP_ACT_LINEAR:
+        for (j = 0; j < n; j++) z[j] += b[j];
+        break;
+    case NNP_ACT_RELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : v;
+        }
+        break;
+    case NNP_ACT_LEAKY_RELU:
+        for (j = 0; j < n; j++) {
+            const float v = z[j] + b[j], neg = p0 * v;
+            z[j] = v > 0.0f ? v : neg;
+        }
+        break;
+    case NNP_ACT_ELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v > 0.0f ? v : p0 * expm1f(v);
+        }
+        break;
+    case NNP_ACT_SELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v > 0.0f ? p1 * v : p1 * p0 * expm1f(v);
+        }
+        break;
+    case NNP_ACT_TANH:
+        for (j = 0; j < n; j++) z[j] = tanhf(z[j] + b[j]);
+        break;
+    case NNP_ACT_SIGMOID:
+        for (j = 0; j < n; j++) z[j] = 1.0f / (1.0f + expf(-(z[j] + b[j])));
+        break;
+    case NNP_ACT_HARD_SIGMOID:
+        for (j = 0; j < n; j++) {
+            float t = p0 * (z[j] + b[j]) + p1;
+            z[j] = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
+        }
+        break;
+    case NNP_ACT_SOFTPLUS:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = (v > 0.0f ? v : 0.0f) + log1pf(expf(-fabsf(v)));
+        }
+        break;
+    case NNP_ACT_SOFTSIGN:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v * (1.0f / (1.0f + fabsf(v)));
+        }
+        break;
+    case NNP_ACT_SWISH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v * (1.0f / (1.0f + expf(-v)));
+        }
+        break;
+    case NNP_ACT_GELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = 0.5f * v * (1.0f + erff(v * SQRT1_2F));
+        }
+        break;
+    case NNP_ACT_GELU_TANH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = 0.5f * v * (1.0f + tanhf(SQRT_2_OVER_PI_F * (v + GELU_C * v * v * v)));
+        }
+        break;
+    case NNP_ACT_RELU6:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v);
+        }
+        break;
+    default: /* NNP_ACT_EXPONENTIAL; codes were validated at load */
+        for (j = 0; j < n; j++) z[j] = expf(z[j] + b[j]);
+        break;
+    }
+}
+
+/* z <- f(z + b) and d <- f'(z + b); the derivative uses the output where that is cheaper.
+ * Kinks follow TensorFlow: relu'(0) = 0, leaky'(0) = alpha, elu'(0) = alpha (x <= 0 branch), selu'(0) = scale
+ * (as tf.nn.selu's gradient), relu6' and hard_sigmoid' are 0 at both ends of the linear part. */
+NNP_INLINE void act_d_f32_at(const nnp_layer *L, const float *b, float *NNP_RESTRICT z, float *NNP_RESTRICT d,
+                             size_t n)
+{
+    const float p0 = L->p0, p1 = L->p1;
+    size_t j;
+    switch (L->act) {
+    case NNP_ACT_LINEAR:
+        for (j = 0; j < n; j++) {
+            z[j] += b[j];
+            d[j] = 1.0f;
+        }
+        break;
+    case NNP_ACT_RELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : v;
+            d[j] = v > 0.0f ? 1.0f : 0.0f;
+        }
+        break;
+    case NNP_ACT_LEAKY_RELU:
+        for (j = 0; j < n; j++) {
+            /* both sides computed unconditionally: selects only, so the loop vectorizes */
+            const float v = z[j] + b[j], neg = p0 * v;
+            z[j] = v > 0.0f ? v : neg;
+            d[j] = v > 0.0f ? 1.0f : p0;
+        }
+        break;
+    case NNP_ACT_ELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            if (v > 0.0f) {
+                z[j] = v;
+                d[j] = 1.0f;
+            } else {
+                float e = expm1f(v);
+                z[j] = p0 * e;
+                d[j] = p0 * (e + 1.0f);
+            }
+        }
+        break;
+    case NNP_ACT_SELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            if (v < 0.0f) {
+                float e = expm1f(v);
+                z[j] = p1 * p0 * e;
+                d[j] = p1 * p0 * (e + 1.0f);
+            } else {
+                z[j] = p1 * v;
+                d[j] = p1;
+            }
+        }
+        break;
+    case NNP_ACT_TANH:
+        for (j = 0; j < n; j++) {
+            float a = tanhf(z[j] + b[j]);
+            z[j] = a;
+            d[j] = 1.0f - a * a;
+        }
+        break;
+    case NNP_ACT_SIGMOID:
+        for (j = 0; j < n; j++) {
+            float a = 1.0f / (1.0f + expf(-(z[j] + b[j])));
+            z[j] = a;
+            d[j] = a * (1.0f - a);
+        }
+        break;
+    case NNP_ACT_HARD_SIGMOID:
+        for (j = 0; j < n; j++) {
+            float t = p0 * (z[j] + b[j]) + p1;
+            z[j] = t < 0.0f ? 0.0f : (t > 1.0f ? 1.0f : t);
+            d[j] = (t > 0.0f && t < 1.0f) ? p0 : 0.0f;
+        }
+        break;
+    case NNP_ACT_SOFTPLUS:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float e = expf(-fabsf(v));
+            z[j] = (v > 0.0f ? v : 0.0f) + log1pf(e);
+            d[j] = (v >= 0.0f ? 1.0f : e) / (1.0f + e);
+        }
+        break;
+    case NNP_ACT_SOFTSIGN:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float q = 1.0f / (1.0f + fabsf(v));
+            z[j] = v * q;
+            d[j] = q * q;
+        }
+        break;
+    case NNP_ACT_SWISH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float s = 1.0f / (1.0f + expf(-v));
+            z[j] = v * s;
+            d[j] = s * (1.0f + v * (1.0f - s));
+        }
+        break;
+    case NNP_ACT_GELU:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float c = 0.5f * (1.0f + erff(v * SQRT1_2F));
+            z[j] = v * c;
+            d[j] = c + v * INV_SQRT_2PI_F * expf(-0.5f * v * v);
+        }
+        break;
+    case NNP_ACT_GELU_TANH:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            float t = tanhf(SQRT_2_OVER_PI_F * (v + GELU_C * v * v * v));
+            z[j] = 0.5f * v * (1.0f + t);
+            d[j] = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * SQRT_2_OVER_PI_F * (1.0f + 3.0f * GELU_C * v * v);
+        }
+        break;
+    case NNP_ACT_RELU6:
+        for (j = 0; j < n; j++) {
+            float v = z[j] + b[j];
+            z[j] = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v);
+            d[j] = (v > 0.0f && v < 6.0f) ? 1.0f : 0.0f;
+        }
+        break;
+    default: /* NNP_ACT_EXPONENTIAL */
+        for (j = 0; j < n; j++) {
+            float a = expf(z[j] + b[j]);
+            z[j] = a;
+            d[j] = a;
+        }
+        break;
+    }
+}
+
+NNP_INLINE void act_d_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP_RESTRICT d, size_t n)
+{
+    act_d_f32_at(L, L->b, z, d, n);
+}
+
+#endif /* NNP_KERNELS_H */
