@@ -53,6 +53,8 @@ class GraphBuilder:
         for t in list(self.graph.input) + list(self.graph.output) + list(self.graph.initializer):
             self.names.add(t.name)
         self.shapes: dict[str, tuple] = {}
+        #: symbolic dimension names where shape inference gave them ("batch" for the batch axis)
+        self.dim_params: dict[str, tuple] = {}
         self.dtypes: dict[str, int] = {}
         self.const_values: dict[str, np.ndarray] = {}
         #: derivative tensors known to have a real batch axis (not broadcast from size 1)
@@ -76,6 +78,7 @@ class GraphBuilder:
             if not tt.HasField("shape"):
                 continue
             self.shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+            self.dim_params[vi.name] = tuple(d.dim_param if d.HasField("dim_param") else None for d in tt.shape.dim)
             self.dtypes[vi.name] = tt.elem_type
         for init in self.graph.initializer:
             arr = numpy_helper.to_array(init)
@@ -98,6 +101,15 @@ class GraphBuilder:
 
     def shape(self, name):
         return self.shapes.get(name)
+
+    def unknown_axes(self, name) -> list:
+        """Axes of ``name`` whose size the graph does not give and that are not the batch axis (missing shape
+        information, as opposed to the symbolic batch axis)."""
+        s = self.shapes.get(name)
+        if s is None:
+            return []
+        params = self.dim_params.get(name, (None,) * len(s))
+        return [i for i, (d, p) in enumerate(zip(s, params)) if d is None and p != "batch"]
 
     def rank(self, name):
         s = self.shapes.get(name)

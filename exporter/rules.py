@@ -109,6 +109,14 @@ class RuleContext:
         return s
 
     def unsupported(self, detail):
+        # an axis the graph gives no size for (neither static nor the symbolic batch axis) is often the real cause
+        # of a refusal that mentions a dynamic axis: say so
+        unknown = [(n, self.b.unknown_axes(n)) for n in list(self.node.input) + list(self.node.output) if n]
+        unknown = [(n, ax) for n, ax in unknown if ax]
+        if unknown and "shape information" not in detail:
+            n, ax = unknown[0]
+            detail += (f" (missing shape information: the graph gives no size for axis {ax[0]} of {n!r}, which is "
+                       f"not the batch axis; export the model with static shapes after the batch axis)")
         raise UnsupportedOpError(self.node.op_type, self.node.name or self.node.output[0], detail, has_rule=True)
 
     # expression helpers for rules

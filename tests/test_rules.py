@@ -631,3 +631,20 @@ def test_refusals_name_the_reason():
     m = make_model("Concat", [("a", (2,)), ("b", (2,))], (2,), attrs={"axis": 0})
     with pytest.raises(UnsupportedOpError, match="batch axis"):
         build_jacobian_model(m)
+
+
+def test_missing_shape_information_is_said_as_such():
+    """A reshape whose target comes from outside the graph has no static shape; a softmax over it is refused, and the
+    error says shape information is missing (not only that the axis is dynamic, nor that a rule is missing)."""
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "target"], ["r"]),
+                           helper.make_node("Softmax", ["r"], ["s"], axis=1, name="sm"),
+                           helper.make_node("Reshape", ["s", "back"], ["out"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6]),
+                           helper.make_tensor_value_info("target", TensorProto.INT64, [2])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 6])],
+                          [numpy_helper.from_array(np.array([-1, 6], np.int64), "back")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    with pytest.raises(UnsupportedOpError, match="'sm'.*missing shape information: the graph gives no size") as ei:
+        build_jacobian_model(m)
+    assert "no derivative rule" not in str(ei.value)
