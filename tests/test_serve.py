@@ -208,3 +208,33 @@ def test_cuda_provider_matches_cpu(seed_bundle, p):  # pragma: no cover - needs 
     assert g.active_providers[0] == "CUDAExecutionProvider"
     x = points(5000)
     np.testing.assert_allclose(g.jacobian(x)[1], p.jacobian(x)[1], rtol=1e-4, atol=1e-5)
+
+
+def test_alternating_calls_quiet_the_thread_pools_once(seed_bundle):
+    """forward/jacobian alternation rebuilds both sessions once with session.force_spinning_stop (the spinning
+    threads of one session otherwise take the cores the other needs); results are unchanged; one kind of call
+    only, or the caller's own session options, keep the sessions as they are."""
+    from nnpartials.runtime import serve
+
+    x = points(300)
+    p = nnpartials.Partials(seed_bundle)
+    y0, J0 = p.jacobian(x)
+    for _ in range(5):
+        p.jacobian(x)
+    assert not p._quiet  # one kind only: untouched
+    before = dict(p._sessions)
+    for _ in range(serve.ALTERNATIONS_BEFORE_QUIET):
+        p.forward(x)
+        p.jacobian(x)
+    assert p._quiet and all(p._sessions[k] is not before[k] for k in before)
+    rebuilt = dict(p._sessions)
+    for _ in range(3):
+        np.testing.assert_array_equal(p.forward(x), y0)
+        y, J = p.jacobian(x)
+        np.testing.assert_array_equal(J, J0)
+    assert all(p._sessions[k] is rebuilt[k] for k in rebuilt)  # rebuilt once, not on every change
+    own = nnpartials.Partials(seed_bundle, session_options=ort.SessionOptions())
+    for _ in range(4):
+        own.forward(x)
+        own.jacobian(x)
+    assert not own._quiet
