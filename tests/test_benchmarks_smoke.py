@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `benchmarks` is a folder of the repository, not an installed package
     sys.path.append(ROOT)
 
-pytest.importorskip("pytest_benchmark", reason="the benchmark suite needs pytest-benchmark (the [test] extra)")
+import pytest_benchmark  # noqa: E402,F401  (the [test] extra: a missing one fails, never skips)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ import nnpartials
 from nnpartials import tolerances
 from nnpartials.errors import ExportError
 
-skl2onnx = pytest.importorskip("skl2onnx")  # the [test] extra installs it (and scikit-learn)
+import skl2onnx  # noqa: E402  (the [test] extra installs it and scikit-learn: a missing one fails, never skips)
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.neural_network import MLPClassifier, MLPRegressor  # noqa: E402
 from skl2onnx.common.data_types import FloatTensorType  # noqa: E402

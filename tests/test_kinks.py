@@ -36,10 +36,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from nnpartials import tolerances  # noqa: E402
 from nnpartials.errors import NotLowerableError  # noqa: E402
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+import keras  # noqa: E402  (hard dependencies: a missing one fails, never skips)
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from onnx import helper, numpy_helper  # noqa: E402
 

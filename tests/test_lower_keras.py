@@ -15,10 +15,10 @@ from models import kink_distance  # noqa: E402
 from nnpartials import tolerances  # noqa: E402
 from nnpartials.errors import NotLowerableError  # noqa: E402
 
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("nnpartials._core", reason="the C extension is not built")
+import keras  # noqa: E402  (hard dependencies: a missing one fails, never skips)
+import onnxruntime as ort  # noqa: E402
+
+import nnpartials._core  # noqa: E402,F401
 
 from nnpartials.exporter.keras_export import keras_to_onnx, load_model  # noqa: E402
 from nnpartials.exporter.lower import lower_layers, lower_onnx  # noqa: E402
