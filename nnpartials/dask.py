@@ -263,19 +263,14 @@ def _frame(x, key, b, dtype, max_batch, nan_policy):
     import pandas as pd
 
     from nnpartials.io import partial_column_names
+    from nnpartials.validate import frame_columns
 
     in_cols, out_cols = list(b.input_columns), list(b.output_columns)
     labels = list(x.columns)
-    by_position = labels == list(range(len(labels))) and len(labels) == len(in_cols)
-    if not by_position:
-        dup = sorted({str(c) for c in labels if labels.count(c) > 1})
-        if dup:
-            raise InputError(f"x: DataFrame has duplicate column names {dup}; expected the model's columns "
-                             f"{in_cols} once each")
-        missing = [c for c in in_cols if c not in labels]
-        if missing:
-            raise InputError(f"x: DataFrame columns {[str(c) for c in labels]} lack the model's columns {missing} "
-                             f"(columns are matched by name; expected {in_cols}, in any order)")
+    by_position = frame_columns(labels, in_cols, "x") is None and labels != in_cols  # the checks Partials makes
+    if by_position and len(labels) != len(in_cols):
+        raise InputError(f"x: a DataFrame without column names must have the model's {len(in_cols)} columns "
+                         f"{in_cols}, got {len(labels)}")
     meta_in = x._meta.iloc[:, list(range(len(in_cols)))].set_axis(in_cols, axis=1) if by_position \
         else x._meta[in_cols]
     bad = [f"{c} ({t})" for c, t in meta_in.dtypes.items() if not _numeric_dtype(t)]

@@ -26,13 +26,13 @@ def _is_frame(x) -> bool:
     return hasattr(x, "to_numpy") and hasattr(x, "columns") and hasattr(x, "loc")
 
 
-def _frame_to_array(x, columns, name: str) -> np.ndarray:
-    """A DataFrame's values with its columns matched to ``columns`` by name."""
-    labels = list(x.columns)
-    if columns is None or labels == list(columns):
-        return x.to_numpy()
-    if labels == list(range(len(labels))):  # pandas' default labels: no names to match, take by position
-        return x.to_numpy()
+def frame_columns(labels, columns, name: str):
+    """How to take a DataFrame whose column labels are ``labels`` as the model's ``columns``: ``None`` to take them
+    by position (no names to match, pandas' default labels 0, 1, ..., or exactly the model's names), else the
+    model's column names to select. Duplicate or missing names are an InputError."""
+    labels = list(labels)
+    if columns is None or labels == list(columns) or labels == list(range(len(labels))):
+        return None
     dup = sorted({str(c) for c in labels if labels.count(c) > 1})
     if dup:
         raise InputError(f"{name}: DataFrame has duplicate column names {dup}; expected the model's columns "
@@ -41,7 +41,13 @@ def _frame_to_array(x, columns, name: str) -> np.ndarray:
     if missing:
         raise InputError(f"{name}: DataFrame columns {[str(c) for c in labels]} lack the model's columns {missing} "
                          f"(columns are matched by name; expected {list(columns)}, in any order)")
-    return x[list(columns)].to_numpy()
+    return list(columns)
+
+
+def _frame_to_array(x, columns, name: str) -> np.ndarray:
+    """A DataFrame's values with its columns matched to ``columns`` by name."""
+    cols = frame_columns(x.columns, columns, name)
+    return x.to_numpy() if cols is None else x[cols].to_numpy()
 
 
 def _to_array(x, name: str, columns=None) -> np.ndarray:
