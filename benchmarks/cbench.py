@@ -22,7 +22,7 @@ ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
 SOURCE = os.path.join(CSRC, "bench", "nnp_bench.c")
 # the C core's units, as csrc/build_ffi.py and csrc/Makefile list them (tests/test_c_build.py checks that they agree)
-LIBRARY_SOURCES = ("nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c")
+LIBRARY_SOURCES = ("nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c", "nnp_second.c")
 DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast -fno-trapping-math"
 
 

@@ -11,7 +11,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The library's units: every csrc/nnp*.c, as in csrc/Makefile's SRCS (tests/test_c_build.py checks that they agree).
-SOURCES = ["nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c"]
+SOURCES = ["nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c", "nnp_second.c"]
 HEADERS = ["nnp.h", "nnp_internal.h", "nnp_simd.h", "nnp_kernels.h"]
 
 CDEF = """
@@ -63,6 +63,10 @@ CDEF = """
 #define NNP_WS_JACOBIAN_REVERSE 3
 #define NNP_WS_FORWARD_F64 4
 #define NNP_WS_FD_JACOBIAN_F64 5
+#define NNP_WS_HESSIAN 6
+#define NNP_WS_LAPLACIAN 7
+#define NNP_WS_HVP 8
+#define NNP_WS_FD_HESSIAN_F64 9
 
 typedef struct nnp_model nnp_model;
 
@@ -86,6 +90,14 @@ int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y
                     size_t work_len);
 int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *dy_dx,
                         double *err, double *work, size_t work_len);
+int nnp_hessian(const nnp_model *m, size_t batch, const float *x, float *y, float *dy_dx, float *d2y_dx2, float *work,
+                size_t work_len);
+int nnp_laplacian(const nnp_model *m, size_t batch, const float *x, float *y, float *dy_dx, float *lap, float *work,
+                  size_t work_len);
+int nnp_hvp(const nnp_model *m, size_t batch, const float *x, const float *v, float *y, float *hvp, float *work,
+            size_t work_len);
+int nnp_fd_hessian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *d2y_dx2, double *err,
+                       double *work, size_t work_len);
 size_t nnp_first_nonfinite_f32(const float *x, size_t n);
 size_t nnp_first_nonfinite_f64(const double *x, size_t n);
 """

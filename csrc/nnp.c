@@ -70,7 +70,7 @@ int nnp_workspace(const nnp_model *m, int op, size_t batch, size_t *n_elems)
             per_point += cs.extra;
         }
     }
-    blk = max_block(per_point);
+    blk = max_block_of(per_point, ws_block_budget(op));
     if (blk > batch) blk = batch;
     if (!mul_sz(blk, per_point, &t) || !add_sz(t, fixed, &t)) return NNP_E_TOO_LARGE;
     *n_elems = t;

@@ -1,6 +1,7 @@
 /*
  * nnp.h - the nnpartials C core: load a `model.nnp` weight file (see FORMAT.md), evaluate the network,
- * its analytic Jacobian, and a float64 finite-difference Jacobian with a per-entry error estimate.
+ * its analytic Jacobian, and a float64 finite-difference Jacobian with a per-entry error estimate; second
+ * derivatives: the analytic Hessian, Laplacian and Hessian-vector products, and a float64 finite-difference Hessian.
  *
  * Portable C99. The library never allocates memory, holds no global state (only constant tables) and does
  * no I/O: every buffer belongs to the caller, inputs are `const`, and every function returns an `int` status
@@ -21,6 +22,10 @@
  *   x      [batch][n_in]
  *   y      [batch][n_out]
  *   dy_dx  [batch][n_out][n_in]    dy_dx[b][i][j] = d y[b][i] / d x[b][j]
+ *   d2y_dx2 [batch][n_out][n_in][n_in]  d2y_dx2[b][i][j][k] = d2 y[b][i] / dx[b][j] dx[b][k] (symmetric in j, k)
+ *   lap    [batch][n_out]          lap[b][i] = sum_j d2y_dx2[b][i][j][j]
+ *   v      [batch][n_in]           a direction per point (nnp_hvp)
+ *   hvp    [batch][n_out][n_in]    hvp[b][i][j] = sum_k d2y_dx2[b][i][j][k] v[b][k]
  *
  * Output buffers must not overlap input buffers or the workspace. A batch of 0 is valid and does nothing
  * (pointers may then be NULL). A model is read-only after nnp_load(): one model may be used by several
@@ -98,6 +103,10 @@ extern "C" {
 #define NNP_WS_JACOBIAN_REVERSE 3 /* nnp_jacobian, NNP_MODE_REVERSE */
 #define NNP_WS_FORWARD_F64 4      /* nnp_forward_f64 (doubles) */
 #define NNP_WS_FD_JACOBIAN_F64 5  /* nnp_fd_jacobian_f64 (doubles) */
+#define NNP_WS_HESSIAN 6          /* nnp_hessian */
+#define NNP_WS_LAPLACIAN 7        /* nnp_laplacian */
+#define NNP_WS_HVP 8              /* nnp_hvp */
+#define NNP_WS_FD_HESSIAN_F64 9   /* nnp_fd_hessian_f64 (doubles) */
 
 typedef struct nnp_model nnp_model;
 
@@ -183,6 +192,67 @@ int nnp_forward_f64(const nnp_model *m, size_t batch, const double *x, double *y
  */
 int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *dy_dx,
                         double *err, double *work, size_t work_len);
+
+/*
+ * Second derivatives, float32, analytic (layouts above). y and dy_dx may be NULL; when not NULL they receive f(x)
+ * and the Jacobian. Like nnp_jacobian the results do not depend on how a batch is split, and here not even a single
+ * point differs from the same point in a batch; they may differ from nnp_jacobian's y and dy_dx by float32 rounding.
+ *
+ * Second derivatives of the activations: 0 for the piecewise-linear ones (linear, relu, leaky_relu, relu6,
+ * hard_sigmoid): zero almost everywhere, and 0 at their kinks too, so a network of them has a Hessian of exactly 0.
+ * elu'' = alpha e^z and selu'' = scale alpha e^z for z < 0, 0 for z > 0, and 0 at z = 0 (the z > 0 branch, as
+ * TensorFlow's nested GradientTape of tf.nn.elu, Keras elu with any alpha and tf.nn.selu gives; for elu this is
+ * not the branch of its first derivative, elu'(0) = alpha). softsign'' = -2 sign(z) / (1 + |z|)^3, 0 at z = 0
+ * (where it jumps from 2 to -2; the nested GradientTape of z / (1 + |z|) gives 0 there, TensorFlow has no second
+ * derivative of tf.nn.softsign). The smooth ones are their exact second derivatives: tanh'' = -2 f f',
+ * sigmoid'' = f' (1 - 2 f), softplus'' = sigmoid(z) sigmoid(-z), swish'' = g (1 - g) (2 + z (1 - 2 g)) with g the
+ * sigmoid, gelu'' = phi(z) (2 - z^2), gelu_tanh'' (through tanh), exponential'' = e^z.
+ *
+ * Workspace (nnp_workspace, NNP_WS_HESSIAN, NNP_WS_LAPLACIAN, NNP_WS_HVP): as for the Jacobian, it stops growing at
+ * a block of points, but one point's worth grows with n_in: about 2 max_width (1 + n_in + n_in (n_in + 1) / 2)
+ * floats for the Hessian of a model with n_out >= n_in (n_in + 1) / 2 (forward over forward: the value, n_in
+ * tangent rows and one row per pair j <= k), (n_in + 3) sum_of_widths + (n_in + 1 + 2 n_out) max_width otherwise (a
+ * forward pass keeping every layer's tangents, then one adjoint row per output: cheaper when there are few outputs),
+ * 2 max_width (2 + n_in) for the Laplacian and 2 max_width (2 + 2 n_in) for Hessian-vector products. A size that
+ * does not fit in size_t gives NNP_E_TOO_LARGE.
+ */
+
+/* The Hessian of every output. */
+int nnp_hessian(const nnp_model *m, size_t batch, const float *x, float *y, float *dy_dx, float *d2y_dx2, float *work,
+                size_t work_len);
+
+/*
+ * The Laplacian of every output (the trace of its Hessian), by one forward pass that carries per point the value,
+ * the n_in tangent rows and one Laplacian row through each layer: for z = a W + b, a' = f(z),
+ *   T' = f'(z) * (T W),   L' = f'(z) * (L W) + f''(z) * sum_j (T_j W)^2   (elementwise),
+ * never the full Hessian: its cost grows like n_in, not n_in^2.
+ */
+int nnp_laplacian(const nnp_model *m, size_t batch, const float *x, float *y, float *dy_dx, float *lap, float *work,
+                  size_t work_len);
+
+/*
+ * Hessian-vector products: hvp[b][i] = H_i(x[b]) v[b] for every output i, by one forward pass over the forward
+ * pass of the direction v: per point the value, the tangents of the n_in inputs and of v, and the n_in rows of H v
+ * (cost ~ n_in, not n_in^2). v is required (NULL gives NNP_E_NULL) and may hold any values; y may be NULL.
+ */
+int nnp_hvp(const nnp_model *m, size_t batch, const float *x, const float *v, float *y, float *hvp, float *work,
+            size_t work_len);
+
+/*
+ * Finite-difference Hessian in float64: central differences of the analytic float64 Jacobian (forward mode, the
+ * weights promoted exactly), with the steps, Richardson extrapolation and error estimate of nnp_fd_jacobian_f64
+ * applied to J instead of f: for each point and input j, h_j = cbrt(DBL_EPSILON) * max(1, |x_j|) and h_j / 2,
+ * column j of every output's Hessian = (4 D(h/2) - D(h)) / 3, D(s) = (J(x + s e_j) - J(x - s e_j)) / 2s; the
+ * estimate is the sum of |D(h) - D(h/2)|, the kink term 2 |A(h/2) - A(h) / 2| with A(s) = (J(x + s e_j) - 2 J(x) +
+ * J(x - s e_j)) / s (near a kink of a piecewise activation J jumps and this term is large), and the rounding term
+ * 16 DBL_EPSILON S / (h/2) with S = max(1, |J|, |f'(z_i)| sum |T_j W[:, i]| of the last layer) over the evaluations.
+ * The result is symmetrized: entries (j, k) and (k, j) both receive the mean of the two estimates, and the error
+ * estimate the larger of the mean of their two estimates and half their difference. err (may be NULL) has the
+ * layout of d2y_dx2. A heuristic, not a bound (as for the Jacobian). y (may be NULL) receives f(x) in float64.
+ * Cost per point: 1 + 4 n_in float64 Jacobians. The workspace (NNP_WS_FD_HESSIAN_F64) does not depend on the batch.
+ */
+int nnp_fd_hessian_f64(const nnp_model *m, size_t batch, const double *x, double *y, double *d2y_dx2, double *err,
+                       double *work, size_t work_len);
 
 /*
  * Index of the first NaN or infinite value in x[0..n), or n when all are finite (x may be NULL when n is 0).

@@ -168,6 +168,24 @@ NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t l
 
 #define gemm_f32 gemm_body
 
+/* The products of nnp_second.c (nnp_internal.h): these kernels, dispatched once per product, without the split-sum
+ * single-row kernels so that a row's result does not depend on how many rows the product has. */
+NNP_INLINE void gemm_ext_body(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B,
+                              const float *Bt, float *C, size_t ldc)
+{
+    gemm_f32(m, k, n, A, lda, B, Bt, C, ldc, 0);
+}
+
+NNP_DISPATCHED(gemm_ext, (size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt,
+                          float *C, size_t ldc),
+               (m, k, n, A, lda, B, Bt, C, ldc))
+
+void nnpi_gemm(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt, float *C,
+               size_t ldc)
+{
+    gemm_ext(m, k, n, A, lda, B, Bt, C, ldc);
+}
+
 /* ------------------------------------------------------------------------------------------------------ */
 /* Forward (float32)                                                                                      */
 

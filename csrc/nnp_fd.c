@@ -5,11 +5,6 @@
  */
 #include "nnp_internal.h"
 
-/* rounding part of the finite-difference error estimate, in units of DBL_EPSILON * max(1, |f|) / h */
-#ifndef NNP_FD_ROUNDING
-#define NNP_FD_ROUNDING 16.0
-#endif
-
 #define SQRT1_2 0.70710678118654752440
 #define SQRT_2_OVER_PI 0.79788456080286535588
 
@@ -132,7 +127,7 @@ int nnp_fd_jacobian_f64(const nnp_model *m, size_t batch, const double *x, doubl
         if (y) memcpy(y + b * n_out, f0, n_out * sizeof(double));
         for (j = 0; j < n_in; j++) {
             const double xj = xb[j];
-            const double h = 6.0554544523933395e-06 * (fabs(xj) > 1.0 ? fabs(xj) : 1.0); /* cbrt(DBL_EPSILON) */
+            const double h = NNP_FD_CBRT_EPS * (fabs(xj) > 1.0 ? fabs(xj) : 1.0);
             double s[4], step1, step2;
             size_t q;
             for (q = 0; q < 4; q++) memcpy(pts + q * n_in, xb, n_in * sizeof(double));

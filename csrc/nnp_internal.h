@@ -10,6 +10,8 @@
  *                  Jacobians, the pattern cache of piecewise-linear networks
  *   nnp_point.c    the Jacobian of a single point: reverse mode with fused one-row kernels
  *   nnp_fd.c       float64 forward pass and finite-difference Jacobian
+ *   nnp_second.c   second derivatives: the Hessian, the Laplacian and Hessian-vector products in float32 (their
+ *                  matrix products are nnp_batch.c's, through nnpi_gemm), the float64 finite-difference Hessian
  * with three private headers:
  *   nnp_internal.h this one: floating-point code generation, limits, the loaded model's layout, size arithmetic,
  *                  and the functions one unit offers another (prefix nnpi_)
@@ -83,6 +85,11 @@ typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) 
 /* A block of points is sized so that its activation buffers hold about this many floats. */
 #define NNP_BLOCK_FLOATS 16384u
 #define NNP_MAX_BLOCK 72u
+/* ... and for the second derivatives (nnp_second.c), whose points carry many more rows: larger blocks, so that each
+ * matrix product has enough rows to run at full speed (its weights then stream from the L2 cache once per block) */
+#ifndef NNP_SO_BLOCK_FLOATS
+#define NNP_SO_BLOCK_FLOATS 65536u
+#endif
 /* Single-point reverse path (one backward pass per output): used for one point with at most this many outputs
  * (beyond it, the batch path's products, which share each weight load among the outputs, are faster). */
 #ifndef NNP_SP_MAX_OUT
@@ -91,6 +98,12 @@ typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) 
 /* Workspace of the single-point path (floats): v0, v1 [max_cols] for the values, then the adjoints (the same
  * buffers), D [sum_cols] */
 #define NNP_SP_WORK(m) (2 * (m)->max_cols + (m)->sum_cols)
+/* Finite differences (nnp_fd.c, nnp_second.c): the larger step is cbrt(DBL_EPSILON) * max(1, |x_j|); the rounding
+ * part of the error estimate is NNP_FD_ROUNDING * DBL_EPSILON * (scale of the rounding errors) / (smaller step) */
+#define NNP_FD_CBRT_EPS 6.0554544523933395e-06
+#ifndef NNP_FD_ROUNDING
+#define NNP_FD_ROUNDING 16.0
+#endif
 /* Pattern cache (nnp_batch.c): batches from this size, table size, largest entry */
 #define NNP_CACHE_MIN_BATCH 256u
 #define NNP_CACHE_BYTES ((size_t)1 << 20)
@@ -146,25 +159,88 @@ static inline int mul_sz(size_t a, size_t b, size_t *r)
     return 1;
 }
 
-/* Points per block for a workspace of per_point elements per point */
-static inline size_t max_block(size_t per_point)
+/* Points per block for a workspace of per_point elements per point, blocks of about `budget` elements */
+static inline size_t max_block_of(size_t per_point, size_t budget)
 {
-    size_t b = per_point ? NNP_BLOCK_FLOATS / per_point : NNP_MAX_BLOCK;
+    size_t b = per_point ? budget / per_point : NNP_MAX_BLOCK;
     if (b < 1) b = 1;
     if (b > NNP_MAX_BLOCK) b = NNP_MAX_BLOCK;
     if (b >= 24) b -= b % 24; /* whole row groups of the kernels (6 and 8 rows) */
     return b;
 }
 
-/* Block size usable with work_len elements, or 0 when not even one point fits. */
-static inline size_t block_for(size_t fixed, size_t per_point, size_t batch, size_t work_len)
+static inline size_t max_block(size_t per_point)
 {
-    size_t blk = max_block(per_point);
+    return max_block_of(per_point, NNP_BLOCK_FLOATS);
+}
+
+/* Elements of a block of points of operation op (its workspace, nnp_workspace, stops growing there) */
+static inline size_t ws_block_budget(int op)
+{
+    return (op == NNP_WS_HESSIAN || op == NNP_WS_LAPLACIAN || op == NNP_WS_HVP) ? NNP_SO_BLOCK_FLOATS
+                                                                                 : NNP_BLOCK_FLOATS;
+}
+
+/* Block size usable with work_len elements, or 0 when not even one point fits; blocks of up to `budget` elements */
+static inline size_t block_for_of(size_t fixed, size_t per_point, size_t batch, size_t work_len, size_t budget)
+{
+    size_t blk = max_block_of(per_point, budget);
     if (blk > batch) blk = batch;
     if (work_len < fixed) return 0;
     if (per_point == 0) return blk;
     if ((work_len - fixed) / per_point < blk) blk = (work_len - fixed) / per_point;
     return blk;
+}
+
+static inline size_t block_for(size_t fixed, size_t per_point, size_t batch, size_t work_len)
+{
+    return block_for_of(fixed, per_point, batch, work_len, NNP_BLOCK_FLOATS);
+}
+
+/* n (n + 1) / 2 without overflow for n <= NNP_MAX_DIM (it fits in 32 bits) */
+static inline size_t tri_sz(size_t n)
+{
+    return (n % 2 == 0) ? (n / 2) * (n + 1) : n * ((n + 1) / 2);
+}
+
+/* Second derivatives (nnp_second.c). The Laplacian and Hessian-vector products are forward passes that carry, per
+ * point, rows of the layer's width: the value, first-order rows (tangents) and second-order rows. The Hessian is
+ * either such a pass too (forward over forward: the value, n_in tangent rows and one row per pair j <= k of inputs)
+ * or, when the model has fewer outputs than there are such pairs, a forward pass that keeps every layer's tangent
+ * rows and derivatives followed by a reverse pass of n_out adjoint rows (nnp_second.c says why that is exact). */
+static inline int hess_reverse(const nnp_model *m)
+{
+    return m->n_out < tri_sz(m->n_in);
+}
+
+/* Rows per point of the forward passes of op (NNP_WS_HESSIAN in forward-over-forward, NNP_WS_LAPLACIAN, NNP_WS_HVP):
+ * the value, the first-order rows (*m1) and the second-order rows. 0 when it does not fit. */
+static inline size_t so_rows(const nnp_model *m, int op, size_t *m1)
+{
+    const size_t n = m->n_in;
+    size_t r;
+    *m1 = (op == NNP_WS_HVP) ? n + 1 : n;                 /* tangents of the inputs (and of v) */
+    if (op == NNP_WS_HESSIAN) r = tri_sz(n);             /* one row per pair j <= k */
+    else if (op == NNP_WS_LAPLACIAN) r = 1;              /* the sum of the diagonal */
+    else r = n;                                          /* H v, one row per input */
+    if (!add_sz(r, *m1 + 1, &r)) return 0;
+    return r;
+}
+
+/* Row width of the float64 Jacobian of nnp_fd_hessian_f64: its rows start as wide as the input */
+static inline size_t fd2_width(const nnp_model *m)
+{
+    return m->max_cols > m->n_in ? m->max_cols : m->n_in;
+}
+
+/* Workspace of the forward passes of second derivatives: two ping-pong buffers of the rows of a point; fixed: one
+ * layer's first and second derivatives */
+static inline int so_ws_shape(const nnp_model *m, int op, size_t *fixed, size_t *per_point)
+{
+    size_t m1, t = so_rows(m, op, &m1);
+    *fixed = 2 * m->max_cols;
+    if (t == 0 || !mul_sz(t, m->max_cols, &t) || !mul_sz(2, t, per_point)) return NNP_E_TOO_LARGE;
+    return NNP_OK;
 }
 
 /* Workspace of an operation: fixed + per_point * block elements. */
@@ -194,6 +270,29 @@ static inline int ws_shape(const nnp_model *m, int op, size_t *fixed, size_t *pe
          * 4 points; per point nothing more */
         if (!mul_sz(4, m->n_in, &t) || !mul_sz(9, m->n_out, &u) || !add_sz(t, u, &t) ||
             !mul_sz(8, m->max_cols, &u) || !add_sz(t, u, fixed))
+            return NNP_E_TOO_LARGE;
+        *per_point = 0;
+        return NNP_OK;
+    case NNP_WS_HESSIAN:
+        if (hess_reverse(m)) {
+            /* per point: every layer's outputs (value and n_in tangent rows) and derivatives (first and second), the
+             * next layer's input rows, two adjoint buffers of n_out rows; fixed: two rows of scratch */
+            *fixed = 2 * m->max_cols;
+            if (!mul_sz(m->n_in + 3, m->sum_cols, &t) || !mul_sz(m->n_in + 1, m->max_cols, &u) ||
+                !add_sz(t, u, &t) || !mul_sz(2 * m->n_out, m->max_cols, &u) || !add_sz(t, u, per_point))
+                return NNP_E_TOO_LARGE;
+            return NNP_OK;
+        }
+        return so_ws_shape(m, op, fixed, per_point); /* forward over forward */
+    case NNP_WS_LAPLACIAN:
+    case NNP_WS_HVP:
+        return so_ws_shape(m, op, fixed, per_point);
+    case NNP_WS_FD_HESSIAN_F64:
+        /* the Jacobian at the point and at 4 perturbed points with their rounding scales, f(x), the perturbed
+         * point, the float64 forward-mode Jacobian's two buffers of 1 + n_in rows (as wide as the widest of the
+         * layers and the input) and one derivative row */
+        if (!mul_sz(m->n_in, m->n_out, &t) || !mul_sz(9, t, &t) || !add_sz(t, m->n_out + m->n_in, &t) ||
+            !mul_sz(2 * (m->n_in + 1) + 1, fd2_width(m), &u) || !add_sz(t, u, fixed))
             return NNP_E_TOO_LARGE;
         *per_point = 0;
         return NNP_OK;
@@ -232,5 +331,11 @@ int nnpi_cache_shape(const nnp_model *m, nnpi_cache_shape_t *cs);
 
 /* nnp_point.c: y (may be NULL) and J [n_out][n_in] of the point x; work holds NNP_SP_WORK(m) floats. */
 void nnpi_point_jacobian(const nnp_model *m, const float *x, float *y, float *J, float *work);
+
+/* nnp_batch.c: C[m][n] (row stride ldc) = A[m][k] (row stride lda) B[k][n], Bt = B transposed, by its matrix product
+ * kernels (dispatched: one check per product). For nnp_second.c, whose passes are products like the first-order
+ * ones; the same row gives the same bits whatever m and its place among the rows. */
+void nnpi_gemm(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *B, const float *Bt, float *C,
+               size_t ldc);
 
 #endif /* NNP_INTERNAL_H */

@@ -1,5 +1,6 @@
 """The C core's constants, read from the cffi module (``lib.NNP_*``, declared from ``csrc/nnp.h``), and one-shot
-calls into it for code that checks a weight file rather than serves it (export-time validation of ``model.nnp``).
+calls into it for code that checks a weight file rather than serves it (export-time validation of ``model.nnp``:
+:func:`jacobian`; :func:`hessian`, :func:`laplacian` and :func:`hvp` for second derivatives).
 
 The constants have no other home in Python: the weight-file writer, :class:`nnpartials.runtime.kernel.Kernel` and
 the tests take activation codes, modes, workspace kinds and status codes from here. Serving goes through ``Kernel``
@@ -33,7 +34,8 @@ def _constants(prefix: str) -> dict:
 ACTIVATIONS = {k: v for k, v in sorted(_constants("ACT").items(), key=lambda kv: kv[1]) if k != "count"}
 #: Jacobian mode name -> code (``NNP_MODE_*``): ``auto``, ``forward``, ``reverse``
 MODES = dict(sorted(_constants("MODE").items(), key=lambda kv: kv[1]))
-#: workspace kind name -> code for ``nnp_workspace`` (``NNP_WS_*``)
+#: workspace kind name -> code for ``nnp_workspace`` (``NNP_WS_*``): the first-order ones, and ``hessian``,
+#: ``laplacian``, ``hvp`` (float32) and ``fd_hessian_f64`` (float64) for the second derivatives
 WORKSPACES = dict(sorted(_constants("WS").items(), key=lambda kv: kv[1]))
 #: status name -> code (``NNP_E_*``; 0 is ``NNP_OK``)
 STATUS = dict(sorted(_constants("E").items(), key=lambda kv: -kv[1]))
@@ -47,10 +49,9 @@ def _status(lib, ffi, rc, what):
         raise WeightFileError(f"{what}: {ffi.string(lib.nnp_strerror(rc)).decode()}", rc)
 
 
-def jacobian(nnp_bytes: bytes, x: np.ndarray, mode: int = 0):
-    """``(y [batch, n_out], dy_dx [batch, n_out, n_in])`` in float32 from a weight file's bytes and float32 ``x``
-    (``mode``: 0 auto, 1 forward, 2 reverse, as ``NNP_MODE_*``). Raises :class:`WeightFileError` when the C core
-    refuses the file or the call."""
+def _load(nnp_bytes: bytes, x):
+    """(ffi, lib, storage, model, n_in, n_out, x as a C-contiguous float32 [batch, n_in] array); the storage must be
+    kept alive as long as the model is used."""
     ffi, lib = _lib()
     data = bytes(nnp_bytes)
     need = ffi.new("size_t *")
@@ -63,6 +64,14 @@ def jacobian(nnp_bytes: bytes, x: np.ndarray, mode: int = 0):
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != n_in:
         raise NNPartialsError(f"model.nnp takes [batch, {n_in}] points, got shape {x.shape}")
+    return ffi, lib, storage, m, n_in, n_out, x
+
+
+def jacobian(nnp_bytes: bytes, x: np.ndarray, mode: int = 0):
+    """``(y [batch, n_out], dy_dx [batch, n_out, n_in])`` in float32 from a weight file's bytes and float32 ``x``
+    (``mode``: 0 auto, 1 forward, 2 reverse, as ``NNP_MODE_*``). Raises :class:`WeightFileError` when the C core
+    refuses the file or the call."""
+    ffi, lib, storage, m, n_in, n_out, x = _load(nnp_bytes, x)
     n = x.shape[0]
     y = np.empty((n, n_out), np.float32)
     dy = np.empty((n, n_out, n_in), np.float32)
@@ -79,4 +88,52 @@ def jacobian(nnp_bytes: bytes, x: np.ndarray, mode: int = 0):
     return y, dy
 
 
-__all__ = ["jacobian", "ACTIVATIONS", "MODES", "WORKSPACES", "STATUS", "FILE_ERRORS"]
+def has_second_order() -> bool:
+    """Whether the built C core has second derivatives (``nnp_hessian``, ``nnp_laplacian``, ``nnp_hvp``)."""
+    _, lib = _lib()
+    return all(hasattr(lib, f) for f in ("nnp_hessian", "nnp_laplacian", "nnp_hvp"))
+
+
+def _second(nnp_bytes: bytes, x, what: str, shape, v=None):
+    """One float32 second-derivative call (``what``: hessian, laplacian or hvp) on a whole batch; returns its
+    second-derivative output of per-point ``shape`` (``shape(n_in, n_out)``)."""
+    ffi, lib, storage, m, n_in, n_out, x = _load(nnp_bytes, x)
+    n = x.shape[0]
+    out = np.empty((n, *shape(n_in, n_out)), np.float32)
+    if v is not None:
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        if v.shape != x.shape:
+            raise NNPartialsError(f"v must have the shape of x {x.shape}, got {v.shape}")
+    if n == 0:
+        return out
+    wlen = ffi.new("size_t *")
+    _status(lib, ffi, lib.nnp_workspace(m, WORKSPACES[what], n, wlen), "workspace")
+    work = np.empty(max(1, wlen[0]), np.float32)
+    fb = ffi.from_buffer
+    if what == "hvp":
+        rc = lib.nnp_hvp(m, n, fb("float[]", x), fb("float[]", v), ffi.NULL, fb("float[]", out), fb("float[]", work),
+                         wlen[0])
+    else:
+        fn = lib.nnp_hessian if what == "hessian" else lib.nnp_laplacian
+        rc = fn(m, n, fb("float[]", x), ffi.NULL, ffi.NULL, fb("float[]", out), fb("float[]", work), wlen[0])
+    _status(lib, ffi, rc, f"nnp_{what}")
+    return out
+
+
+def hessian(nnp_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """``d2y_dx2 [batch, n_out, n_in, n_in]`` in float32 (``nnp_hessian``) from a weight file's bytes and float32
+    ``x``. Raises :class:`WeightFileError` when the C core refuses the file or the call."""
+    return _second(nnp_bytes, x, "hessian", lambda n_in, n_out: (n_out, n_in, n_in))
+
+
+def laplacian(nnp_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    """``lap [batch, n_out]`` in float32, the trace of each output's Hessian (``nnp_laplacian``)."""
+    return _second(nnp_bytes, x, "laplacian", lambda n_in, n_out: (n_out,))
+
+
+def hvp(nnp_bytes: bytes, x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``hvp [batch, n_out, n_in]`` in float32, each output's Hessian times ``v[b]`` (``nnp_hvp``; v: x's shape)."""
+    return _second(nnp_bytes, x, "hvp", lambda n_in, n_out: (n_out, n_in), v)
+
+
+__all__ = ["jacobian", "hessian", "laplacian", "hvp", "has_second_order", "ACTIVATIONS", "MODES", "WORKSPACES", "STATUS", "FILE_ERRORS"]

@@ -63,3 +63,10 @@ CHECK_PATHS_F32 = 2 * JACOBIAN_F32
 #: `nnpartials check`: a finite-difference entry whose own error estimate exceeds this (relative to max(1, max|J|))
 #: straddles a kink of a piecewise activation; it is counted and left out of the float64 comparison.
 CHECK_FD_KINK = 1e-7
+
+#: Second derivatives (Hessian, Laplacian, Hessian-vector product; ONNX graphs and C core, float32) against nested
+#: GradientTape or float64 finite differences of the Jacobian, scaled by max(1, max|H|) of the reference.
+SECOND_ORDER_F32 = 1e-5
+
+#: Export with order=2 fails when a second-order graph differs from its reference by more than this (scaled as above).
+EXPORT_SECOND_ORDER = SECOND_ORDER_F32

@@ -7,6 +7,10 @@ float64 finite-difference Jacobian) through the ``nnpartials._core`` cffi module
     y = k.forward(x)                    # [batch, n_out] float32
     y, dy_dx = k.jacobian(x)            # dy_dx[b, i, j] = d y[b, i] / d x[b, j], float32
     fd, err = k.fd_jacobian(x)          # float64 central differences + Richardson, with error estimates
+    y, dy_dx, d2y_dx2 = k.hessian(x)    # d2y_dx2[b, i, j, k] = d2 y[b, i] / dx[b, j] dx[b, k], float32
+    y, dy_dx, lap = k.laplacian(x)      # lap[b, i] = sum_j d2y_dx2[b, i, j, j] (forward Laplacian, no Hessian)
+    y, hvp = k.hvp(x, v)                # hvp[b, i, j] = sum_k d2y_dx2[b, i, j, k] v[b, k]
+    y, fd2, err = k.fd_hessian(x)       # float64 central differences of the analytic Jacobian, with error estimates
 
 Inputs are validated (dtype, rank, width, finiteness) as by :func:`nnpartials.validate.as_batch` before
 anything is computed: a small C-contiguous float32 batch has its finiteness checked inside the one C call that
@@ -51,6 +55,9 @@ else:  # pragma: no cover
     MODES, _WS, _ACTIVATIONS, _FILE_ERRORS = {}, {}, {}, frozenset()
 _F32_OPS = ("forward", "jacobian", "jacobian_forward", "jacobian_reverse")
 _F64_OPS = ("forward_f64", "fd_jacobian_f64")
+# The second derivatives ("hessian", "laplacian", "hvp", "fd_hessian_f64") have workspaces of their own, sized and
+# allocated at a thread's first call of each (one point's worth grows with n_in^2 for the Hessian: models with many
+# inputs that never ask for one should not pay for it).
 _F32 = np.dtype(np.float32)
 #: Batches of at least this many points are split across threads (per thread at least half of it).
 PARALLEL_MIN_BATCH = 4096
@@ -72,22 +79,25 @@ def strerror(code: int) -> str:
     return ffi.string(lib.nnp_strerror(int(code))).decode()
 
 
-def _propagate_nonfinite(x, y, dy=None):
+def _propagate_nonfinite(x, y, dy=None, *more):
     """``nan_policy="propagate"``: make NaN and overflow visible in the results, as onnxruntime does.
 
     The C core's piecewise-linear derivatives are selected by comparisons, which turn a NaN pre-activation into a
     finite slope; without this a NaN input would get finite partials. Rule: a point with a NaN coordinate gets NaN
     for all its outputs and partials; a point whose outputs are not all finite (an infinite coordinate, or an
-    overflow inside the network) gets NaN partials. Points that are finite throughout are untouched."""
+    overflow inside the network) gets NaN partials. Points that are finite throughout are untouched. ``more``:
+    further derivative arrays (second derivatives), treated as ``dy``."""
     if x.size == 0:
         return
     nan_rows = np.isnan(x).any(axis=1)
     if nan_rows.any():
         y[nan_rows] = np.nan
-    if dy is not None:
+    if dy is not None or more:
         bad = ~np.isfinite(y).all(axis=1)
         if bad.any():
-            dy[bad] = np.nan
+            for d in (dy, *more):
+                if d is not None:
+                    d[bad] = np.nan
 
 
 def _read_source(source):
@@ -155,10 +165,11 @@ class Kernel:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
             raise InputError(f"threads must be a positive integer, got {threads!r}")
         self.threads = int(threads)
-        # Workspace sizes for an unbounded batch (the C side caps them at one block of points).
+        # Workspace sizes for an unbounded batch (the C side caps them at one block of points); those of the second
+        # derivatives when first needed (_so_work).
         self._ws_len = {}
         n = ffi.new("size_t *")
-        for op in _WS:
+        for op in _F32_OPS + _F64_OPS:
             rc = lib.nnp_workspace(self._m, _WS[op], 1 << 40, n)
             if rc != 0:
                 raise WeightFileError(f"{self.source}: workspace size: {strerror(rc)}", rc)
@@ -166,6 +177,7 @@ class Kernel:
         self._ws32_len = max(1, max(self._ws_len[o] for o in _F32_OPS))
         self._ws64_len = max(1, max(self._ws_len[o] for o in _F64_OPS))
         self._local = threading.local()
+        self._so_min = {}  # second derivatives: batch size from which a call is split across threads
         self._pool = None
         self._pool_lock = threading.Lock()
 
@@ -200,6 +212,37 @@ class Kernel:
             w = self._local.w64 = ffi.from_buffer("double[]", np.empty(self._ws64_len, np.float64))
             return w
 
+    def _so_work(self, op):
+        """(workspace, its length) of this thread for a second-derivative operation, allocated at its first call."""
+        try:
+            ws = self._local.so
+        except AttributeError:
+            ws = self._local.so = {}
+        w = ws.get(op)
+        if w is None:
+            length = self._ws_len.get(op)
+            if length is None:
+                n = ffi.new("size_t *")
+                rc = lib.nnp_workspace(self._m, _WS[op], 1 << 40, n)
+                if rc != 0:
+                    raise WeightFileError(f"{self.source}: workspace size of {op}: {strerror(rc)}", rc)
+                length = self._ws_len[op] = max(1, int(n[0]))
+            if op.endswith("_f64"):
+                w = ffi.from_buffer("double[]", np.empty(length, np.float64))
+            else:
+                w = ffi.from_buffer("float[]", np.empty(length, np.float32))
+            ws[op] = w
+        return w, self._ws_len[op]
+
+    def _so_min_batch(self, op):
+        """Batches from this size are split across threads: PARALLEL_MIN_BATCH scaled down by the rows a point
+        carries through the matrix products (a forward pass carries one), as fd_jacobian scales it by its passes."""
+        n, n_out = self.n_in, self.n_out
+        pairs = n * (n + 1) // 2
+        rows = {"hessian": 1 + n + min(n_out, pairs), "laplacian": 2 + n, "hvp": 2 + 2 * n,
+                "fd_hessian_f64": 4 * n * (n + 1) + n + 1}[op]
+        return max(1, PARALLEL_MIN_BATCH // rows)
+
     def _get_pool(self):
         if self._pool is None:
             with self._pool_lock:
@@ -221,21 +264,21 @@ class Kernel:
         except Exception:
             pass
 
-    def _split(self, n: int, threads):
+    def _split(self, n: int, threads, min_batch: int = PARALLEL_MIN_BATCH):
         t = self.threads if threads is None else int(threads)
         if t < 1:
             raise InputError(f"threads must be a positive integer, got {threads!r}")
-        if t == 1 or n < PARALLEL_MIN_BATCH:
+        if t == 1 or n < min_batch:
             return None
-        parts = min(t, max(1, n // (PARALLEL_MIN_BATCH // 2)))
+        parts = min(t, max(1, n // max(1, min_batch // 2)))
         if parts <= 1:
             return None
         bounds = np.linspace(0, n, parts + 1).astype(int)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
-    def _run(self, fn, n, threads):
+    def _run(self, fn, n, threads, min_batch: int = PARALLEL_MIN_BATCH):
         """fn(start, stop) computes rows [start, stop); run it on chunks across the pool for large n."""
-        chunks = self._split(n, threads)
+        chunks = self._split(n, threads, min_batch)
         if chunks is None:
             fn(0, n)
             return
@@ -413,6 +456,110 @@ class Kernel:
         else:
             part(0, n)
         return est, err
+
+    # ----- second derivatives ------------------------------------------------------------------------------------
+    def _so_call(self, op, fn, x, outs, per_point, threads, extra=None):
+        """Run the C function fn(m, count, x, [extra,] *outs, work, work_len) over the batch x (already validated),
+        in chunks across threads for large batches; outs are the output arrays (of x's dtype) with per_point values
+        each, extra an input array laid out like x."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        m, n_in = self._m, self.n_in
+        ct = "float[]" if x.dtype is _F32 else "double[]"
+        xb = _from_buffer(ct, x)
+        eb = None if extra is None else _from_buffer(ct, extra)
+        bufs = [_from_buffer(ct, o) for o in outs]
+        try:
+            min_batch = self._so_min[op]
+        except KeyError:
+            min_batch = self._so_min[op] = self._so_min_batch(op)
+        if n < min_batch:  # one call, no closures (the common small call)
+            w, wl = self._so_work(op)
+            if eb is None:
+                self._check(fn(m, n, xb, *bufs, w, wl))
+            else:
+                self._check(fn(m, n, xb, eb, *bufs, w, wl))
+            return
+
+        def part(a, b):
+            w, wl = self._so_work(op)
+            ptrs = [o + a * k for o, k in zip(bufs, per_point)]
+            if eb is None:
+                self._check(fn(m, b - a, xb + a * n_in, *ptrs, w, wl))
+            else:
+                self._check(fn(m, b - a, xb + a * n_in, eb + a * n_in, *ptrs, w, wl))
+
+        self._run(part, n, threads, min_batch)
+
+    def hessian(self, x, *, nan_policy: str = "raise", threads: int | None = None):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in], d2y_dx2 [batch, n_out, n_in, n_in])`` float32, with
+        ``d2y_dx2[b, i, j, k] = d2 y[b, i] / dx[b, j] dx[b, k]`` (symmetric in j, k).
+
+        Analytic (``nnp_hessian``): second derivatives of piecewise-linear activations are 0, also at their kinks;
+        ``csrc/nnp.h`` lists the conventions. Inputs are validated as for :meth:`jacobian`.
+        """
+        x = self._prep32(x, nan_policy)
+        n, n_in, n_out = x.shape[0], self.n_in, self.n_out
+        y = np.empty((n, n_out), np.float32)
+        dy = np.empty((n, n_out, n_in), np.float32)
+        d2 = np.empty((n, n_out, n_in, n_in), np.float32)
+        self._so_call("hessian", lib.nnp_hessian, x, (y, dy, d2), (n_out, n_out * n_in, n_out * n_in * n_in),
+                      threads)
+        if nan_policy == "propagate":
+            _propagate_nonfinite(x, y, dy, d2)
+        return y, dy, d2
+
+    def laplacian(self, x, *, nan_policy: str = "raise", threads: int | None = None):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in], lap [batch, n_out])`` float32: ``lap[b, i]`` is the
+        trace of the Hessian of output i, computed by one forward-Laplacian pass (``nnp_laplacian``: value, tangents
+        and Laplacian carried through each layer; cost ~ n_in, never the full Hessian)."""
+        x = self._prep32(x, nan_policy)
+        n, n_in, n_out = x.shape[0], self.n_in, self.n_out
+        y = np.empty((n, n_out), np.float32)
+        dy = np.empty((n, n_out, n_in), np.float32)
+        lap = np.empty((n, n_out), np.float32)
+        self._so_call("laplacian", lib.nnp_laplacian, x, (y, dy, lap), (n_out, n_out * n_in, n_out), threads)
+        if nan_policy == "propagate":
+            _propagate_nonfinite(x, y, dy, lap)
+        return y, dy, lap
+
+    def hvp(self, x, v, *, nan_policy: str = "raise", threads: int | None = None):
+        """``(y [batch, n_out], hvp [batch, n_out, n_in])`` float32 with ``hvp[b, i] = H_i(x[b]) v[b]``, the Hessian
+        of output i times the direction ``v[b]`` (``nnp_hvp``: forward over forward along v, cost ~ n_in).
+
+        ``v`` is validated like ``x`` and must have its shape: one direction per point."""
+        x = self._prep32(x, nan_policy)
+        v = as_batch(v, self.n_in, name="v", nan_policy=nan_policy, columns=self.input_columns)
+        if v.shape != x.shape:
+            raise InputError(f"v: expected one direction per point, the shape of x {tuple(x.shape)}, "
+                             f"got shape {tuple(v.shape)}")
+        n, n_in, n_out = x.shape[0], self.n_in, self.n_out
+        y = np.empty((n, n_out), np.float32)
+        hv = np.empty((n, n_out, n_in), np.float32)
+        self._so_call("hvp", lib.nnp_hvp, x, (y, hv), (n_out, n_out * n_in), threads, extra=v)
+        if nan_policy == "propagate":
+            _propagate_nonfinite(x, y, hv)
+            bad_v = ~np.isfinite(v).all(axis=1) if v.size else np.zeros(0, bool)
+            if bad_v.any():
+                hv[bad_v] = np.nan
+        return y, hv
+
+    def fd_hessian(self, x, *, nan_policy: str = "raise", threads: int | None = None):
+        """float64 finite-difference Hessian: ``(y [batch, n_out], d2y_dx2 [batch, n_out, n_in, n_in], err)``.
+
+        Central differences of the analytic float64 Jacobian with steps h = cbrt(eps)·max(1, |x_j|) and h/2,
+        Richardson-extrapolated, symmetrized; ``err`` (the layout of ``d2y_dx2``) is large where a kink of a
+        piecewise activation lies within a step of the point (``nnp_fd_hessian_f64`` in ``csrc/nnp.h``).
+        """
+        x = as_batch(x, self.n_in, name="x", nan_policy=nan_policy, dtype=np.float64, columns=self.input_columns)
+        n, n_in, n_out = x.shape[0], self.n_in, self.n_out
+        y = np.empty((n, n_out), np.float64)
+        est = np.empty((n, n_out, n_in, n_in), np.float64)
+        err = np.empty((n, n_out, n_in, n_in), np.float64)
+        hn = n_out * n_in * n_in
+        self._so_call("fd_hessian_f64", lib.nnp_fd_hessian_f64, x, (y, est, err), (n_out, hn, hn), threads)
+        return y, est, err
 
 
 __all__ = ["Kernel", "WEIGHTS", "MODES", "NAN_POLICIES", "strerror"]

@@ -1,4 +1,5 @@
-"""The C core on its own: `make test valgrind sanitize`, a short libFuzzer run, the plain-C (-DNNP_PLAIN_C, with and
+"""The C core on its own: `make test valgrind sanitize` (the C tests cover every function of nnp.h, second derivatives
+included), a short libFuzzer run (every compute function), the plain-C (-DNNP_PLAIN_C, with and
 without run-time dispatch) and no-dispatch (-DNNP_NO_DISPATCH) builds' tests, warnings under both compilers, the
 standalone example compiled with plain `cc` exactly as README.md says against Kernel's results, and the lists of the
 library's source files in its builds.
@@ -279,6 +280,21 @@ def test_cdef_matches_header():
         assert norm(p) in cdef, p
     for name, value in re.findall(r"#define (NNP_(?:E_\w+|OK|MODE_\w+|WS_\w+|ACT_\w+))\s+\(?(-?\d+)\)?", header):
         assert re.search(rf"#define {name} {value}\b", build_ffi.CDEF), name
+
+
+def test_c_tests_and_fuzzer_call_every_function():
+    """`make test` (and so `make valgrind` and `make sanitize`, which run the same program) calls every function of
+    nnp.h, and the libFuzzer harness every compute function (those taking a workspace), second derivatives included."""
+    with open(os.path.join(CSRC, "nnp.h")) as f:
+        header = f.read()
+    protos = re.findall(r"^(?:const )?(?:int|size_t|char) \*?(nnp_\w+)\(([^;]*)\);", header, re.M)
+    names = {name for name, _ in protos}
+    compute = {name for name, args in protos if "work_len" in args}
+    assert {"nnp_hessian", "nnp_laplacian", "nnp_hvp", "nnp_fd_hessian_f64"} <= compute
+    for path, wanted in (("tests/test_nnp.c", names), ("fuzz/fuzz_parse.c", compute)):
+        with open(os.path.join(CSRC, path)) as f:
+            called = set(re.findall(r"\b(nnp_\w+)\(", f.read()))
+        assert wanted <= called, f"{path} does not call {sorted(wanted - called)}"
 
 
 def test_source_lists_agree():

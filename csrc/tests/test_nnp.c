@@ -8,7 +8,10 @@
  *   - the float64 finite-difference Jacobian against the reference, and that its error estimate covers it,
  *   - derivative conventions at the kinks of piecewise activations,
  *   - every corruption gives its error code, every truncated prefix and every single-bit flip is rejected,
- *   - unaligned file buffers and storage, small workspaces, NULL arguments.
+ *   - unaligned file buffers and storage, small workspaces, NULL arguments,
+ *   - second derivatives (Hessian, Laplacian, Hessian-vector products) against a float64 forward-over-forward
+ *     reference written here (its f'' checked against differences of f'), the float64 finite-difference Hessian
+ *     and its error estimate, exact zeros of piecewise-linear networks and at kinks, and their own arguments.
  *
  * Usage: test_nnp                       run the tests
  *        test_nnp --write-model F       write a small valid model (2 inputs, 2 outputs) to F and exit
@@ -376,6 +379,14 @@ static void check_model(const tmodel *tm, size_t batch, double lo, double hi, co
     CHECK(memcmp(Ja, nnp_auto_mode(m) == NNP_MODE_FORWARD ? Jf : Jr, batch * jn * sizeof(float)) == 0,
           "%s: auto mode equals the mode it picks", what);
     CHECK(memcmp(y, yj, batch * n_out * sizeof(float)) == 0, "%s: jacobian's y equals forward's y", what);
+    {
+        /* the float64 forward pass: the finite differences' f(x), bit for bit */
+        double *yf = (double *)xmalloc(batch * n_out * sizeof(double));
+        rc = nnp_forward_f64(m, batch, xd, yf, wd64, wd);
+        CHECK_RC(rc, NNP_OK, "nnp_forward_f64");
+        CHECK(memcmp(yf, yd, batch * n_out * sizeof(double)) == 0, "%s: forward_f64 equals fd's f(x)", what);
+        free(yf);
+    }
 
     for (b = 0; b < batch; b++) {
         double ys = 1, js = 1, kd = ref_eval(tm, xd + b * n_in, yref, Jref);
@@ -1069,6 +1080,425 @@ static void test_pattern_cache(void)
     check_cache(6, wide, 2, NNP_ACT_RELU, 40000, 3.0, 0, "relu 6->64->1, table full");
 }
 
+/* ---------------------------------------------------------------------------------------------------- */
+/* second derivatives                                                                                    */
+
+#define REF_PI 3.14159265358979323846
+
+/* f''(x) in float64, from the definitions of FORMAT.md (test_second_activations checks it against central
+ * differences of ref_dact); 0 for the piecewise-linear activations, and at x = 0 for elu, selu and softsign (nnp.h) */
+static double ref_d2act(unsigned a, double x, double p0, double p1)
+{
+    double s, t, c, u1;
+    switch (a) {
+    case 3: return x < 0 ? p0 * exp(x) : 0;
+    case 4: return x < 0 ? p1 * p0 * exp(x) : 0;
+    case 5: t = tanh(x); return -2 * t * (1 - t * t);
+    case 6: s = 1 / (1 + exp(-x)); return s * (1 - s) * (1 - 2 * s);
+    case 8: s = 1 / (1 + exp(-x)); return s * (1 - s);
+    case 9: t = 1 / (1 + fabs(x)); return x > 0 ? -2 * t * t * t : (x < 0 ? 2 * t * t * t : 0);
+    case 10: s = 1 / (1 + exp(-x)); return s * (1 - s) * (2 + x * (1 - 2 * s));
+    case 11: return (2 - x * x) * exp(-0.5 * x * x) / sqrt(2 * REF_PI);
+    case 12:
+        c = sqrt(2 / REF_PI);
+        t = tanh(c * (x + 0.044715 * x * x * x));
+        u1 = c * (1 + 3 * 0.044715 * x * x);
+        return (1 - t * t) * (u1 + 0.5 * x * (6 * c * 0.044715 * x - 2 * t * u1 * u1));
+    case 14: return exp(x);
+    default: return 0; /* linear, relu, leaky_relu, hard_sigmoid, relu6 */
+    }
+}
+
+/* distance to a point where f' is not smooth (f'' jumps): the kinks, and 0 for elu, selu, softsign */
+static double kink_distance2(unsigned a, double x, double p0, double p1)
+{
+    return a == 9 ? fabs(x) : kink_distance(a, x, p0, p1);
+}
+
+/* y [n_out], J [n_out][n_in], H [n_out][n_in][n_in] at one point, float64, forward over forward: every unit carries
+ * its value, gradient T[q] and Hessian Q[q][r]. Returns the smallest distance of a pre-activation to a kink2. */
+static double ref_eval2(const tmodel *m, const double *x, double *y, double *J, double *H)
+{
+    const size_t n = m->n_in, nn = n * n;
+    size_t k, i, j, q, r, maxw = n;
+    double *a, *z, *T, *Tn, *Q, *Qn, kd = INFINITY;
+    for (k = 0; k < m->n_layers; k++)
+        if (m->L[k].cols > maxw) maxw = m->L[k].cols;
+    a = (double *)xmalloc(maxw * sizeof(double));
+    z = (double *)xmalloc(maxw * sizeof(double));
+    T = (double *)xmalloc(maxw * n * sizeof(double));
+    Tn = (double *)xmalloc(maxw * n * sizeof(double));
+    Q = (double *)xmalloc(maxw * nn * sizeof(double));
+    Qn = (double *)xmalloc(maxw * nn * sizeof(double));
+    for (i = 0; i < n; i++) {
+        a[i] = x[i];
+        for (q = 0; q < n; q++) T[i * n + q] = (i == q);
+        for (q = 0; q < nn; q++) Q[i * nn + q] = 0;
+    }
+    for (k = 0; k < m->n_layers; k++) {
+        const tlayer *L = &m->L[k];
+        for (j = 0; j < L->cols; j++) {
+            double s = L->b[j], d1, d2;
+            for (i = 0; i < L->rows; i++) s += a[i] * (double)L->W[i * L->cols + j];
+            z[j] = s;
+            d1 = ref_dact(L->act, s, L->p0, L->p1);
+            d2 = ref_d2act(L->act, s, L->p0, L->p1);
+            for (q = 0; q < n; q++) {
+                double t = 0;
+                for (i = 0; i < L->rows; i++) t += T[i * n + q] * (double)L->W[i * L->cols + j];
+                Tn[j * n + q] = t;
+            }
+            for (q = 0; q < n; q++)
+                for (r = 0; r < n; r++) {
+                    double t = 0;
+                    for (i = 0; i < L->rows; i++) t += Q[i * nn + q * n + r] * (double)L->W[i * L->cols + j];
+                    Qn[j * nn + q * n + r] = d1 * t + d2 * Tn[j * n + q] * Tn[j * n + r];
+                }
+            for (q = 0; q < n; q++) Tn[j * n + q] *= d1;
+            kd = fmin(kd, kink_distance2(L->act, s, L->p0, L->p1));
+        }
+        for (j = 0; j < L->cols; j++) a[j] = ref_act(L->act, z[j], L->p0, L->p1);
+        memcpy(T, Tn, L->cols * n * sizeof(double));
+        memcpy(Q, Qn, L->cols * nn * sizeof(double));
+    }
+    for (j = 0; j < m->n_out; j++) {
+        y[j] = a[j];
+        for (q = 0; q < n; q++) J[j * n + q] = T[j * n + q];
+        for (q = 0; q < nn; q++) H[j * nn + q] = Q[j * nn + q];
+    }
+    free(a); free(z); free(T); free(Tn); free(Q); free(Qn);
+    return kd;
+}
+
+/* f'' of every activation: the reference formulas against central differences of ref_dact, and the C core's (the
+ * Hessian of one unit, z = x) against the formulas, away from kinks; exactly 0 at the kinks. */
+static void test_second_activations(void)
+{
+    unsigned a;
+    for (a = 0; a < NNP_ACT_COUNT; a++) {
+        tlayer L;
+        tmodel tm;
+        float W = 1.0f, bb = 0.0f, xf[161], H[161], lap[161], hv[161], vv[161], work[4096];
+        double err_ref = 0, err_c = 0;
+        void *storage = NULL;
+        nnp_model *m;
+        size_t i;
+        L.rows = L.cols = 1;
+        L.act = a;
+        default_params(a, &L.p0, &L.p1);
+        L.W = &W;
+        L.b = &bb;
+        tm.n_in = tm.n_out = tm.n_layers = 1;
+        tm.L = &L;
+        m = load_tmodel(&tm, &storage);
+        if (!m) continue;
+        for (i = 0; i < 161; i++) {
+            xf[i] = (float)(-4.0 + 0.05 * (double)i); /* -4 .. 4, 0 and the kinks included */
+            vv[i] = 0.5f;
+        }
+        CHECK_RC(nnp_hessian(m, 161, xf, NULL, NULL, H, work, 4096), NNP_OK, "unit hessian");
+        CHECK_RC(nnp_laplacian(m, 161, xf, NULL, NULL, lap, work, 4096), NNP_OK, "unit laplacian");
+        CHECK_RC(nnp_hvp(m, 161, xf, vv, NULL, hv, work, 4096), NNP_OK, "unit hvp");
+        for (i = 0; i < 161; i++) {
+            const double x = xf[i], p0 = L.p0, p1 = L.p1, h = 1e-6;
+            const double want = ref_d2act(a, x, p0, p1);
+            CHECK(memcmp(&lap[i], &H[i], sizeof(float)) == 0, "%s: laplacian of one unit is its hessian", act_names[a]);
+            CHECK(fabs(hv[i] - 0.5 * H[i]) <= 1e-6 * fmax(1.0, fabs(H[i])), "%s: hvp of one unit", act_names[a]);
+            if (kink_distance2(a, x, p0, p1) < 1e-3) {
+                CHECK(H[i] == 0.0f, "%s''(%g) = %g, want 0 at the kink", act_names[a], x, (double)H[i]);
+                continue;
+            }
+            if (a == NNP_ACT_EXPONENTIAL && x > 2) continue;
+            err_ref = fmax(err_ref, fabs(want - (ref_dact(a, x + h, p0, p1) - ref_dact(a, x - h, p0, p1)) / (2 * h)) /
+                                        fmax(1.0, fabs(want)));
+            err_c = fmax(err_c, fabs(H[i] - want) / fmax(1.0, fabs(want)));
+            if (a == NNP_ACT_LINEAR || a == NNP_ACT_RELU || a == NNP_ACT_LEAKY_RELU || a == NNP_ACT_RELU6 ||
+                a == NNP_ACT_HARD_SIGMOID)
+                CHECK(H[i] == 0.0f, "%s'' is not exactly 0 at %g", act_names[a], x);
+        }
+        CHECK(err_ref <= 1e-8, "%s: reference f'' against differences of f': %.3g", act_names[a], err_ref);
+        CHECK(err_c <= 1e-6, "%s: C core's f'' against the reference: %.3g", act_names[a], err_c);
+        if (getenv("NNP_TEST_VERBOSE"))
+            printf("  f'' %-14s ref vs fd %.2e  C vs ref %.2e\n", act_names[a], err_ref, err_c);
+        free(storage);
+    }
+}
+
+/* Everything of the second derivatives for one model on `batch` random points in [lo, hi]^n_in. */
+static void check_second(const tmodel *tm, size_t batch, double lo, double hi, const char *what)
+{
+    const size_t n_in = tm->n_in, n_out = tm->n_out, jn = n_in * n_out, hn = jn * n_in;
+    size_t b, i, j, q, w, wlen = 0, wd, w1, skipped = 0;
+    void *storage = NULL;
+    nnp_model *m;
+    float *x, *v, *y, *J, *H, *y2, *J2, *L, *y3, *V, *H2, *L2, *V2, *work;
+    double *xd, *yd, *Hfd, *err, *Hfd2, *wdbuf, *yref, *Jref, *Href;
+    double max_y = 0, max_j = 0, max_h = 0, max_l = 0, max_v = 0, max_fd = 0, max_fd32 = 0;
+    int ops[3] = {NNP_WS_HESSIAN, NNP_WS_LAPLACIAN, NNP_WS_HVP}, piecewise = 1, o;
+
+    m = load_tmodel(tm, &storage);
+    if (!m) return;
+    for (i = 0; i < tm->n_layers; i++) {
+        const unsigned act = tm->L[i].act;
+        if (!(act == NNP_ACT_LINEAR || act == NNP_ACT_RELU || act == NNP_ACT_LEAKY_RELU || act == NNP_ACT_RELU6 ||
+              act == NNP_ACT_HARD_SIGMOID))
+            piecewise = 0;
+    }
+    x = (float *)xmalloc(batch * n_in * sizeof(float));
+    v = (float *)xmalloc(batch * n_in * sizeof(float));
+    xd = (double *)xmalloc(batch * n_in * sizeof(double));
+    y = (float *)xmalloc(batch * n_out * sizeof(float));
+    y2 = (float *)xmalloc(batch * n_out * sizeof(float));
+    y3 = (float *)xmalloc(batch * n_out * sizeof(float));
+    yd = (double *)xmalloc(batch * n_out * sizeof(double));
+    J = (float *)xmalloc(batch * jn * sizeof(float));
+    J2 = (float *)xmalloc(batch * jn * sizeof(float));
+    V = (float *)xmalloc(batch * jn * sizeof(float));
+    V2 = (float *)xmalloc(batch * jn * sizeof(float));
+    L = (float *)xmalloc(batch * n_out * sizeof(float));
+    L2 = (float *)xmalloc(batch * n_out * sizeof(float));
+    H = (float *)xmalloc(batch * hn * sizeof(float));
+    H2 = (float *)xmalloc(batch * hn * sizeof(float));
+    Hfd = (double *)xmalloc(batch * hn * sizeof(double));
+    Hfd2 = (double *)xmalloc(batch * hn * sizeof(double));
+    err = (double *)xmalloc(batch * hn * sizeof(double));
+    yref = (double *)xmalloc(n_out * sizeof(double));
+    Jref = (double *)xmalloc(jn * sizeof(double));
+    Href = (double *)xmalloc(hn * sizeof(double));
+    for (i = 0; i < batch * n_in; i++) {
+        x[i] = (float)urange(lo, hi);
+        xd[i] = x[i];
+        v[i] = (float)urange(-1, 1);
+    }
+    for (o = 0; o < 3; o++) {
+        CHECK_RC(nnp_workspace(m, ops[o], batch, &w), NNP_OK, "second-order workspace");
+        if (w > wlen) wlen = w;
+    }
+    work = (float *)xmalloc(wlen * sizeof(float));
+    CHECK_RC(nnp_workspace(m, NNP_WS_FD_HESSIAN_F64, batch, &wd), NNP_OK, "fd hessian workspace");
+    wdbuf = (double *)xmalloc(wd * sizeof(double));
+
+    CHECK_RC(nnp_hessian(m, batch, x, y, J, H, work, wlen), NNP_OK, "nnp_hessian");
+    CHECK_RC(nnp_laplacian(m, batch, x, y2, J2, L, work, wlen), NNP_OK, "nnp_laplacian");
+    CHECK_RC(nnp_hvp(m, batch, x, v, y3, V, work, wlen), NNP_OK, "nnp_hvp");
+    CHECK_RC(nnp_fd_hessian_f64(m, batch, xd, yd, Hfd, err, wdbuf, wd), NNP_OK, "nnp_fd_hessian_f64");
+
+    for (b = 0; b < batch; b++) {
+        const float *Hb = H + b * hn, *Vb = V + b * jn, *vb = v + b * n_in;
+        double ys = 1, js = 1, hs = 1, kd = ref_eval2(tm, xd + b * n_in, yref, Jref, Href);
+        for (i = 0; i < n_out; i++) ys = fmax(ys, fabs(yref[i]));
+        for (i = 0; i < jn; i++) js = fmax(js, fabs(Jref[i]));
+        for (i = 0; i < hn; i++) hs = fmax(hs, fabs(Href[i]));
+        for (i = 0; i < n_out; i++) {
+            max_y = fmax(max_y, fabs(y[b * n_out + i] - yref[i]) / ys);
+            max_y = fmax(max_y, fabs(y2[b * n_out + i] - yref[i]) / ys);
+            max_y = fmax(max_y, fabs(y3[b * n_out + i] - yref[i]) / ys);
+            CHECK(fabs(yd[b * n_out + i] - yref[i]) <= 1e-12 * ys, "%s: fd hessian's y", what);
+        }
+        for (i = 0; i < jn; i++) {
+            max_j = fmax(max_j, fabs(J[b * jn + i] - Jref[i]) / js);
+            max_j = fmax(max_j, fabs(J2[b * jn + i] - Jref[i]) / js);
+        }
+        for (i = 0; i < n_out; i++)
+            for (j = 0; j < n_in; j++)
+                for (q = 0; q < n_in; q++) {
+                    const size_t e = (i * n_in + j) * n_in + q, et = (i * n_in + q) * n_in + j;
+                    CHECK(memcmp(&Hb[e], &Hb[et], sizeof(float)) == 0 && Hfd[b * hn + e] == Hfd[b * hn + et],
+                          "%s: hessian not symmetric (point %lu)", what, (unsigned long)b);
+                }
+        if (piecewise) {
+            for (i = 0; i < hn; i++) CHECK(Hb[i] == 0.0f, "%s: piecewise-linear network, hessian not 0", what);
+            for (i = 0; i < jn; i++) CHECK(Vb[i] == 0.0f, "%s: piecewise-linear network, hvp not 0", what);
+            for (i = 0; i < n_out; i++) CHECK(L[b * n_out + i] == 0.0f, "%s: piecewise-linear, laplacian not 0", what);
+        }
+        if (kd < 1e-3) { /* an f'' jump within reach of float32 rounding or of the finite-difference steps */
+            skipped++;
+            continue;
+        }
+        for (i = 0; i < hn; i++) {
+            const double e = fabs(Hfd[b * hn + i] - Href[i]);
+            max_h = fmax(max_h, fabs(Hb[i] - Href[i]) / hs);
+            max_fd = fmax(max_fd, e / hs);
+            max_fd32 = fmax(max_fd32, fabs(Hb[i] - Hfd[b * hn + i]) / (err[b * hn + i] + 1e-5 * hs));
+            CHECK(e <= 2 * err[b * hn + i] + 1e-12 * hs, "%s: fd hessian error %.3g beyond twice its estimate %.3g",
+                  what, e, err[b * hn + i]);
+        }
+        for (i = 0; i < n_out; i++) {
+            double tr = 0;
+            for (j = 0; j < n_in; j++) tr += Href[(i * n_in + j) * n_in + j];
+            max_l = fmax(max_l, fabs(L[b * n_out + i] - tr) / hs);
+            for (j = 0; j < n_in; j++) {
+                double hv = 0;
+                for (q = 0; q < n_in; q++) hv += Href[(i * n_in + j) * n_in + q] * vb[q];
+                max_v = fmax(max_v, fabs(Vb[i * n_in + j] - hv) / hs);
+            }
+        }
+    }
+    CHECK(max_y <= 2e-6, "%s: second-order y error %.3g", what, max_y);
+    CHECK(max_j <= 1e-5, "%s: second-order dy_dx error %.3g", what, max_j);
+    CHECK(max_h <= 1e-5, "%s: hessian error %.3g", what, max_h);
+    CHECK(max_l <= 1e-5, "%s: laplacian error %.3g", what, max_l);
+    CHECK(max_v <= 1e-5, "%s: hvp error %.3g", what, max_v);
+    CHECK(max_fd <= 1e-8, "%s: fd hessian error %.3g", what, max_fd);
+    CHECK(max_fd32 <= 1.0, "%s: float32 hessian beyond the fd estimate + 1e-5: %.3g", what, max_fd32);
+    CHECK(skipped * 2 <= batch, "%s: too many points near a kink (%lu)", what, (unsigned long)skipped);
+    if (getenv("NNP_TEST_VERBOSE"))
+        printf("  %-34s H %.2e  L %.2e  Hv %.2e  fd %.2e  (near kink: %lu)\n", what, max_h, max_l, max_v, max_fd,
+               (unsigned long)skipped);
+
+    /* y and dy_dx NULL; a workspace for one point only (blocks of one); each point alone; err and y NULL: the same
+     * bits. One point's workspace less one element is too small. */
+    CHECK_RC(nnp_workspace(m, NNP_WS_HESSIAN, 1, &w1), NNP_OK, "hessian workspace, one point");
+    CHECK_RC(nnp_hessian(m, batch, x, NULL, NULL, H2, work, w1), NNP_OK, "hessian, one-point workspace");
+    CHECK(memcmp(H, H2, batch * hn * sizeof(float)) == 0, "%s: hessian depends on the blocks or on y/J", what);
+    CHECK_RC(nnp_hessian(m, batch, x, y, J, H2, work, w1 - 1), NNP_E_WORKSPACE, "hessian, workspace too small");
+    CHECK_RC(nnp_workspace(m, NNP_WS_LAPLACIAN, 1, &w1), NNP_OK, "laplacian workspace, one point");
+    CHECK_RC(nnp_laplacian(m, batch, x, NULL, NULL, L2, work, w1), NNP_OK, "laplacian, one-point workspace");
+    CHECK(memcmp(L, L2, batch * n_out * sizeof(float)) == 0, "%s: laplacian depends on the blocks", what);
+    CHECK_RC(nnp_laplacian(m, batch, x, y, J, L2, work, w1 - 1), NNP_E_WORKSPACE, "laplacian, workspace too small");
+    CHECK_RC(nnp_workspace(m, NNP_WS_HVP, 1, &w1), NNP_OK, "hvp workspace, one point");
+    CHECK_RC(nnp_hvp(m, batch, x, v, NULL, V2, work, w1), NNP_OK, "hvp, one-point workspace");
+    CHECK(memcmp(V, V2, batch * jn * sizeof(float)) == 0, "%s: hvp depends on the blocks", what);
+    CHECK_RC(nnp_hvp(m, batch, x, v, y, V2, work, w1 - 1), NNP_E_WORKSPACE, "hvp, workspace too small");
+    for (b = 0; b < batch; b += 7) {
+        CHECK_RC(nnp_hessian(m, 1, x + b * n_in, y2, J2, H2, work, wlen), NNP_OK, "hessian of one point");
+        CHECK(memcmp(H2, H + b * hn, hn * sizeof(float)) == 0 && memcmp(J2, J + b * jn, jn * sizeof(float)) == 0 &&
+                  memcmp(y2, y + b * n_out, n_out * sizeof(float)) == 0,
+              "%s: point %lu alone differs from the batch", what, (unsigned long)b);
+        CHECK_RC(nnp_hvp(m, 1, x + b * n_in, v + b * n_in, NULL, V2, work, wlen), NNP_OK, "hvp of one point");
+        CHECK(memcmp(V2, V + b * jn, jn * sizeof(float)) == 0, "%s: hvp of point %lu alone", what, (unsigned long)b);
+    }
+    CHECK_RC(nnp_fd_hessian_f64(m, batch, xd, NULL, Hfd2, NULL, wdbuf, wd), NNP_OK, "fd hessian without y, err");
+    CHECK(memcmp(Hfd, Hfd2, batch * hn * sizeof(double)) == 0, "%s: fd hessian depends on y/err", what);
+    CHECK_RC(nnp_fd_hessian_f64(m, batch, xd, NULL, Hfd2, NULL, wdbuf, wd - 1), NNP_E_WORKSPACE, "fd, small ws");
+
+    free(x); free(v); free(xd); free(y); free(y2); free(y3); free(yd); free(J); free(J2); free(V); free(V2);
+    free(L); free(L2); free(H); free(H2); free(Hfd); free(Hfd2); free(err); free(yref); free(Jref); free(Href);
+    free(work); free(wdbuf); free(storage);
+}
+
+static void test_second(void)
+{
+    static const size_t rev[] = {9, 7, 2};      /* 2 outputs < 6 pairs: forward then reverse */
+    static const size_t ff[] = {9, 6, 4};       /* 4 outputs >= 3 pairs: forward over forward */
+    static const size_t wide[] = {40, 24, 17, 2};
+    static const size_t seed[] = {64, 64, 32, 32, 16, 16, 8, 1};
+    static const size_t thin[] = {33, 17, 1};
+    static const size_t one[] = {3};
+    static const size_t mixed[] = {12, 9, 8, 11, 10, 6, 3};
+    static const unsigned mixed_acts[] = {NNP_ACT_RELU, NNP_ACT_TANH, NNP_ACT_LEAKY_RELU, NNP_ACT_GELU,
+                                          NNP_ACT_HARD_SIGMOID, NNP_ACT_ELU, NNP_ACT_SIGMOID};
+    unsigned a;
+    size_t k;
+    char what[96];
+    test_second_activations();
+    for (a = 0; a < NNP_ACT_COUNT; a++) {
+        tmodel tm;
+        const double lo = a == NNP_ACT_EXPONENTIAL ? -1 : -2.5, hi = -lo;
+        sprintf(what, "%s 3->9,7,2", act_names[a]);
+        tm = make_model(3, rev, 3, a, NNP_ACT_LINEAR);
+        check_second(&tm, 40, lo, hi, what);
+        free_model(&tm);
+        sprintf(what, "%s 2->9,6,4 (same out)", act_names[a]);
+        tm = make_model(2, ff, 3, a, a);
+        check_second(&tm, 30, lo, hi, what);
+        free_model(&tm);
+    }
+    {
+        tmodel tm = make_model(3, wide, 4, NNP_ACT_TANH, NNP_ACT_LINEAR);
+        check_second(&tm, 20, -2, 2, "tanh 3->40,24,17,2");
+        free_model(&tm);
+        tm = make_model(2, seed, 8, NNP_ACT_SOFTPLUS, NNP_ACT_LINEAR);
+        check_second(&tm, 30, -2, 2, "softplus seed 2->64..8->1");
+        free_model(&tm);
+        tm = make_model(1, thin, 3, NNP_ACT_SWISH, NNP_ACT_LINEAR);
+        check_second(&tm, 30, -3, 3, "swish 1->33,17,1");
+        free_model(&tm);
+        tm = make_model(4, one, 1, NNP_ACT_GELU_TANH, NNP_ACT_GELU_TANH);
+        check_second(&tm, 20, -2, 2, "gelu_tanh 4->3 one layer");
+        free_model(&tm);
+        tm = make_model(3, rev, 3, NNP_ACT_RELU, NNP_ACT_SIGMOID); /* only the output layer has an f'' */
+        check_second(&tm, 40, -2, 2, "relu 3->9,7,2 (sigmoid out)");
+        tm.L[1].act = NNP_ACT_SOFTPLUS; /* piecewise-linear below a smooth layer */
+        check_second(&tm, 40, -2, 2, "relu, softplus 3->9,7,2 (sigmoid out)");
+        free_model(&tm);
+        tm = make_model(3, mixed, 7, NNP_ACT_LINEAR, NNP_ACT_LINEAR);
+        for (k = 0; k < 7; k++) {
+            tm.L[k].act = mixed_acts[k];
+            default_params(mixed_acts[k], &tm.L[k].p0, &tm.L[k].p1);
+        }
+        check_second(&tm, 40, -2, 2, "mixed 3->12,9,8,11,10,6,3");
+        free_model(&tm);
+    }
+}
+
+/* NaN and infinite inputs propagate, nothing traps, and the other points of the batch are unaffected; arguments */
+static void test_second_arguments(void)
+{
+    static const size_t w[] = {8, 5, 2};
+    tmodel tm = make_model(3, w, 3, NNP_ACT_TANH, NNP_ACT_LINEAR);
+    void *storage = NULL;
+    nnp_model *m = load_tmodel(&tm, &storage);
+    float x[9] = {0.5f, -1.0f, 0.25f, 0.1f, 0.2f, 0.3f, -0.7f, 1.5f, 2.0f}, v[9], y[6], J[18], H[54], L[6], V[18];
+    float y1[2], H1[18], V1[18], work[8192];
+    double xd[3] = {0.1, 0.2, 0.3}, Hd[18], wd[8192];
+    size_t i, ws;
+    if (!m) {
+        free_model(&tm);
+        return;
+    }
+    for (i = 0; i < 9; i++) v[i] = 1.0f - 0.25f * (float)i;
+    x[3] = (float)NAN;
+    x[7] = (float)INFINITY;
+    CHECK_RC(nnp_hessian(m, 3, x, y, J, H, work, 8192), NNP_OK, "hessian with NaN and inf");
+    CHECK(isnan(y[2]) && isnan(y[3]) && !isfinite(H[18]), "NaN input: NaN outputs and second derivatives");
+    /* (point 2 has an infinite input: tanh saturates, its outputs may well be finite) */
+    CHECK_RC(nnp_hessian(m, 1, x, y1, NULL, H1, work, 8192), NNP_OK, "hessian of point 0");
+    CHECK(memcmp(H1, H, sizeof H1) == 0 && memcmp(y1, y, sizeof y1) == 0, "a NaN point changes another point");
+    CHECK_RC(nnp_laplacian(m, 3, x, y, NULL, L, work, 8192), NNP_OK, "laplacian with NaN");
+    CHECK(isnan(L[2]) && isfinite(L[0]), "laplacian: NaN propagates to its point only");
+    v[1] = (float)NAN;
+    CHECK_RC(nnp_hvp(m, 3, x, v, NULL, V, work, 8192), NNP_OK, "hvp with NaN direction");
+    CHECK(isnan(V[0]) && isnan(V[6]), "hvp: NaN direction and NaN point propagate");
+    v[1] = 0.75f;
+    x[3] = 0.1f;
+    x[7] = 0.2f;
+    CHECK_RC(nnp_hvp(m, 1, x, v, NULL, V1, work, 8192), NNP_OK, "hvp one point");
+
+    /* arguments */
+    CHECK_RC(nnp_hessian(NULL, 1, x, y, J, H, work, 8192), NNP_E_NULL, "hessian NULL model");
+    CHECK_RC(nnp_hessian(m, 1, NULL, y, J, H, work, 8192), NNP_E_NULL, "hessian NULL x");
+    CHECK_RC(nnp_hessian(m, 1, x, y, J, NULL, work, 8192), NNP_E_NULL, "hessian NULL d2y_dx2");
+    CHECK_RC(nnp_hessian(m, 1, x, y, J, H, NULL, 8192), NNP_E_NULL, "hessian NULL work");
+    CHECK_RC(nnp_hessian(m, 0, NULL, NULL, NULL, NULL, NULL, 0), NNP_OK, "hessian empty batch");
+    CHECK_RC(nnp_hessian(m, (size_t)-1, x, y, J, H, work, 8192), NNP_E_ARG, "hessian absurd batch");
+    CHECK_RC(nnp_hessian(m, 1, x, y, J, H, work, 0), NNP_E_WORKSPACE, "hessian no workspace");
+    CHECK_RC(nnp_laplacian(m, 1, x, y, J, NULL, work, 8192), NNP_E_NULL, "laplacian NULL lap");
+    CHECK_RC(nnp_laplacian(m, 0, NULL, NULL, NULL, NULL, NULL, 0), NNP_OK, "laplacian empty batch");
+    CHECK_RC(nnp_laplacian(m, (size_t)-1, x, y, J, L, work, 8192), NNP_E_ARG, "laplacian absurd batch");
+    CHECK_RC(nnp_laplacian(m, 1, x, NULL, NULL, L, work, 0), NNP_E_WORKSPACE, "laplacian no workspace");
+    CHECK_RC(nnp_hvp(m, 1, x, NULL, y, V, work, 8192), NNP_E_NULL, "hvp NULL v");
+    CHECK_RC(nnp_hvp(m, 1, x, v, y, NULL, work, 8192), NNP_E_NULL, "hvp NULL hvp");
+    CHECK_RC(nnp_hvp(m, 0, NULL, NULL, NULL, NULL, NULL, 0), NNP_OK, "hvp empty batch");
+    CHECK_RC(nnp_hvp(m, (size_t)-1, x, v, y, V, work, 8192), NNP_E_ARG, "hvp absurd batch");
+    CHECK_RC(nnp_fd_hessian_f64(m, 1, xd, NULL, Hd, NULL, wd, 1), NNP_E_WORKSPACE, "fd hessian workspace");
+    CHECK_RC(nnp_fd_hessian_f64(m, 1, xd, NULL, NULL, NULL, wd, 8192), NNP_E_NULL, "fd hessian NULL out");
+    CHECK_RC(nnp_fd_hessian_f64(m, 0, NULL, NULL, NULL, NULL, NULL, 0), NNP_OK, "fd hessian empty batch");
+    CHECK_RC(nnp_fd_hessian_f64(m, 1, xd, NULL, Hd, NULL, wd, 8192), NNP_OK, "fd hessian");
+    CHECK_RC(nnp_workspace(m, NNP_WS_HESSIAN, 0, &ws), NNP_OK, "hessian workspace, empty batch");
+    CHECK(ws == 0, "empty batch needs no workspace");
+    CHECK_RC(nnp_workspace(m, NNP_WS_FD_HESSIAN_F64 + 1, 1, &ws), NNP_E_ARG, "workspace op past the last");
+    {
+        /* the workspace stops growing at a block of points */
+        size_t w1000, wbig;
+        CHECK_RC(nnp_workspace(m, NNP_WS_HESSIAN, 1000, &w1000), NNP_OK, "hessian workspace 1000");
+        CHECK_RC(nnp_workspace(m, NNP_WS_HESSIAN, (size_t)1 << 40, &wbig), NNP_OK, "hessian workspace 2^40");
+        CHECK(w1000 == wbig && wbig < 200000, "hessian workspace bounded (%lu)", (unsigned long)wbig);
+    }
+    free(storage);
+    free_model(&tm);
+}
+
 /* tm written to the file format at path, then freed; 0 on success */
 static int write_tmodel_file(tmodel *tm, const char *path)
 {
@@ -1114,6 +1544,8 @@ int main(int argc, char **argv)
     test_pattern_cache();
     test_corruptions();
     test_arguments();
+    test_second();
+    test_second_arguments();
     if (getenv("NNP_TEST_VERBOSE")) printf("largest fd error / estimate: %.3g\n", max_ratio);
     printf("test_nnp: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;
