@@ -7,6 +7,7 @@ A bundle is a folder::
     model.onnx        forward graph (frozen, self-contained)
     model.jac.onnx    companion graph with outputs y [batch, n_out] and dy_dx [batch, n_out, n_in]
     model.nnp         C-core weight file (only when the network is in the C subset)
+    model.hess.onnx, model.lap.onnx, model.hvp.onnx   (``order=2``) second-derivative graphs
     validation.json   export-time comparison against TensorFlow's GradientTape
     model.sig         (with ``--sign``) signature over manifest.json and every listed file (OpenSSF model-signing)
 
@@ -29,10 +30,11 @@ import numpy as np
 import onnx
 
 from nnpartials import tolerances
-from nnpartials.bundle import (DEFAULT_BOX, FORMAT, FORMAT_VERSION, FORWARD, JACOBIAN, LAYOUT,  # noqa: F401
-                               MANIFEST, MAX_MANIFEST_BYTES, NORMALIZATION_BOX_STDS, VALIDATION, WEIGHTS, Bundle,
+from nnpartials.bundle import (DEFAULT_BOX, FORMAT, FORMAT_VERSION, FORWARD, HESSIAN, HESSIAN_LAYOUT,  # noqa: F401
+                               HVP, HVP_LAYOUT, JACOBIAN, LAPLACIAN, LAPLACIAN_LAYOUT, LAYOUT, MANIFEST, MAX_MANIFEST_BYTES, NORMALIZATION_BOX_STDS, VALIDATION, WEIGHTS, Bundle,
                                _parse_manifest, _read_regular, _sha256, _write_file, load_bundle)
 from nnpartials.errors import BundleError, ExportError, NotLowerableError, ValidationError
+from nnpartials.onnx_reference import fd_hessian
 
 def tool_versions() -> dict:
     import importlib.metadata as md
@@ -241,6 +243,64 @@ def validate_c_core(nnp_bytes: bytes, xs, reference, tolerance=tolerances.EXPORT
     return out
 
 
+# ----- second derivatives ------------------------------------------------------------------------------------
+#: Largest Hessian per point (n_out * n_in * n_in entries) export builds the second-order graphs for.
+MAX_HESSIAN_ENTRIES = 1 << 20
+
+
+def validate_second_order(graphs: dict, names, xs, first_reference, H_ref, keep,
+                          tolerance=tolerances.EXPORT_SECOND_ORDER, reference_name="", seed: int = 0) -> dict:
+    """Compare the second-order graphs (onnxruntime, CPU) with the reference Hessian ``H_ref`` on the points ``xs``:
+    ``d2y_dx2`` entry by entry, the Laplacian with its trace and the Hessian-vector product with ``H_ref @ v`` for
+    random directions ``v``; ``y`` and ``dy_dx`` of the Hessian graph with the first-order reference. ``keep``: 0/1
+    mask of the Hessian entries to compare (None: all); a Laplacian or product entry is compared where every entry
+    it sums is kept."""
+    import onnxruntime as ort
+
+    y_ref, j_refs = first_reference
+    J_ref = np.concatenate(j_refs, axis=2)
+    mask = np.ones_like(H_ref) if keep is None else keep
+    feeds = dict(zip(names, xs))
+    n = xs[0].shape[0]
+    out = {"points": int(n), "tolerance": tolerance, "reference": reference_name,
+           "rule": "max|H - H_ref| <= tolerance * max(1, max|H_ref|); laplacian against the trace of H_ref, hvp "
+                   "against H_ref @ v", "entries_next_to_a_kink": int(mask.size - np.count_nonzero(mask))}
+
+    def run(kind, extra=None):
+        model = graphs[kind][0]
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return run_in_chunks(sess, dict(feeds, **(extra or {})), validation_rows(model))
+
+    ok = True
+    y, J, H = run("hessian")
+    a, r, sc = tolerances.scaled_error(np.asarray(H, np.float64) * mask, H_ref * mask)
+    ya, yr, _ = tolerances.scaled_error(y, y_ref)
+    ja, jr, _ = tolerances.scaled_error(J, J_ref)
+    out["hessian"] = {"max_abs": a, "max_rel": r, "scale": sc, "y_max_rel": yr, "jacobian_max_rel": jr}
+    ok = ok and max(r, yr, jr) <= tolerance
+    diag = np.einsum("bijj->bij", mask).all(axis=2)
+    trace = np.einsum("bijj->bi", H_ref)
+    lap = run("laplacian")[2]
+    a, r, sc = tolerances.scaled_error(np.asarray(lap, np.float64) * diag, trace * diag)
+    out["laplacian"] = {"max_abs": a, "max_rel": r, "scale": sc, "method": graphs["laplacian"][1].get(
+        "laplacian_method", "forward-laplacian")}
+    ok = ok and r <= tolerance
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((n, H_ref.shape[2])).astype(xs[0].dtype)
+    rows = mask.all(axis=3)
+    _, hv = run("hvp", {graphs["hvp"][1].get("v_input", "v"): v})[:2]
+    ref = np.einsum("bijk,bk->bij", H_ref, v.astype(np.float64))
+    a, r, sc = tolerances.scaled_error(np.asarray(hv, np.float64) * rows, ref * rows)
+    out["hvp"] = {"max_abs": a, "max_rel": r, "scale": sc}
+    ok = ok and r <= tolerance
+    if keep is not None and keep.size and not keep.any():
+        ok = False
+        out["failure"] = "every finite-difference entry lies next to a kink: nothing could be compared"
+    out["max_rel"] = max(out[k]["max_rel"] for k in ("hessian", "laplacian", "hvp"))
+    out["passed"] = bool(ok)
+    return out
+
+
 # ----- export ------------------------------------------------------------------------------------------------
 def _columns(names, widths, single_prefix=None):
     cols = []
@@ -275,6 +335,8 @@ class _Prepared:
     normalization: object
     box: list
     source: dict
+    #: xs -> (H_ref [N, n_out, n_in, n_in], keep mask or None): the independent second-order reference
+    second_reference: object = None
 
 
 def _prepare_keras(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps,
@@ -297,11 +359,17 @@ def _prepare_keras(model_or_path, data, mode, opset, n_validation, tolerance, se
         raise ValidationError(
             f"the exported Jacobian differs from GradientTape: max relative error {validation['max_rel']:.3g} "
             f"> tolerance {tolerance:g} on {validation['points']} points ({origin}); nothing was written")
+    def second_reference(points):
+        from nnpartials.exporter.reference import tf_hessian
+
+        return tf_hessian(traced, points)[2], None, "tensorflow nested GradientTape"
+
     return _Prepared(fwd=fwd, jac=jac, info=info, xs=xs, origin=origin, validation=validation, reference=reference,
                      keep=None, reference_name="tensorflow GradientTape", input_names=traced.input_names,
                      input_shapes=traced.input_shapes, dtype="float32", normalization=traced.normalization,
                      box=sample_box(traced),
-                     source={"kind": traced.source, "name": getattr(traced.keras_model, "name", None)})
+                     source={"kind": traced.source, "name": getattr(traced.keras_model, "name", None)},
+                     second_reference=second_reference)
 
 
 def _prepare_onnx(model_or_path, data, mode, opset, n_validation, tolerance, seed, steps) -> _Prepared:
@@ -331,12 +399,15 @@ def _prepare_onnx(model_or_path, data, mode, opset, n_validation, tolerance, see
                      box=sample_box(om),
                      source={"kind": "onnx", "producer": om.producer or None,
                              "renamed_outputs": om.renamed_outputs or None,
-                             "dropped_outputs": om.dropped_outputs or None, "upgraded_from_opset": om.upgraded_from})
+                             "dropped_outputs": om.dropped_outputs or None, "upgraded_from_opset": om.upgraded_from},
+                     second_reference=lambda points: fd_hessian(jac, points) + (
+                         "float64 central differences of the Jacobian graph (Richardson; onnx reference evaluator)",))
 
 
 def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int | None = None,
            n_validation: int = 1000, tolerance: float = tolerances.EXPORT_VALIDATION, overwrite: bool = False,
-           progress: bool = False, seed: int = 0, sign=None, allow_unsafe_deserialization: bool = False) -> Bundle:
+           progress: bool = False, seed: int = 0, sign=None, allow_unsafe_deserialization: bool = False,
+           order: int = 1) -> Bundle:
     """Export a model to a bundle folder ``out_dir``: a Keras model (object, ``.keras`` file or SavedModel
     directory) or an ONNX model (``onnx.ModelProto``, bytes, or a ``.onnx`` file from PyTorch, skl2onnx, tf2onnx,
     ``onnx.helper``, ...).
@@ -353,7 +424,14 @@ def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int 
     ``pip install 'nnpartials[sign]'``), signed before it appears at ``out_dir``.
     ``allow_unsafe_deserialization``: load a ``.keras`` file with Lambda layers, whose Python code Keras runs while
     loading (Keras's ``safe_mode=False``; refused by default). Only for files you trust.
+    ``order=2`` also writes the second-derivative graphs ``model.hess.onnx``, ``model.lap.onnx`` and
+    ``model.hvp.onnx``, validated on the same points against nested GradientTape (Keras) or float64 central
+    differences of the Jacobian graph (ONNX input); :class:`ValidationError` (nothing written) above
+    ``tolerances.EXPORT_SECOND_ORDER``.
     """
+    if isinstance(order, bool) or order not in (1, 2):
+        raise ExportError(f"order must be 1 (Jacobian) or 2 (also Hessian, Laplacian, Hessian-vector product), got "
+                          f"{order!r}")
     if isinstance(n_validation, bool) or not isinstance(n_validation, (int, np.integer)) or n_validation < 1:
         raise ExportError(f"n_validation must be a positive integer (points for the export-time check), got "
                           f"{n_validation!r}")
@@ -395,10 +473,15 @@ def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int 
                     f"the C core's Jacobian (model.nnp) differs from the reference ({pr.reference_name}): max "
                     f"relative error {validation['c_core']['max_rel']:.3g} > tolerance {tolerance:g} on "
                     f"{validation['points']} points ({pr.origin}); nothing was written")
+        second = _second_order(pr, info, nnp_bytes, steps) if order == 2 else None
         steps.next("writing the bundle")
         files = {FORWARD: fwd.SerializeToString(), JACOBIAN: jac.SerializeToString()}
         if nnp_bytes is not None:
             files[WEIGHTS] = nnp_bytes
+        if second is not None:
+            validation["second_order"] = second["validation"]
+            for kind, fname in (("hessian", HESSIAN), ("laplacian", LAPLACIAN), ("hvp", HVP)):
+                files[fname] = second["graphs"][kind][0].SerializeToString()
         files[VALIDATION] = (json.dumps(validation, indent=2) + "\n").encode()
         widths = [int(np.prod(sh, dtype=np.int64)) for sh in pr.input_shapes]
         in_cols = _columns(pr.input_names, widths)
@@ -439,11 +522,92 @@ def export(model_or_path, out_dir, *, data=None, mode: str = "auto", opset: int 
                                       if "c_core" in validation else None)},
             "validation": dict({k: validation[k] for k in ("points", "points_from", "max_rel", "tolerance",
                                                            "passed")}, reference=validation["reference"]),
+            "second_order": None if second is None else second["manifest"],
             "tools": tool_versions(),
             "files": {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()},
         }
         _write_atomically(out_dir, files, manifest, overwrite, sign)
     return load_bundle(out_dir)
+
+
+def _second_order(pr, info, nnp_bytes, steps) -> dict:
+    """Build and validate the second-order graphs; returns their models, the validation summary and the manifest
+    section. Raises :class:`ValidationError` when a graph (or the C core) misses its reference."""
+    from nnpartials.exporter.second_order import (build_hessian_model, build_hvp_model, build_laplacian_model,
+                                                  second_derivatives_vanish)
+
+    n_in, n_out = info["n_in"], info["n_out"]
+    if n_out * n_in * n_in > MAX_HESSIAN_ENTRIES:
+        raise ExportError(f"order=2: the Hessian of this model has {n_out} x {n_in} x {n_in} = {n_out * n_in * n_in} "
+                          f"entries per point, more than the {MAX_HESSIAN_ENTRIES} export builds second-order graphs "
+                          f"for; export with order=1")
+    steps.next("building the second-order graphs (Hessian, Laplacian, Hessian-vector product)")
+    graphs = {"hessian": build_hessian_model(pr.fwd), "laplacian": build_laplacian_model(pr.fwd),
+              "hvp": build_hvp_model(pr.fwd)}
+    vanish, why = second_derivatives_vanish(pr.fwd)
+    steps.next(f"validating second derivatives ({pr.xs[0].shape[0]} points)")
+    H_ref, keep, ref_name = pr.second_reference(pr.xs)
+    val = validate_second_order(graphs, pr.input_names, pr.xs, pr.reference, H_ref, keep, reference_name=ref_name)
+    if not val["passed"]:
+        raise ValidationError(
+            f"the second-order graphs differ from the reference ({ref_name}): max relative error "
+            f"{val['max_rel']:.3g} > tolerance {val['tolerance']:g} on {val['points']} points ({pr.origin})"
+            f"{'; ' + val['failure'] if 'failure' in val else ''}; nothing was written")
+    c_second = False
+    if nnp_bytes is not None:
+        from nnpartials import ccore
+
+        if ccore.has_second_order():
+            val["c_core"] = validate_c_second_order(nnp_bytes, pr.xs, H_ref, keep, val["tolerance"], ref_name)
+            if not val["c_core"]["passed"]:
+                raise ValidationError(
+                    f"the C core's second derivatives (model.nnp) differ from the reference ({ref_name}): max "
+                    f"relative error {val['c_core']['max_rel']:.3g} > tolerance {val['tolerance']:g}; nothing was "
+                    f"written")
+            c_second = True
+    lap_info, hvp_info = graphs["laplacian"][1], graphs["hvp"][1]
+    note = (f"second derivatives are zero almost everywhere: {why}" if vanish else
+            "the network is smooth where its activations are")
+    manifest = {
+        "hessian": {"file": HESSIAN, "output": "d2y_dx2", "shape": ["batch", n_out, n_in, n_in],
+                    "layout": HESSIAN_LAYOUT, "symmetric": True},
+        "laplacian": {"file": LAPLACIAN, "output": "laplacian", "shape": ["batch", n_out], "layout": LAPLACIAN_LAYOUT,
+                      "method": lap_info.get("laplacian_method", "forward-laplacian"),
+                      "fallback_reason": lap_info.get("laplacian_fallback_reason")},
+        "hvp": {"file": HVP, "input": hvp_info.get("v_input", "v"), "output": "hvp", "shape": ["batch", n_out, n_in],
+                "layout": HVP_LAYOUT},
+        "features": "all inputs' flattened features, concatenated in input order (n_in = " + str(n_in) + ")",
+        "zero_almost_everywhere": bool(vanish),
+        "note": note,
+        "c_core": c_second,
+        "validation": {k: val[k] for k in ("points", "max_rel", "tolerance", "passed", "reference")},
+    }
+    return {"graphs": graphs, "validation": val, "manifest": manifest}
+
+
+def validate_c_second_order(nnp_bytes: bytes, xs, H_ref, keep, tolerance, reference_name) -> dict:
+    """The C core's analytic Hessian, Laplacian and Hessian-vector product against the reference Hessian."""
+    from nnpartials import ccore
+
+    x = np.concatenate([np.asarray(p, np.float32).reshape(p.shape[0], -1) for p in xs], axis=1)
+    mask = np.ones_like(H_ref) if keep is None else keep
+    out = {"points": int(x.shape[0]), "tolerance": tolerance, "reference": reference_name}
+    H = ccore.hessian(nnp_bytes, x)
+    _, r, _ = tolerances.scaled_error(np.asarray(H, np.float64) * mask, H_ref * mask)
+    out["hessian"] = r
+    diag = np.einsum("bijj->bij", mask).all(axis=2)
+    lap = ccore.laplacian(nnp_bytes, x)
+    _, r2, _ = tolerances.scaled_error(np.asarray(lap, np.float64) * diag, np.einsum("bijj->bi", H_ref) * diag)
+    out["laplacian"] = r2
+    v = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    rows = mask.all(axis=3)
+    hv = ccore.hvp(nnp_bytes, x, v)
+    _, r3, _ = tolerances.scaled_error(np.asarray(hv, np.float64) * rows,
+                                       np.einsum("bijk,bk->bij", H_ref, v.astype(np.float64)) * rows)
+    out["hvp"] = r3
+    out["max_rel"] = max(r, r2, r3)
+    out["passed"] = bool(out["max_rel"] <= tolerance)
+    return out
 
 
 def _output_shapes(fwd, info):

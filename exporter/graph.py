@@ -18,7 +18,15 @@ _BROADCAST_OPS = {
 _UNARY_OPS = {
     "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Tanh", "Sigmoid", "Erf", "Sign", "Cast", "Relu",
     "Softplus", "Softsign", "Identity", "Cos", "Sin", "Floor", "Ceil", "Round", "IsNaN", "IsInf",
+    "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Elu", "Selu", "Celu", "LeakyRelu",
+    "HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Gelu",
 }
+
+
+#: Ops whose ``axes`` became an input (from an attribute) at the given opset.
+_AXES_INPUT_SINCE = {"ReduceSum": 13, "Unsqueeze": 13, "Squeeze": 13, "ReduceMean": 18, "ReduceMax": 18,
+                     "ReduceMin": 18, "ReduceProd": 18, "ReduceSumSquare": 18, "ReduceL1": 18, "ReduceL2": 18,
+                     "ReduceLogSum": 18, "ReduceLogSumExp": 18}
 
 
 def broadcast_shapes(*shapes):
@@ -50,6 +58,8 @@ class GraphBuilder:
         for n in self.graph.node:
             self.names.update(n.input)
             self.names.update(n.output)
+            if n.name:  # new nodes are named after their outputs: no clash with a node whose output was renamed
+                self.names.add(n.name)
         for t in list(self.graph.input) + list(self.graph.output) + list(self.graph.initializer):
             self.names.add(t.name)
         self.shapes: dict[str, tuple] = {}
@@ -152,6 +162,11 @@ class GraphBuilder:
         if dtype is None:
             dtype = self.ftype
         ins = [self.const(i) if isinstance(i, (int, float, np.floating)) else i for i in inputs]
+        since = _AXES_INPUT_SINCE.get(op_type)
+        if since is not None and self.opset < since and len(ins) == 2 and ins[1] and self.value(ins[1]) is not None:
+            # the model's opset takes the axes as an attribute (they became an input later)
+            attrs = dict(attrs, axes=[int(a) for a in np.asarray(self.value(ins[1])).reshape(-1)])
+            ins = ins[:1]
         out = self.fresh(hint or op_type.lower())
         self.new_nodes.append(helper.make_node(op_type, ins, [out], name=out, **attrs))
         if shape is None:

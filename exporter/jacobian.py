@@ -119,13 +119,25 @@ class _Engine:
     def _fwd(self, term, d, x, y):
         b = self.b
         if isinstance(term, Scale):
-            r, full = self._scale(term, d, self._dshape(x), y)
+            d_shape = self._dshape(x)
+            xs, ys0, ss = b.shape(x), b.shape(y), b.shape(term.s) if isinstance(term.s, str) else None
+            if xs is not None and ys0 is not None and ss is not None and len(ss) > len(xs) and len(ys0) > len(xs):
+                # a scale of higher rank than x (x broadcast to a higher rank, e.g. a [batch, n] operand times a
+                # [K, batch, n] derivative tensor of a Jacobian graph): x's leading axes go after the K axis first,
+                # else the scale's leading axes would align with K
+                extra = len(ys0) - len(xs)
+                d_shape = None if d_shape is None else (d_shape[0],) + (1,) * extra + tuple(d_shape[1:])
+                was_full, d = d in self.full, b.unsqueeze(d, list(range(1, 1 + extra)), shape=d_shape)
+                if was_full:
+                    self.full.add(d)
+            r, full = self._scale(term, d, d_shape, y)
             ys, rs = self._dshape(y), b.shape(r)
             if ys is not None and rs is not None and len(rs) < len(ys):  # broadcasting that adds leading axes
                 r = b.unsqueeze(r, list(range(1, 1 + len(ys) - len(rs))), shape=(rs[0],) + (1,) * (len(ys) - len(rs))
                                 + tuple(rs[1:]))
                 rs = b.shape(r)
-            if ys is not None and rs is not None and tuple(rs[2:]) != tuple(ys[2:]):
+            if ys is not None and rs is not None and (tuple(rs[2:]) != tuple(ys[2:]) or
+                                                      (len(ys) > 1 and ys[1] is not None and rs[1] != ys[1])):
                 r = b.op("Expand", [r, b.const([1] + [1 if v is None else v for v in ys[1:]], np.int64)],
                          shape=ys)
             if full:

@@ -33,3 +33,46 @@ def tf_jacobian(traced, xs, chunk: int = 4096):
         for k, j in enumerate(jl):
             js[k].append(j.numpy())
     return np.concatenate(ys), [np.concatenate(j) for j in js]
+
+
+def tf_hessian(traced, xs, chunk: int = 1024):
+    """Return ``(y [B, n_out], J [B, n_out, n_in], H [B, n_out, n_in, n_in])`` from nested GradientTapes in float32,
+    over all inputs' flattened (C-order) features concatenated in input order:
+    ``H[b, i, j, k] = d2 y[b, i] / dx[b, j] dx[b, k]``. The traced function is kept on ``traced`` (tracing the
+    nested ``batch_jacobian`` takes seconds; later calls on the same model reuse it)."""
+    import tensorflow as tf
+
+    f = getattr(traced, "_nnp_tf_hessian", None)
+    if f is None:
+        f = tf.function(_nested_tapes(traced.fn), autograph=False, reduce_retracing=True)
+        try:
+            traced._nnp_tf_hessian = f
+        except AttributeError:  # pragma: no cover - a traced model that takes no attributes
+            pass
+    n = xs[0].shape[0]
+    parts = [[], [], []]
+    for s in range(0, n, chunk):
+        for k, v in enumerate(f(*[tf.constant(x[s:s + chunk]) for x in xs])):
+            parts[k].append(v.numpy())
+    return tuple(np.concatenate(p) for p in parts)
+
+
+def _nested_tapes(fn):
+    import tensorflow as tf
+
+    def f(*args):
+        n = tf.shape(args[0])[0]
+        with tf.GradientTape(persistent=True) as outer:
+            for a in args:
+                outer.watch(a)
+            with tf.GradientTape(persistent=True) as inner:
+                for a in args:
+                    inner.watch(a)
+                outs = fn(*args)
+                y = tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in outs], axis=1)
+            j = tf.concat([tf.reshape(inner.batch_jacobian(y, a), [n, tf.shape(y)[1], -1]) for a in args], axis=2)
+        h = tf.concat([tf.reshape(outer.batch_jacobian(j, a), [n, tf.shape(j)[1], tf.shape(j)[2], -1])
+                       for a in args], axis=3)
+        return y, j, h
+
+    return f

@@ -233,14 +233,22 @@ def _matmul_general(c):
         return r
 
     dy = (K,) + tuple(sy)
+
+    def lift(b, d, s):
+        """A derivative of an operand of lower rank than the product: its leading (broadcast) axes go after K,
+        else the other operand's leading axes would align with K (a [batch, 3, 4] operand times a [K, batch, 2, 3]
+        derivative tensor of a Jacobian graph)."""
+        extra = len(sy) - len(s)
+        return b.unsqueeze(d, list(range(1, 1 + extra))) if extra > 0 else d
+
     ta = tb = None
     if c.need(0):
-        ta = Linear(fwd=lambda b, d: b.op("MatMul", [d, bb], shape=dy),
+        ta = Linear(fwd=lambda b, d: b.op("MatMul", [lift(b, d, sa), bb], shape=dy),
                     rev=lambda b, g: unbroadcast(b, b.op("MatMul", [g, _swap_last(b, bb)],
                                                          shape=(K,) + tuple(sy[:-1]) + (sa[-1],)), a))
     if c.need(1):
         ta_ = a
-        tb = Linear(fwd=lambda b, d: b.op("MatMul", [ta_, d], shape=dy),
+        tb = Linear(fwd=lambda b, d: b.op("MatMul", [ta_, lift(b, d, sb)], shape=dy),
                     rev=lambda b, g: unbroadcast(b, b.op("MatMul", [_swap_last(b, ta_), g],
                                                          shape=(K,) + tuple(sy[:-2]) + (sb[-2], sy[-1])), bb))
     return [ta, tb]
@@ -493,6 +501,19 @@ def _static_tail(c, name):
     return list(s[1:])
 
 
+def _static_lead(xs, ys):
+    """The static axes both shapes have before their one unknown (batch) axis, when that axis is at the same place
+    in both, everything else is static and the tails after it hold as many values; else None."""
+    ux = [i for i, d in enumerate(xs) if d is None]
+    uy = [i for i, d in enumerate(ys) if d is None]
+    if len(ux) != 1 or ux != uy or ux[0] == 0 or tuple(xs[:ux[0]]) != tuple(ys[:ux[0]]):
+        return None
+    p = ux[0]
+    if int(np.prod(xs[p + 1:], dtype=np.int64)) != int(np.prod(ys[p + 1:], dtype=np.int64)):
+        return None
+    return [int(d) for d in xs[:p]]
+
+
 def _reshape_like(c):
     xs, ys = c.shape(c.x), c.shape(c.y)
     K = c.K
@@ -504,6 +525,29 @@ def _reshape_like(c):
         xt, yt = list(xs[1:]), list(ys[1:])
         return [Linear(fwd=lambda b, d: b.reshape(d, [K, -1] + yt, shape=(K, None) + tuple(yt)),
                        rev=lambda b, g: b.reshape(g, [K, -1] + xt, shape=(K, None) + tuple(xt)))] + rest
+    tgt = c.b.value(c.node.input[1]) if c.node.op_type == "Reshape" and len(c.node.input) > 1 else None
+    if tgt is not None and tgt.ndim == 1 and int((tgt == -1).sum()) == 1 and not (tgt == 0).any():
+        # A constant target that keeps the axes before its -1 and reshapes only the static tail after it, the
+        # [K, -1, ...] reshapes of a Jacobian graph among them: the -1 takes whatever the axis holds at run time
+        # (a batch of B points or a broadcast batch of 1), so the derivative, whose batch may be real where the
+        # tensor's own is broadcast (a Hessian-vector product), is reshaped with the same target after K.
+        p = int(np.flatnonzero(tgt == -1)[0])
+        tail = list(xs[p + 1:])
+        if (len(xs) > p and all(d is not None for d in xs[:p]) and [int(d) for d in xs[:p]] == [int(t) for t in tgt[:p]]
+                and all(d is not None for d in tail)
+                and int(np.prod(tail, dtype=np.int64)) == int(np.prod(tgt[p + 1:], dtype=np.int64))):
+            ft = [K] + [int(t) for t in tgt]
+            rt = [K] + [int(d) for d in xs[:p]] + [-1] + [int(d) for d in tail]
+            return [Linear(fwd=lambda b, d: b.reshape(d, ft, shape=(K,) + tuple(ys)),
+                           rev=lambda b, g: b.reshape(g, rt, shape=(K,) + tuple(xs)))] + rest
+    lead = _static_lead(xs, ys)
+    if lead is not None:
+        # the same with static leading axes before the batch axis (the [K, batch, ...] tensors of a Jacobian graph,
+        # differentiated again): they stay as they are, the tails after the batch axis are reshaped
+        p = len(lead)
+        xt, yt = list(xs[p + 1:]), list(ys[p + 1:])
+        return [Linear(fwd=lambda b, d: b.reshape(d, [K] + lead + [-1] + yt, shape=(K,) + tuple(ys)),
+                       rev=lambda b, g: b.reshape(g, [K] + lead + [-1] + xt, shape=(K,) + tuple(xs)))] + rest
     # The batch axis moves or is folded with others ([B, S, D] -> [B*S, D], Flatten of a transposed tensor, shapes
     # computed at run time): give the derivative a real batch axis, then reshape to [K, *run-time shape].
     x, y = c.x, c.y

@@ -553,6 +553,8 @@ def _gather(c):
         c.unsupported("indices depend on the input")
     xs = c.shape(c.x)
     axis = c.attr("axis", 0) % len(xs)
+    if c.b.value(c.node.input[1]) is None:
+        return _gather_run_time_indices(c, axis)
     if xs[axis] is None:
         c.unsupported("gather along the batch axis or a dynamic axis: the output would not keep every point")
     idx = np.asarray(c.const(1, "indices")).astype(np.int64)
@@ -582,6 +584,35 @@ def _gather(c):
         return _matmul_along(b, g2, axis + 1, sel)
 
     return [Linear(fwd=lambda b, d: b.op("Gather", [d, iname], axis=axis + 1, shape=(K,) + tuple(ys)), rev=rev), None]
+
+
+def _gather_run_time_indices(c, axis):
+    """Gather with indices computed at run time (not from the input's values: MaxPool's argmax positions in a
+    Jacobian graph, differentiated again). The indices may address a batch axis folded with others, so the
+    derivative gets a real batch axis first; the adjoint scatter-adds g back along the axis."""
+    xs, ys = c.shape(c.x), c.shape(c.y)
+    K, x, y, idx = c.K, c.x, c.y, c.node.input[1]
+    ir = len(c.shape(idx))
+
+    def fwd(b, d):
+        return b.op("Gather", [b.expand_like(d, x, K), idx], axis=axis + 1, shape=(K,) + tuple(ys))
+
+    def rev(b, g):
+        # g [K, *pre, *idx shape, *post] -> [K, *pre, n_idx, *post]; indices broadcast to it; scatter-add into zeros
+        gs = b.shape_of(b.expand_like(g, y, K))
+        pre = b.op("Slice", [gs, b.const([0], np.int64), b.const([axis + 1], np.int64)], dtype=_INT64)
+        post = b.op("Slice", [gs, b.const([axis + 1 + ir], np.int64), b.const([len(ys) + 1], np.int64)],
+                    dtype=_INT64)
+        tgt = b.op("Concat", [pre, b.const([-1], np.int64), post], axis=0, dtype=_INT64, shape=(len(xs) + 1,))
+        g2 = b.op("Reshape", [b.expand_like(g, y, K), tgt])
+        iflat = b.op("Reshape", [idx, b.const([1] * (axis + 1) + [-1] + [1] * (len(xs) - axis - 1), np.int64)],
+                     dtype=_INT64)
+        iexp = b.op("Expand", [iflat, b.shape_of(g2)], dtype=_INT64)
+        r = b.op("ScatterElements", [_zeros_like_k(b, x, K), iexp, g2], axis=axis + 1, reduction="add")
+        b.shapes[r] = (K,) + tuple(xs)
+        return r
+
+    return [Linear(fwd=fwd, rev=rev), None]
 
 
 @rule("GatherElements")

@@ -8,6 +8,9 @@ A bundle is a folder::
     model.onnx        forward graph (self-contained)
     model.jac.onnx    companion graph with outputs y [batch, n_out] and dy_dx [batch, n_out, n_in]
     model.nnp         C-core weight file (only when the network is in the C subset)
+    model.hess.onnx   (order 2) outputs y, dy_dx and d2y_dx2 [batch, n_out, n_in, n_in]
+    model.lap.onnx    (order 2) outputs y, dy_dx and laplacian [batch, n_out] (forward-Laplacian pass)
+    model.hvp.onnx    (order 2) inputs x and v [batch, n_in], outputs y and hvp [batch, n_out, n_in]
     validation.json   export-time comparison against an independent reference
     model.sig         (with ``--sign``) signature over manifest.json and every listed file (OpenSSF model-signing)
 
@@ -37,10 +40,19 @@ MANIFEST = "manifest.json"
 FORWARD = "model.onnx"
 JACOBIAN = "model.jac.onnx"
 WEIGHTS = "model.nnp"
+HESSIAN = "model.hess.onnx"
+LAPLACIAN = "model.lap.onnx"
+HVP = "model.hvp.onnx"
+#: The second-order graphs (``export(..., order=2)``), by kind.
+SECOND_ORDER_FILES = {"hessian": HESSIAN, "laplacian": LAPLACIAN, "hvp": HVP}
 VALIDATION = "validation.json"
 #: Signature written by ``export(..., sign=KEY)`` / ``nnpartials export --sign``; never listed in the manifest
 #: (it signs the manifest).
 LAYOUT = "dy_dx[b, i, j] = d y[b, i] / d x[b, j]"
+HESSIAN_LAYOUT = "d2y_dx2[b, i, j, k] = d2 y[b, i] / dx[b, j] dx[b, k]"
+HVP_LAYOUT = "hvp[b, i, j] = sum_k d2 y[b, i] / dx[b, j] dx[b, k] * v[b, k]"
+LAPLACIAN_LAYOUT = "laplacian[b, i] = sum_j d2 y[b, i] / dx[b, j]^2"
+LAPLACIAN_METHODS = ("forward-laplacian", "hessian-trace")
 #: Precisions a bundle's inputs and outputs may have (the companion graph computes in the model's own).
 DTYPES = ("float32", "float64")
 
@@ -83,6 +95,18 @@ class Bundle:
     @property
     def has_c_core(self) -> bool:
         return WEIGHTS in self.files
+
+    @property
+    def order(self) -> int:
+        """Highest derivative order the bundle serves: 2 when it holds the second-order graphs, else 1."""
+        return 2 if self.manifest.get("second_order") is not None else 1
+
+    @property
+    def second_derivatives_vanish(self) -> bool:
+        """True for a piecewise-linear network (relu, leaky_relu, ...): its second derivatives are zero wherever
+        they exist (almost everywhere). Read from the manifest of an order-2 bundle; False otherwise."""
+        so = self.manifest.get("second_order") or {}
+        return bool(so.get("zero_almost_everywhere", False))
 
     def read(self, name: str) -> bytes:
         if name not in self.files:
@@ -312,9 +336,40 @@ def _validate_manifest(m, mpath) -> None:
             s.fail("c_core.available", "true or false", c["available"])
         if c.get("reason") is not None and not isinstance(c["reason"], str):
             s.fail("c_core.reason", "a string or null", c["reason"])
+    if m.get("second_order") is not None:
+        _validate_second_order(s, m["second_order"], files, n_in, n_out)
     for key in ("validation", "source", "tools"):
         if m.get(key) is not None:
             s.obj(m[key], key)
+
+
+def _validate_second_order(s, so, files, n_in, n_out):
+    so = s.obj(so, "second_order")
+    expect = {"hessian": ("d2y_dx2", (n_out, n_in, n_in), HESSIAN_LAYOUT),
+              "laplacian": ("laplacian", (n_out,), LAPLACIAN_LAYOUT),
+              "hvp": ("hvp", (n_out, n_in), HVP_LAYOUT)}
+    for kind, fname in SECOND_ORDER_FILES.items():
+        where = f"second_order.{kind}"
+        e = s.obj(s.get(so, kind, "second_order.", "an object {file, output, shape, layout}"), where)
+        if s.get(e, "file", f"{where}.", repr(fname)) != fname:
+            s.fail(f"{where}.file", repr(fname), e["file"])
+        if fname not in files:
+            s.fail("files", f"an entry for {fname} (named by {where}.file)", sorted(files))
+        out, dims, layout = expect[kind]
+        if s.get(e, "output", f"{where}.", repr(out)) != out:
+            s.fail(f"{where}.output", repr(out), e["output"])
+        s.shape(s.get(e, "shape", f"{where}.", f"[\"batch\", {', '.join(map(str, dims))}]"), f"{where}.shape",
+                1 + len(dims), dims)
+        if e.get("layout", layout) != layout:
+            s.fail(f"{where}.layout", repr(layout), e["layout"])
+    method = so["laplacian"].get("method")
+    if method not in LAPLACIAN_METHODS:
+        s.fail("second_order.laplacian.method", f"one of {LAPLACIAN_METHODS}", method)
+    v = s.get(so["hvp"], "input", "second_order.hvp.", "the name of the direction input")
+    s.name(v, "second_order.hvp.input")
+    zae = s.get(so, "zero_almost_everywhere", "second_order.", "true or false")
+    if not isinstance(zae, bool):
+        s.fail("second_order.zero_almost_everywhere", "true or false", zae)
 
 
 def _external_data(model: onnx.ModelProto):
@@ -423,7 +478,7 @@ def load_bundle(path, key=None) -> Bundle:
         signature = _read_regular(path, SIGNATURE, MAX_SIGNATURE_BYTES,
                                   f"bundle {path!r} is not signed (no {SIGNATURE}), but a key was given to verify it")
         check_signature({MANIFEST: raw_manifest, **files}, signature, key, where=path)
-    for name in (FORWARD, JACOBIAN):
+    for name in (FORWARD, JACOBIAN, *(SECOND_ORDER_FILES.values() if manifest.get("second_order") else ())):
         _check_onnx(name, files[name], path)
     return Bundle(path=path, manifest=manifest, files=files, manifest_bytes=raw_manifest)
 

@@ -7,6 +7,7 @@ call over the chunks of a Dask array or the partitions of a Dask DataFrame.
     import nnpartials.dask
 
     y, dy_dx = nnpartials.dask.partials("seed_bundle", x)          # x: dask array [N, n_in], chunked by rows
+    y, dy_dx, d2y_dx2 = nnpartials.dask.partials("bundle", x, order=2)  # a bundle exported with order=2
     table = nnpartials.dask.partials("seed_bundle", dd.read_parquet("points/"))
     table.to_parquet("partials/")                                   # inputs, outputs, d<y>/d<x> columns
 
@@ -31,8 +32,9 @@ from nnpartials.errors import BundleError, InputError, InputTypeError, NNPartial
 
 __all__ = ["partials", "cache_info", "clear_cache", "OrderNotAvailableError"]
 
-#: Orders of derivatives :func:`partials` computes (second derivatives are not available yet).
-ORDERS = (1,)
+#: Orders of derivatives :func:`partials` computes: 1 (y, dy_dx) and 2 (also d2y_dx2, for a bundle exported with
+#: order=2).
+ORDERS = (1, 2)
 #: The cached Partials evaluate one slice per call: the slicing by ``max_batch`` is done here, as Partials does it.
 _UNSPLIT = 2 ** 62
 
@@ -101,18 +103,20 @@ def _get_partials(key):
         return p
 
 
-def _evaluate(key, x, max_batch, nan_policy):
-    """``(y, dy_dx)`` for one chunk, exactly as ``Partials(bundle, max_batch=max_batch).jacobian(x)`` computes
-    them: onnxruntime gets slices of at most ``max_batch`` points, the C core the whole chunk."""
+def _evaluate(key, x, max_batch, nan_policy, order=1):
+    """``(y, dy_dx)`` (order 2: ``(y, dy_dx, d2y_dx2)``) for one chunk, exactly as ``Partials(bundle,
+    max_batch=max_batch).jacobian(x)`` (``.hessian(x)``) computes them: onnxruntime gets slices of at most
+    ``max_batch`` points, the C core the whole chunk."""
     from nnpartials.runtime.serve import DEFAULT_MAX_BATCH
 
     p = _get_partials(key)
+    fn = p.hessian if order == 2 else p.jacobian
     mb = int(max_batch or DEFAULT_MAX_BATCH)
     n = len(x)
     if p.backend == "c" or n <= mb:
-        return p.jacobian(x, nan_policy=nan_policy)
-    parts = [p.jacobian(x[s:s + mb], nan_policy=nan_policy) for s in range(0, n, mb)]
-    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+        return fn(x, nan_policy=nan_policy)
+    parts = [fn(x[s:s + mb], nan_policy=nan_policy) for s in range(0, n, mb)]
+    return tuple(np.concatenate([r[k] for r in parts]) for k in range(len(parts[0])))
 
 
 def _where(err, what):
@@ -121,31 +125,42 @@ def _where(err, what):
 
 # ---- chunk functions (run on the workers; module-level so that the graph refers to them by name) -------------------
 
-def _array_block(block, key, n_out, n_in, dtype, max_batch, nan_policy, block_info=None):
-    """One row block [n, n_in] -> packed [n, n_out, 1 + n_in]: y in [:, :, 0], dy_dx in [:, :, 1:]."""
+def _array_block(block, key, n_out, n_in, dtype, max_batch, nan_policy, order=1, block_info=None):
+    """One row block [n, n_in] -> packed [n, n_out, 1 + n_in (+ n_in * n_in)]: y in [:, :, 0], dy_dx in
+    [:, :, 1:1 + n_in], for order 2 d2y_dx2 flattened after them."""
     try:
-        y, dy = _evaluate(key, block, max_batch, nan_policy)
+        res = _evaluate(key, block, max_batch, nan_policy, order)
     except InputError as err:
         loc = (block_info or {}).get(0, {}).get("array-location")
         raise _where(err, f"rows {loc[0][0]}..{loc[0][1] - 1}" if loc else "a chunk") from None
-    out = np.empty((block.shape[0], n_out, 1 + n_in), dtype)
-    out[:, :, 0] = y
-    out[:, :, 1:] = dy
+    n = block.shape[0]
+    out = np.empty((n, n_out, 1 + n_in + (n_in * n_in if order == 2 else 0)), dtype)
+    out[:, :, 0] = res[0]
+    out[:, :, 1:1 + n_in] = res[1]
+    if order == 2:
+        out[:, :, 1 + n_in:] = res[2].reshape(n, n_out, n_in * n_in)
     return out
 
 
-def _frame_partition(part, key, in_cols, by_position, out_names, dtype, max_batch, nan_policy, partition_info=None):
-    """One pandas partition -> the model's input columns, the outputs and one column per partial."""
+def _frame_partition(part, key, in_cols, by_position, out_names, dtype, max_batch, nan_policy, order=1,
+                     partition_info=None):
+    """One pandas partition -> the model's input columns, the outputs and one column per partial (order 2: and
+    one per second partial, ``j <= k``)."""
     import pandas as pd
+
+    from nnpartials.io import _second_columns
 
     x = part.iloc[:, list(range(len(in_cols)))] if by_position else part[list(in_cols)]
     try:
-        y, dy = _evaluate(key, x.to_numpy(), max_batch, nan_policy)
+        res = _evaluate(key, x.to_numpy(), max_batch, nan_policy, order)
     except InputError as err:
         raise _where(err, f"partition {partition_info['number']}" if partition_info else "a partition") from None
     n = len(part)
-    values = np.concatenate([y.reshape(n, y.shape[1]), dy.reshape(n, dy.shape[1] * dy.shape[2])],
-                            axis=1).astype(dtype, copy=False)
+    y, dy = res[0], res[1]
+    cols = [y.reshape(n, y.shape[1]), dy.reshape(n, dy.shape[1] * dy.shape[2])]
+    if order == 2:
+        cols.append(_second_columns(res[2]))
+    values = np.concatenate(cols, axis=1).astype(dtype, copy=False)
     if by_position:
         x = x.set_axis(list(in_cols), axis=1)
     return pd.concat([x, pd.DataFrame(values, columns=list(out_names), index=part.index)], axis=1)
@@ -163,12 +178,12 @@ def _write_part(frame, path, schema):
 
 # ---- the public call ----------------------------------------------------------------------------------------------
 
-def _check_order(order):
-    if order == 2:
-        raise OrderNotAvailableError("order=2: second derivatives (Hessians) are not available yet in "
-                                     "nnpartials.dask; order=1 gives y and dy_dx")
+def _check_order(order, bundle=None):
     if order not in ORDERS or isinstance(order, bool):
-        raise InputError(f"order must be 1 (y and dy_dx), got {order!r}")
+        raise InputError(f"order must be 1 (y and dy_dx) or 2 (also d2y_dx2), got {order!r}")
+    if order == 2 and bundle is not None and bundle.order < 2:
+        raise OrderNotAvailableError(f"order=2: bundle {bundle.path!r} was exported without second derivatives; "
+                                     f"export it again with `nnpartials export MODEL -o BUNDLE --order 2`")
 
 
 def _prepare(bundle, backend, providers, max_batch, nan_policy, threads=None):
@@ -221,17 +236,21 @@ def partials(bundle, x, *, backend: str = "onnxruntime", order: int = 1, nan_pol
     the C core's; default theirs, which is every core of the machine, so with several worker processes per machine
     ``threads=1`` avoids oversubscription) and ``max_batch`` (largest slice handed to onnxruntime in one call;
     default 65536) mean what they mean for ``Partials``; each chunk's result equals, bit for bit, what
-    ``Partials(bundle, backend=backend, max_batch=max_batch).jacobian(chunk)`` returns in-process. ``order=2``
-    (second derivatives) raises :class:`OrderNotAvailableError`. The bundle is loaded and verified here (errors
+    ``Partials(bundle, backend=backend, max_batch=max_batch).jacobian(chunk)`` returns in-process.
+
+    ``order=2`` (a bundle exported with ``order=2``; :class:`OrderNotAvailableError` otherwise) adds the second
+    derivatives: a third Dask array ``d2y_dx2 [N, n_out, n_in, n_in]`` (``Partials.hessian`` per chunk), or for a
+    DataFrame one column ``d2<y>/d<x_j>d<x_k>`` per output and ``j <= k``. The bundle is loaded and verified here (errors
     come at once) and once in each worker process (see the module's notes).
     """
     _check_order(order)
     b, key = _prepare(bundle, backend, providers, max_batch, nan_policy, threads)
+    _check_order(order, b)
     m = b.manifest
     dtype = np.dtype(m["inputs"][0].get("dtype", "float32"))
     n_in, n_out = b.n_in, b.n_out
     if _is_dask_frame(x):
-        return _frame(x, key, b, dtype, max_batch, nan_policy)
+        return _frame(x, key, b, dtype, max_batch, nan_policy, order)
     try:
         import dask.array as da
     except ImportError:  # pragma: no cover
@@ -246,9 +265,14 @@ def partials(bundle, x, *, backend: str = "onnxruntime", order: int = 1, nan_pol
                          f"manifest order), got shape {x.shape}")
     if len(x.chunks[1]) != 1:
         x = x.rechunk({1: -1})
-    packed = x.map_blocks(_array_block, key, n_out, n_in, dtype, max_batch, nan_policy,
-                          chunks=(x.chunks[0], (n_out,), (1 + n_in,)), new_axis=2, dtype=dtype,
-                          meta=np.empty((0, 0, 0), dtype), token="nnpartials-jacobian")
+    width = 1 + n_in + (n_in * n_in if order == 2 else 0)
+    packed = x.map_blocks(_array_block, key, n_out, n_in, dtype, max_batch, nan_policy, order,
+                          chunks=(x.chunks[0], (n_out,), (width,)), new_axis=2, dtype=dtype,
+                          meta=np.empty((0, 0, 0), dtype),
+                          token="nnpartials-hessian" if order == 2 else "nnpartials-jacobian")
+    if order == 2:
+        d2 = packed[:, :, 1 + n_in:].reshape((x.shape[0], n_out, n_in, n_in), merge_chunks=False)
+        return packed[:, :, 0], packed[:, :, 1:1 + n_in], d2
     return packed[:, :, 0], packed[:, :, 1:]
 
 
@@ -259,10 +283,10 @@ def _numeric_dtype(t) -> bool:
         return False
 
 
-def _frame(x, key, b, dtype, max_batch, nan_policy):
+def _frame(x, key, b, dtype, max_batch, nan_policy, order=1):
     import pandas as pd
 
-    from nnpartials.io import partial_column_names
+    from nnpartials.io import partial_column_names, second_partial_column_names
     from nnpartials.validate import frame_columns
 
     in_cols, out_cols = list(b.input_columns), list(b.output_columns)
@@ -277,10 +301,12 @@ def _frame(x, key, b, dtype, max_batch, nan_policy):
     if bad:
         raise InputTypeError(f"x: the model's input columns must be numeric (bool, int, float); got {bad}")
     out_names = out_cols + partial_column_names(in_cols, out_cols)
+    if order == 2:
+        out_names += second_partial_column_names(in_cols, out_cols)
     clash = sorted(set(in_cols) & set(out_names)) or sorted({c for c in out_names if out_names.count(c) > 1})
     if clash:
         raise InputError(f"the bundle's column names collide in the partials table: {clash}")
     meta = pd.concat([meta_in, pd.DataFrame(np.empty((0, len(out_names)), dtype), columns=out_names,
                                             index=meta_in.index)], axis=1)
     return x.map_partitions(_frame_partition, key, tuple(in_cols), by_position, tuple(out_names), dtype, max_batch,
-                            nan_policy, meta=meta, align_dataframes=False)
+                            nan_policy, order, meta=meta, align_dataframes=False)

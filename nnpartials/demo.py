@@ -13,6 +13,10 @@ network's own; the data, lying on one line, determine only the derivative *along
   identify).
 * Scenario 2 ("the fix") trains the same network with the same recipe on (x1, x2) drawn independently over
   the same ranges, and compares its partials with cos(x1) and -sin(x2) in the same way.
+* Both bundles are exported with second derivatives (``order=2``): the Hessians along the line (onnxruntime,
+  cross-checked with nested GradientTape) are compared with -sin(x1), -cos(x2) and 0, and the second derivative
+  along the data line, ``uᵀHu`` with ``u = (1, 1.5)``, with ``-sin t - 2.25 cos 1.5t``. The network's LeakyReLU
+  activations are piecewise linear, so these Hessians are zero almost everywhere; the report says so.
 
 Whether a quantity is *identified* (the data's rank) and how *accurately it was learned* (its error against the
 analytic truth) are measured separately; :mod:`nnpartials.demo_report` words both from the numbers, with the
@@ -59,9 +63,12 @@ from nnpartials.demo_config import (  # noqa: F401
     VALIDATION_SPLIT,
     X1_MAX_PI,
     X2_FACTOR,
+    ZERO_TRUTH_PEAK_LABEL,
     DemoConfig,
     analytic_directional,
+    analytic_hessian,
     analytic_partials,
+    analytic_second_directional,
     target,
 )
 
@@ -166,6 +173,28 @@ def tape_jacobian(model, x: np.ndarray) -> np.ndarray:
     return tape.gradient(y, xt).numpy().astype(np.float64)[:, None, :]
 
 
+def tape_hessian(model, x: np.ndarray) -> np.ndarray:
+    """Nested GradientTape Hessians [N, 1, n_in, n_in] of a scalar-output Keras model, eagerly: the inner tape gives
+    the gradient [N, n_in], the outer one differentiates each of its columns (every point depends on its own input
+    only, so the sum over the batch that ``tape.gradient`` takes separates the points). For two inputs this is three
+    gradient calls; ``nnpartials.exporter.reference.tf_hessian`` (batch_jacobian in a tf.function) does the same for
+    any model but traces for seconds."""
+    import tensorflow as tf
+
+    xt = tf.constant(np.asarray(x, dtype=np.float32))
+    with tf.GradientTape(persistent=True) as outer:
+        outer.watch(xt)
+        with tf.GradientTape() as inner:
+            inner.watch(xt)
+            y = model(xt, training=False)
+        g = inner.gradient(y, xt)
+        cols = [g[:, j] for j in range(xt.shape[1])]
+    rows = [outer.gradient(c, xt) for c in cols]
+    del outer
+    H = np.stack([np.zeros(xt.shape, np.float32) if r is None else r.numpy() for r in rows], axis=1)
+    return H.astype(np.float64)[:, None]
+
+
 # ---- scenario ----------------------------------------------------------------------------------------------------
 def rms(a, b) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
@@ -187,16 +216,19 @@ def poor_regions(t, err, threshold: float, merge_points: int):
     return [(int(s), int(e), float(a[s:e + 1][above[s:e + 1]].sum())) for s, e in zip(starts, ends)]
 
 
-def fit_summary(learned, analytic, t=None) -> dict:
+def fit_summary(learned, analytic, t=None, peak=None, peak_label=None) -> dict:
     """How closely ``learned`` follows ``analytic``: RMS and largest error, the analytic peak |value|, and with ``t``
     (sorted points along the line) where the largest error sits and the t-interval of the worst region where the
-    error exceeds ``ACCURATE_MAX_FRAC`` of the peak (None when there is none)."""
+    error exceeds ``ACCURATE_MAX_FRAC`` of the peak (None when there is none). ``peak`` replaces the analytic
+    curve's own peak (for a curve that is zero everywhere), ``peak_label`` names it in the report."""
     learned = np.asarray(learned, dtype=np.float64).ravel()
-    analytic = np.asarray(analytic, dtype=np.float64).ravel()
+    analytic = np.broadcast_to(np.asarray(analytic, dtype=np.float64), np.shape(learned)).ravel()
     err = learned - analytic
-    peak = float(np.max(np.abs(analytic)))
+    peak = float(np.max(np.abs(analytic))) if peak is None else float(peak)
     out = {"rms": float(np.sqrt(np.mean(err ** 2))), "max_abs": float(np.max(np.abs(err))), "peak": peak,
            "points": int(err.size)}
+    if peak_label is not None:
+        out["peak_label"] = peak_label
     out["above_fraction"] = float(np.mean(np.abs(err) > ACCURATE_MAX_FRAC * peak))
     if t is not None:
         t = np.asarray(t, dtype=np.float64).ravel()
@@ -250,6 +282,9 @@ class ScenarioResult:
     timings: dict = field(default_factory=dict)
     x_test: Optional[np.ndarray] = None
     J_test: Optional[np.ndarray] = None
+    H_line: Optional[np.ndarray] = None  # [N, n_in, n_in] onnxruntime Hessian along the line (order-2 bundle)
+    dir2_line: Optional[np.ndarray] = None  # [N] uᵀ H u, u = (1, 1.5): second derivative along the line w.r.t. t
+    H_test: Optional[np.ndarray] = None  # [N_test, n_in, n_in]
 
 
 def _crosscheck(J_test: np.ndarray, J_ref: np.ndarray, tol: float, err: Optional[np.ndarray] = None) -> dict:
@@ -315,7 +350,7 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
 
     steps = None
     if progress is not None:
-        steps = progress.add_task(f"{label}: evaluating", total=6, info="")
+        steps = progress.add_task(f"{label}: evaluating", total=7, info="")
 
     def step(name):
         if steps is not None:
@@ -323,7 +358,7 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
 
     t0 = time.perf_counter()
     bundle_dir = out / f"scenario{1 if key == 'line' else 2}_{key}" / "bundle"
-    bundle = export(model, bundle_dir, data=x_train, overwrite=True, progress=False)
+    bundle = export(model, bundle_dir, data=x_train, overwrite=True, progress=False, order=2)
     timings["export_s"] = time.perf_counter() - t0
     step("exported")
 
@@ -351,6 +386,17 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     timings["c_core_fd_s"] = time.perf_counter() - t0
     step("cross-checked (C core FD, GradientTape)")
 
+    # second derivatives along the line (the bundle's Hessian graph), cross-checked with nested GradientTape
+    t0 = time.perf_counter()
+    _, _, H = part.hessian(x_line)
+    H_line = H[:, 0].astype(np.float64)  # [N, n_in, n_in]
+    dir2_line = np.einsum("j,njk,k->n", LINE_TANGENT, H_line, LINE_TANGENT)
+    timings["hessian_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    checks["hessian_gradient_tape"] = _hessian_tape_check(model, x_line, H_line)
+    timings["hessian_tape_s"] = time.perf_counter() - t0
+    step("second derivatives (onnxruntime, nested GradientTape)")
+
     # ensemble: the same network and data, other seeds
     ens_J = None
     if cfg.ensemble >= 2:
@@ -364,7 +410,7 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
         timings["ensemble_s"] = time.perf_counter() - t0
     step("ensemble")
 
-    diag = diagnose(x_train, x_line, bundle=bundle, jacobian=J_line[:, None, :],
+    diag = diagnose(x_train, x_line, bundle=bundle, jacobian=J_line[:, None, :], hessian=H_line[:, None],
                     ensemble=[j[:, None, :] for j in ens_J] if ens_J is not None else None)
     step("diagnosed")
 
@@ -393,7 +439,7 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     res = ScenarioResult(key=key, title=title, x_train=x_train, n_points=len(x), history=history,
                          bundle_path=bundle.path, t=t, x_line=x_line, y_line=y_line, J_line=J_line,
                          dir_line=dir_line, fd_dir_line=fd_dir, question_fd_line=question_fd, diagnosis=diag,
-                         metrics=metrics, checks=checks, timings=timings)
+                         metrics=metrics, checks=checks, timings=timings, H_line=H_line, dir2_line=dir2_line)
     if ens_J is not None:
         res.ensemble_J = ens_J
         res.ensemble_std = ens_J.std(axis=0, ddof=1)
@@ -443,8 +489,53 @@ def run_scenario(key: str, cfg: DemoConfig, out: Path, progress=None, console=No
     local_res = direction_span_residual(v_z, loc.directions_z, loc.local_rank)
     metrics["directional_identified_fraction_on_line"] = float(
         np.mean((local_res <= diag.span_tol) & ~loc.outside))
+    _, _, Ht = part.hessian(x_test)
+    res.H_test = Ht[:, 0].astype(np.float64)
+    metrics["second_order"] = _second_order_metrics(bundle, diag, t, H_line, dir2_line, x_test, res.H_test,
+                                                    metrics["directional_identified_fraction_on_line"])
     step("done")
     return res
+
+
+def _hessian_tape_check(model, x, H) -> dict:
+    """Cross-check the onnxruntime Hessians ``H [N, n_in, n_in]`` (scalar output) with nested GradientTape."""
+    from nnpartials import tolerances
+
+    H_tape = tape_hessian(model, x)[:, 0]
+    res = _crosscheck(H.reshape(len(H), -1), H_tape.reshape(len(H), -1), tolerances.SECOND_ORDER_F32)
+    res["max_abs_reference"] = float(np.max(np.abs(H_tape)))
+    res["max_abs_onnxruntime"] = float(np.max(np.abs(H)))
+    res["what"] = "TensorFlow nested GradientTape vs onnxruntime Hessians (model.hess.onnx)"
+    return res
+
+
+def _second_order_metrics(bundle, diag, t, H_line, dir2_line, x_test, H_test, dir_ident) -> dict:
+    """Second derivatives along the line (and at the test points) against the analytic ones, whether the bundle's
+    second derivatives vanish almost everywhere, and which of them the diagnostics identify on the line."""
+    so = bundle.manifest.get("second_order") or {}
+    h11, h22, h12 = analytic_hessian(t, X2_FACTOR * t)
+    hpeak = float(max(np.max(np.abs(h11)), np.max(np.abs(h22))))
+    g11, g22, g12 = analytic_hessian(x_test[:, 0], x_test[:, 1])
+    tpeak = float(max(np.max(np.abs(g11)), np.max(np.abs(g22))))
+    ident = diag.local.identified_second.mean(axis=0)  # [n_in, n_in] share of line points
+    return {
+        "zero_almost_everywhere": bool(bundle.second_derivatives_vanish),
+        "note": so.get("note"),
+        "max_abs_hessian_line": float(np.max(np.abs(H_line))),
+        "max_abs_hessian_test": float(np.max(np.abs(H_test))),
+        "identified_fraction_on_line": {"d2y_dx1dx1": float(ident[0, 0]), "d2y_dx2dx2": float(ident[1, 1]),
+                                        "d2y_dx1dx2": float(ident[0, 1]),
+                                        # uᵀHu is identified where u = (1, 1.5) lies in the supported span: the test
+                                        # of the first derivative along the line
+                                        "directional2": float(dir_ident)},
+        "globally_identified": diag.global_.identified_second.tolist(),
+        "fit": {"d2y_dx1dx1": fit_summary(H_line[:, 0, 0], h11, t),
+                "d2y_dx2dx2": fit_summary(H_line[:, 1, 1], h22, t),
+                "d2y_dx1dx2": fit_summary(H_line[:, 0, 1], h12, t, peak=hpeak, peak_label=ZERO_TRUTH_PEAK_LABEL),
+                "directional2": fit_summary(dir2_line, analytic_second_directional(t), t)},
+        "fit_test": {"d2y_dx1dx1": fit_summary(H_test[:, 0, 0], g11), "d2y_dx2dx2": fit_summary(H_test[:, 1, 1], g22),
+                     "d2y_dx1dx2": fit_summary(H_test[:, 0, 1], g12, peak=tpeak, peak_label=ZERO_TRUTH_PEAK_LABEL)},
+    }
 
 
 # ---- the whole demo ----------------------------------------------------------------------------------------------

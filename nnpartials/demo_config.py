@@ -12,6 +12,10 @@ The analytic truth::
     ∂y/∂x2         = −sin x2
     data line      x = (t, 1.5 t),  tangent (1, 1.5)
     along the line d/dt y(t, 1.5 t) = cos t − 1.5 sin 1.5t   (= ∂y/∂x1 + 1.5·∂y/∂x2)
+    ∂²y/∂x1²       = −sin x1
+    ∂²y/∂x2²       = −cos x2
+    ∂²y/∂x1∂x2     = 0
+    along the line d²/dt² y(t, 1.5 t) = −sin t − 2.25 cos 1.5t   (= uᵀ H u, u = (1, 1.5))
 """
 
 from __future__ import annotations
@@ -78,6 +82,11 @@ ROW_DIFF_KEPT_FRAC = 1e-3
 #: seeds is at most this fraction of the RMS error of that quantity against the analytic one.
 ENSEMBLE_AGREE_FRAC = 0.5
 
+#: A quantity whose analytic value is zero everywhere (the mixed partial ∂²y/∂x1∂x2) has no peak of its own; it is
+#: graded against the peak of the Hessian it belongs to: the largest |analytic value| of ∂²y/∂x1² and ∂²y/∂x2² over
+#: the same points. This names that scale in the report.
+ZERO_TRUTH_PEAK_LABEL = "the peak of ∂²y/∂x1², ∂²y/∂x2²"
+
 #: Grades returned by :func:`fit_grade`.
 ACCURATE, ROUGH, POOR = "accurate", "rough", "poor"
 
@@ -130,6 +139,18 @@ def analytic_partials(x1, x2):
 def analytic_directional(t):
     """d/dt [sin t + cos 1.5t] = cos t - 1.5 sin 1.5t: the derivative along the data line x = (t, 1.5t)."""
     return np.cos(t) - X2_FACTOR * np.sin(X2_FACTOR * t)
+
+
+def analytic_hessian(x1, x2):
+    """(∂²y/∂x1², ∂²y/∂x2², ∂²y/∂x1∂x2) of sin(x1) + cos(x2): (−sin x1, −cos x2, 0)."""
+    x1, x2 = np.asarray(x1, dtype=np.float64), np.asarray(x2, dtype=np.float64)
+    return -np.sin(x1), -np.cos(x2), np.zeros(np.broadcast(x1, x2).shape)
+
+
+def analytic_second_directional(t):
+    """d²/dt² [sin t + cos 1.5t] = −sin t − 2.25 cos 1.5t: the second derivative along the data line x = (t, 1.5t),
+    i.e. uᵀ H u with u = (1, 1.5) (per unit t)."""
+    return -np.sin(t) - X2_FACTOR ** 2 * np.cos(X2_FACTOR * t)
 
 
 #: The data line's tangent in input units: d x / d t for x = (t, 1.5 t).

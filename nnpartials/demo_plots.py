@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from nnpartials.demo_config import (ACCURATE, LINE_TANGENT, PREDICTION_WORDS, X2_FACTOR, analytic_directional,
-                                    analytic_partials, fit_grade, fit_words, identified_words, target)
+                                    analytic_hessian, analytic_partials, analytic_second_directional, fit_grade,
+                                    fit_words, identified_words, target)
 
 ANALYTIC = dict(color="black", lw=1.6, label="analytic")
 MODEL = dict(color="tab:blue", lw=1.1)
@@ -187,7 +188,50 @@ def plot_directional(scenarios, out: Path) -> str:
     return _save(fig, out / "directional.png")
 
 
+def plot_second(scenarios, out: Path) -> str:
+    """The network's second partials and uᵀHu along the line against the analytic ones: one row per scenario."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(scenarios), 4, figsize=(17, 4.0 * len(scenarios)), sharex=True, sharey=True,
+                             layout="constrained")
+    axes = np.asarray(axes).reshape(len(scenarios), 4)
+    panels = (("d2y_dx1dx1", "∂²y/∂x1²", "−sin(x1)"), ("d2y_dx2dx2", "∂²y/∂x2²", "−cos(x2)"),
+              ("d2y_dx1dx2", "∂²y/∂x1∂x2", "0"), ("directional2", "uᵀHu, u = (1, 1.5)", "−sin t − 2.25 cos 1.5t"))
+    zero_everywhere = True
+    for row, s in enumerate(scenarios):
+        t = s.t
+        h11, h22, h12 = analytic_hessian(t, X2_FACTOR * t)
+        truth = (h11, h22, h12, analytic_second_directional(t))
+        learned = (s.H_line[:, 0, 0], s.H_line[:, 1, 1], s.H_line[:, 0, 1], s.dir2_line)
+        so = s.metrics["second_order"]
+        zero = so["max_abs_hessian_line"] == 0.0
+        zero_everywhere = zero_everywhere and zero
+        for col, (key, name, ref) in enumerate(panels):
+            ax = axes[row, col]
+            ax.plot(t, truth[col], **{**ANALYTIC, "label": "analytic"})
+            ax.plot(t, learned[col], label="network (onnxruntime Hessian)", **{**MODEL, "lw": 1.6, "ls": "--"})
+            f = so["fit"][key]
+            ident = so["identified_fraction_on_line"][key]
+            status = identified_words(ident, "line points")
+            if ident > 0 and zero and _accurate(f):
+                status += ";\n0 only as the network's whole Hessian is 0"
+            elif ident > 0:
+                status += "; " + fit_words(f)
+            head = f"{_short(s)}\n" if col == 0 else "\n"
+            ax.set_title(f"{head}{name} vs {ref}\nRMS error {f['rms']:.3f}, max {f['max_abs']:.2f}\n{status}",
+                         fontsize=9, color="black" if ident > 0.5 else RED)
+            if row == len(scenarios) - 1:
+                ax.set_xlabel("t = x1  (x2 = 1.5 t)")
+        axes[row, 0].set_ylabel("second derivative")
+    _figure_legend(fig, axes)
+    sub = "Second derivatives vs analytic along the data line"
+    if zero_everywhere and all(s.metrics["second_order"]["zero_almost_everywhere"] for s in scenarios):
+        sub += ("\nLeakyReLU networks are piecewise linear: their Hessian is 0 at every line point (zero almost "
+                "everywhere), so the network curves are flat")
+    fig.suptitle(sub)
+    return _save(fig, out / "second_derivatives.png")
+
+
 def write_all(scenarios, out: Path) -> list:
     out = Path(out)
     return [plot_data(scenarios, out), plot_prediction(scenarios, out), plot_partials(scenarios, out),
-            plot_directional(scenarios, out)]
+            plot_directional(scenarios, out), plot_second(scenarios, out)]

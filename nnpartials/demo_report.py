@@ -24,7 +24,8 @@ import numpy as np
 from nnpartials.demo_config import (ACCURATE, ACCURATE_MAX_FRAC, BATCH_SIZE, CROSSCHECK_MIN_FRACTION,
                                     ENSEMBLE_AGREE_FRAC, FD_AGREE_RMS_FRAC, GRADE_WORDS, HIDDEN_UNITS, LEAKY_SLOPE,
                                     LEARNING_RATE, PREDICTION_WORDS, QUESTION_FD_STEP, ROUGH, ROUGH_RMS_FRAC,
-                                    ROW_DIFF_KEPT_FRAC, TEST_SIZE, VALIDATION_SPLIT, fit_grade, identified_words)
+                                    ROW_DIFF_KEPT_FRAC, TEST_SIZE, VALIDATION_SPLIT, ZERO_TRUTH_PEAK_LABEL, fit_grade,
+                                    identified_words)
 
 
 def _dir(d):
@@ -81,9 +82,9 @@ def _pct(a, peak) -> float:
 
 
 def error_numbers(f: dict) -> str:
-    """``RMS 0.28, max 1.24 = 50 % of the peak 2.50``."""
-    return (f"RMS {f['rms']:.3g}, max {f['max_abs']:.3g} = {_pct(f['max_abs'], f['peak']):.0f} % of the peak "
-            f"{f['peak']:.2f}")
+    """``RMS 0.28, max 1.24 = 50 % of the peak 2.50`` (the peak's name from ``peak_label`` when the fit has one)."""
+    return (f"RMS {f['rms']:.3g}, max {f['max_abs']:.3g} = {_pct(f['max_abs'], f['peak']):.0f} % of "
+            f"{f.get('peak_label', 'the peak')} {f['peak']:.2f}")
 
 
 def _line(fraction: float) -> str:
@@ -232,12 +233,136 @@ def compact_lines(m: dict) -> list:
     ]
 
 
+# ---- second derivatives ----------------------------------------------------------------------------------------
+SECOND_DIRECTIONAL_REF = "−sin t − 2.25 cos 1.5t"
+#: (key in metrics["second_order"]["fit"], name, analytic reference) of the second partials.
+SECOND_PARTIALS = (("d2y_dx1dx1", "∂²y/∂x1²", "−sin(x1)"), ("d2y_dx2dx2", "∂²y/∂x2²", "−cos(x2)"),
+                   ("d2y_dx1dx2", "∂²y/∂x1∂x2", "0"))
+
+
+def hessian_is_zero(so: dict) -> bool:
+    """The network's Hessian is exactly 0 at every point it was evaluated at (line and test points)."""
+    return so["max_abs_hessian_line"] == 0.0 and so.get("max_abs_hessian_test", 0.0) == 0.0
+
+
+def second_partial_sentence(name: str, ref: str, ident_fraction: float, f: dict, zero_net: bool) -> str:
+    """A second partial's identification and accuracy, as :func:`partial_sentence`; when the network's Hessian is 0
+    at every point (``zero_net``), agreement with a zero truth is not called learning."""
+    if zero_net and ident_fraction > 0 and grade(f) == ACCURATE:
+        return (f"{name} is {_line(ident_fraction)}; against {ref} its error is {error_numbers(f)}, the numbers of "
+                f"\"{GRADE_WORDS[ACCURATE]}\", but every entry of this network's Hessian is 0 at these points, so "
+                "matching a truth of 0 shows nothing learned")
+    txt = partial_sentence(name, ref, ident_fraction, f)
+    return txt + (" (the network's value is 0 at every line point)" if zero_net else "")
+
+
+def second_directional_sentence(m: dict) -> str:
+    """Identification (is u = (1, 1.5) in the supported span?) and accuracy of uᵀHu along the data line."""
+    so = m["second_order"]
+    frac = so["identified_fraction_on_line"]["directional2"]
+    f = so["fit"]["directional2"]
+    within = "within" if m["directional_globally_identified"] else "beyond"
+    basis = (f"u = (1, 1.5) is at distance {m['directional_span_residual']:.2g} from the span the training inputs "
+             f"support, {within} the tolerance {m['span_tol']:g}")
+    name = "the second derivative along the data line, uᵀHu with u = (1, 1.5),"
+    tail = " (the network's value is 0 at every line point)" if hessian_is_zero(so) else ""
+    if frac <= 0:
+        return (f"{name} is {_line(frac)} ({basis}); it differs from {SECOND_DIRECTIONAL_REF} by "
+                f"{error_numbers(f)}{tail}")
+    conj = "and" if grade(f) == ACCURATE else "but"
+    return f"{name} is {_line(frac)} ({basis}) {conj} {learned_phrase(f, SECOND_DIRECTIONAL_REF)}{tail}"
+
+
+def second_order_sentences(m: dict) -> list:
+    """(label, sentence) for each second partial and the second derivative along the line of one scenario."""
+    so = m["second_order"]
+    zero = hessian_is_zero(so)
+    ident = so["identified_fraction_on_line"]
+    out = [(name, second_partial_sentence(name, ref, ident[key], so["fit"][key], zero))
+           for key, name, ref in SECOND_PARTIALS]
+    out.append(("second directional", second_directional_sentence(m)))
+    return out
+
+
+ZERO_MATCH_WORDS = "0 like the truth, but only as every entry of the network's Hessian is 0"
+
+
+def second_compact_phrase(f: dict, ident_fraction: float, zero_net: bool) -> str:
+    """:func:`compact_phrase` of a second derivative; a zero truth met by a network whose Hessian is 0 everywhere is
+    not called learned."""
+    if zero_net and ident_fraction > 0 and grade(f) == ACCURATE:
+        return f"{_line(ident_fraction)}, {ZERO_MATCH_WORDS} ({error_numbers(f)})"
+    return compact_phrase(f, ident_fraction)
+
+
+def second_compact_lines(m: dict) -> list:
+    """(label, compact phrase) for each second partial and uᵀHu of one scenario (console, table, plot caption)."""
+    so = m["second_order"]
+    zero = hessian_is_zero(so)
+    ident = so["identified_fraction_on_line"]
+    return ([(f"{name} vs {ref}:", second_compact_phrase(so["fit"][key], ident[key], zero))
+             for key, name, ref in SECOND_PARTIALS]
+            + [(f"uᵀHu (u = (1, 1.5)) vs {SECOND_DIRECTIONAL_REF}:",
+                second_compact_phrase(so["fit"]["directional2"], ident["directional2"], zero))])
+
+
+def _hessian_check_phrase(c: dict) -> str:
+    if c["passed"] and c.get("max_abs_reference") == 0.0 and c.get("max_abs_onnxruntime") == 0.0:
+        return "nested GradientTape gives 0 at every point too"
+    if c["passed"]:
+        return (f"nested GradientTape agrees ({c['agree']}/{c['points']} points, largest difference "
+                f"{c['max_abs_diff']:.2g})")
+    return (f"nested GradientTape DISAGREES ({c['agree']}/{c['points']} points agree, largest difference "
+            f"{c['max_abs_diff']:.2g})")
+
+
+def second_order_statement(scenarios) -> str:
+    """Why the learned second derivatives look as they do, from the bundles' manifests and the computed Hessians."""
+    sos = [s.metrics["second_order"] for s in scenarios]
+    checks = [s.checks["hessian_gradient_tape"] for s in scenarios]
+    counts = sorted({so["fit"]["directional2"]["points"] for so in sos})
+    n_line = (f"{counts[0]} line points each" if len(counts) == 1 else
+              " and ".join(str(n) for n in counts) + " line points")
+    if all(so["zero_almost_everywhere"] for so in sos):
+        txt = (f"The networks' activations (LeakyReLU, slope {LEAKY_SLOPE:g}) are piecewise linear, so their second "
+               "derivatives are zero almost everywhere (wherever they exist; on the kinks they do not): the exporter "
+               "found this in each bundle's forward graph and records it in the manifest "
+               "(`second_order.zero_almost_everywhere`: true). ")
+        if all(hessian_is_zero(so) for so in sos):
+            txt += (f"The Hessians computed with onnxruntime are 0 at every evaluated point of both scenarios "
+                    f"({n_line} and the held-out test points; largest absolute entry 0)")
+        else:
+            txt += ("The largest absolute Hessian entry computed with onnxruntime over the evaluated points is "
+                    + " and ".join(f"{max(so['max_abs_hessian_line'], so['max_abs_hessian_test']):.3g} in scenario "
+                                   f"{k}" for k, so in enumerate(sos, 1)))
+        same = {_hessian_check_phrase(c) for c in checks}
+        txt += ("; " + same.pop() if len(same) == 1 else
+                "; " + "; ".join(f"scenario {k}: {_hessian_check_phrase(c)}" for k, c in enumerate(checks, 1)))
+        txt += "."
+        if all(hessian_is_zero(so) for so in sos):
+            txt += (" That is why the learned second-derivative curves are flat: a zero curve against −sin(x1), "
+                    f"−cos(x2) and {SECOND_DIRECTIONAL_REF}.")
+        txt += (" To learn curvature, for example for a physics-informed loss built from the network's second "
+                "derivatives, the network needs a smooth activation (tanh, gelu, …): a piecewise-linear network's "
+                "second derivatives are zero wherever they exist, whatever the data.")
+        return txt
+    parts = []
+    for k, (so, c) in enumerate(zip(sos, checks), 1):
+        kind = "zero almost everywhere" if so["zero_almost_everywhere"] else "not zero almost everywhere"
+        parts.append(f"Scenario {k}: the bundle's manifest says its second derivatives are {kind}; the largest "
+                     f"absolute Hessian entry over the evaluated points is "
+                     f"{max(so['max_abs_hessian_line'], so['max_abs_hessian_test']):.3g}; {_hessian_check_phrase(c)}.")
+    return " ".join(parts)
+
+
 def thresholds_sentence() -> str:
     return (f"\"Accurately learned\": the largest error over the points compared is at most "
             f"{100 * ACCURATE_MAX_FRAC:.0f} % of the analytic curve's peak; \"learned only roughly\": larger, but the "
             f"RMS error is at most {100 * ROUGH_RMS_FRAC:.0f} % of the peak; otherwise \"not learned\" (thresholds "
-            "`ACCURATE_MAX_FRAC`, `ROUGH_RMS_FRAC` in `nnpartials/demo_config.py`). \"Identified\" comes from the "
-            "training inputs alone (the diagnostics' rank and supported directions), never from these errors.")
+            "`ACCURATE_MAX_FRAC`, `ROUGH_RMS_FRAC` in `nnpartials/demo_config.py`); ∂²y/∂x1∂x2, whose analytic "
+            f"value is 0, is measured against {ZERO_TRUTH_PEAK_LABEL} instead of its own. \"Identified\" comes from "
+            "the training inputs alone (the diagnostics' rank and supported directions; a second partial "
+            "∂²y/∂x_j∂x_k only where both e_j and e_k lie in the supported span), never from these errors.")
 
 
 def _cap(txt: str) -> str:
@@ -252,6 +377,11 @@ def verdicts(m: dict) -> dict:
     out["identified_fraction_on_line"] = {"dy_dx1": m["identified_fraction_on_line"][0],
                                           "dy_dx2": m["identified_fraction_on_line"][1],
                                           "directional": m["directional_identified_fraction_on_line"]}
+    if "second_order" in m:
+        so = m["second_order"]
+        out["second_order"] = {k: grade(f) for k, f in so["fit"].items()}
+        out["second_order"].update({f"{k}_test": grade(f) for k, f in so.get("fit_test", {}).items()})
+        out["second_order"]["identified_fraction_on_line"] = dict(so["identified_fraction_on_line"])
     return out
 
 
@@ -270,6 +400,12 @@ def summary_dict(result) -> dict:
                     "verdicts": verdicts(s.metrics), "checks": s.checks, "timings": s.timings}
             for s in result.scenarios
         },
+        "second_order": {
+            "zero_almost_everywhere": all(s.metrics["second_order"]["zero_almost_everywhere"]
+                                          for s in result.scenarios),
+            "hessian_zero_at_every_point": all(hessian_is_zero(s.metrics["second_order"]) for s in result.scenarios),
+            "statement": second_order_statement(result.scenarios),
+        },
     }
 
 
@@ -281,8 +417,8 @@ def write_summary_json(result) -> str:
 
 # ---- tables --------------------------------------------------------------------------------------------------------
 def _fit_cell(f: dict, words: dict = GRADE_WORDS) -> str:
-    return (f"{f['rms']:.3f} / {f['max_abs']:.3f} ({_pct(f['max_abs'], f['peak']):.0f} % of peak "
-            f"{f['peak']:.2f}): {words[grade(f)]}")
+    return (f"{f['rms']:.3f} / {f['max_abs']:.3f} ({_pct(f['max_abs'], f['peak']):.0f} % of "
+            f"{f.get('peak_label', 'peak')} {f['peak']:.2f}): {words[grade(f)]}")
 
 
 def _scenario_rows(s):
@@ -326,10 +462,18 @@ def _scenario_rows(s):
         rows.append((f"median std across {m['ensemble_size']} seeds: ∂y/∂x1, ∂y/∂x2, directional",
                      f"{m['ensemble_median_std_dy_dx1']:.3f}, {m['ensemble_median_std_dy_dx2']:.3f}, "
                      f"{m['ensemble_median_std_directional']:.3f}"))
+    so = m["second_order"]
+    rows.append(("onnxruntime Hessians vs nested GradientTape", _check_txt(c["hessian_gradient_tape"])))
+    rows.append(("second derivatives zero almost everywhere (bundle manifest); largest absolute Hessian entry "
+                 "on the line",
+                 f"{'yes' if so['zero_almost_everywhere'] else 'no'}; {so['max_abs_hessian_line']:.3g}"))
+    for label, txt in second_compact_lines(m):
+        rows.append((f"{label.rstrip(':')} along the line", txt))
     t = s.timings
-    rows.append(("time: training, export, C-core FD" + (", ensemble" if "ensemble_s" in t else ""),
-                 f"{t['train_s']:.1f} s, {t['export_s']:.1f} s, {t['c_core_fd_s']:.2f} s"
-                 + (f", {t['ensemble_s']:.1f} s" if "ensemble_s" in t else "")))
+    rows.append(("time: training, export (order 2), C-core FD, Hessian vs GradientTape"
+                 + (", ensemble" if "ensemble_s" in t else ""),
+                 f"{t['train_s']:.1f} s, {t['export_s']:.1f} s, {t['c_core_fd_s']:.2f} s, "
+                 f"{t['hessian_tape_s']:.1f} s" + (f", {t['ensemble_s']:.1f} s" if "ensemble_s" in t else "")))
     return rows
 
 
@@ -350,8 +494,9 @@ def print_summary(result, console) -> None:
     for k, s in enumerate((s1, s2), 1):
         lines.append(f"[bold]Scenario {k}[/] (effective rank {s.diagnosis.global_.effective_rank}): "
                      + escape(_cap(agreement_phrase(s))) + ".")
-        for label, txt in compact_lines(s.metrics):
+        for label, txt in compact_lines(s.metrics) + second_compact_lines(s.metrics):
             lines.append(f"  • {escape(label)} {escape(txt)}")
+    lines.append(escape(second_order_statement((s1, s2))))
     lines.append(escape(f"Verdicts: max error ≤ {100 * ACCURATE_MAX_FRAC:.0f} % of the peak: accurately learned; "
                         f"RMS ≤ {100 * ROUGH_RMS_FRAC:.0f} % of the peak: only roughly; else not learned."))
     lines.append(f"Report: {escape(os.path.join(result.out, 'report.md'))}  ({result.seconds:.0f} s)")
@@ -424,6 +569,20 @@ def write_markdown(result) -> str:
     if "ensemble_size" in m1:
         w(_ensemble_paragraph(m1))
         w("")
+    w("## Second derivatives")
+    w("")
+    w("Both bundles are exported with second derivatives (`order=2`): the Hessian `H` of each network along the line, "
+      "from the bundle's Hessian graph with onnxruntime, is compared with ∂²y/∂x1² = −sin(x1), ∂²y/∂x2² = −cos(x2) and "
+      f"∂²y/∂x1∂x2 = 0, and the second derivative along the data line, `uᵀHu` with `u = (1, 1.5)` (per unit t), with "
+      f"d²/dt² [sin t + cos 1.5t] = {SECOND_DIRECTIONAL_REF}.")
+    w("")
+    w(second_order_statement((s1, s2)))
+    w("")
+    for k, s in enumerate((s1, s2), 1):
+        w(f"- **Scenario {k}** ({'x2 = 1.5·x1, as asked' if s.key == 'line' else 'independent (x1, x2)'}):")
+        for _, txt in second_order_sentences(s.metrics):
+            w(f"  - {_cap(txt)}.")
+    w("")
     w("## Results")
     w("")
     w(f"All line metrics are evaluated at the question's points `x1 = linspace(0, {_pi(cfg)}, "
@@ -481,6 +640,16 @@ def write_markdown(result) -> str:
       f"{'agrees with' if _fd_agrees(m2) else 'differs from'} it (RMS difference "
       f"{m2['rms_fd_vs_autodiff_directional']:.3g}).")
     w("")
+    w("### Second derivatives vs analytic")
+    w("")
+    w("![second derivatives](second_derivatives.png)")
+    w("")
+    parts = []
+    for k, s in enumerate((s1, s2), 1):
+        parts.append(f"Scenario {k} ({'top' if k == 1 else 'bottom'} row): "
+                     + "; ".join(f"{a} {b}" for a, b in second_compact_lines(s.metrics)) + ".")
+    w(" ".join(parts))
+    w("")
     w("## Reproduce and explore")
     w("")
     b1 = os.path.relpath(s1.bundle_path, result.out)
@@ -491,8 +660,9 @@ def write_markdown(result) -> str:
     w("```")
     w("")
     w("Files: `summary.json` (every number above, and the verdicts), `data.png`, `prediction.png`, `partials.png`, "
-      "`directional.png`, and per scenario a `bundle/` (model.onnx, model.jac.onnx, model.nnp, manifest.json, "
-      "validation.json) and `train_x.npy` (the training inputs).")
+      "`directional.png`, `second_derivatives.png`, and per scenario a `bundle/` (model.onnx, model.jac.onnx, "
+      "model.hess.onnx, model.lap.onnx, model.hvp.onnx, model.nnp, manifest.json, validation.json) and `train_x.npy` "
+      "(the training inputs).")
     w("")
     w(f"Run time: {result.seconds:.0f} s.")
     path = Path(result.out) / "report.md"

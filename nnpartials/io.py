@@ -210,9 +210,31 @@ def partial_column_names(in_cols, out_cols):
     return [f"d{o}/d{i}" for o in out_cols for i in in_cols]
 
 
-def write_partials(path, x, y, dy_dx, in_cols, out_cols, *, overwrite: bool = True):
+def second_pairs(n_in: int):
+    """Index arrays ``(j, k)`` of the distinct second partials of one output, ``j <= k`` in row-major order (the
+    Hessian is symmetric, so a table holds each mixed partial once)."""
+    j, k = np.triu_indices(n_in)
+    return j, k
+
+
+def second_partial_column_names(in_cols, out_cols):
+    """``d2<y>/d<x_j>d<x_k>`` for every output and every ``j <= k`` (``d2y/dx1dx1`` is the pure second partial)."""
+    j, k = second_pairs(len(in_cols))
+    return [f"d2{o}/d{in_cols[a]}d{in_cols[b]}" for o in out_cols for a, b in zip(j, k)]
+
+
+def _second_columns(d2y_dx2):
+    """``[n, n_out, n_in, n_in]`` -> ``[n, n_out * n_pairs]`` in :func:`second_partial_column_names` order."""
+    n, n_out, n_in = d2y_dx2.shape[:3]
+    j, k = second_pairs(n_in)
+    return d2y_dx2[:, :, j, k].reshape(n, n_out * len(j))
+
+
+def write_partials(path, x, y, dy_dx, in_cols, out_cols, *, overwrite: bool = True, d2y_dx2=None):
     """Write partials. ``.csv``: inputs, outputs and every partial ``d<y>/d<x>`` per row. ``.npy``: ``dy_dx``
-    ``[batch, n_out, n_in]``. ``.npz``: arrays ``x``, ``y`` and ``dy_dx``. The file appears complete or not at
+    ``[batch, n_out, n_in]``. ``.npz``: arrays ``x``, ``y`` and ``dy_dx``. With ``d2y_dx2``
+    ``[batch, n_out, n_in, n_in]`` (second order): ``.npy`` holds it instead of ``dy_dx``, ``.npz`` adds it, and the
+    CSV adds one column ``d2<y>/d<x_j>d<x_k>`` per output and ``j <= k``. The file appears complete or not at
     all (:func:`atomic_output`); with ``overwrite=False`` an existing file is an error."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -220,18 +242,22 @@ def write_partials(path, x, y, dy_dx, in_cols, out_cols, *, overwrite: bool = Tr
         raise InputError(f"{path}: expected an output ending in .csv, .npy or .npz, got {ext or 'no extension'!r}")
     with atomic_output(path, "wb", overwrite=overwrite) as f:
         if ext == ".npy":
-            np.save(f, dy_dx)
+            np.save(f, dy_dx if d2y_dx2 is None else d2y_dx2)
         elif ext == ".npz":
-            np.savez(f, x=x, y=y, dy_dx=dy_dx)
+            np.savez(f, x=x, y=y, dy_dx=dy_dx, **({} if d2y_dx2 is None else {"d2y_dx2": d2y_dx2}))
         else:
             n = x.shape[0]
-            header = ",".join(list(in_cols) + list(out_cols) + partial_column_names(in_cols, out_cols))
-            f.write((header + "\n").encode("utf-8"))
+            names = list(in_cols) + list(out_cols) + partial_column_names(in_cols, out_cols)
+            if d2y_dx2 is not None:
+                names += second_partial_column_names(in_cols, out_cols)
+            f.write((",".join(names) + "\n").encode("utf-8"))
             for s in range(0, n, CSV_BLOCK_ROWS):
                 e = min(n, s + CSV_BLOCK_ROWS)
-                block = np.concatenate([x[s:e].astype(np.float64), y[s:e].astype(np.float64),
-                                        dy_dx[s:e].reshape(e - s, -1).astype(np.float64)], axis=1)
-                np.savetxt(f, block, delimiter=",", fmt="%.9g")
+                cols = [x[s:e].astype(np.float64), y[s:e].astype(np.float64),
+                        dy_dx[s:e].reshape(e - s, -1).astype(np.float64)]
+                if d2y_dx2 is not None:
+                    cols.append(_second_columns(d2y_dx2[s:e]).astype(np.float64))
+                np.savetxt(f, np.concatenate(cols, axis=1), delimiter=",", fmt="%.9g")
 
 
 # ---- Parquet ----------------------------------------------------------------------------------------------------
@@ -317,7 +343,9 @@ class ParquetInput:
         row = 0
         for f in self.files:
             try:
-                with pq.ParquetFile(f) as pf:
+                # pre_buffer=False: pyarrow's default reads every row group's column chunks up front and keeps them
+                # until the last batch, so memory would grow with the file; this reads one row group at a time
+                with pq.ParquetFile(f, pre_buffer=False) as pf:
                     for b in pf.iter_batches(batch_size=batch_size, columns=self.columns):
                         arrays = [b.column(b.schema.get_field_index(c)) for c in self.columns]
                         arrays = [a if a.type == self.types[c] else a.cast(self.types[c])
@@ -382,27 +410,32 @@ def arrow_to_points(arrays, columns, *, first_row: int = 0, label: str = "input"
     return np.column_stack(out) if len(out) > 1 else out[0].reshape(-1, 1)
 
 
-def partials_schema(in_cols, in_types, out_cols, dtype="float32"):
+def partials_schema(in_cols, in_types, out_cols, dtype="float32", order: int = 1):
     """Arrow schema of a partials table: the model's input columns (``in_types``: name -> Arrow type, or one numpy
-    dtype for all), the outputs and one column ``d<y>/d<x>`` per partial, in the model's precision."""
+    dtype for all), the outputs and one column ``d<y>/d<x>`` per partial, in the model's precision (``order=2``:
+    and one ``d2<y>/d<x_j>d<x_k>`` per second partial, ``j <= k``)."""
     pa = _pyarrow()
     ft = pa.from_numpy_dtype(np.dtype(dtype))
     if not isinstance(in_types, dict):
         in_types = {c: pa.from_numpy_dtype(np.dtype(in_types)) for c in in_cols}
     fields = [pa.field(c, in_types[c]) for c in in_cols]
     fields += [pa.field(c, ft) for c in list(out_cols) + partial_column_names(in_cols, out_cols)]
+    if order == 2:
+        fields += [pa.field(c, ft) for c in second_partial_column_names(in_cols, out_cols)]
     return pa.schema(fields)
 
 
-def partials_record_batch(schema, inputs, y, dy_dx):
+def partials_record_batch(schema, inputs, y, dy_dx, d2y_dx2=None):
     """One record batch of a partials table (``schema`` from :func:`partials_schema`): ``inputs`` the input
-    columns (pyarrow or numpy arrays, one per input column), ``y`` ``[n, n_out]``, ``dy_dx`` ``[n, n_out, n_in]``."""
+    columns (pyarrow or numpy arrays, one per input column), ``y`` ``[n, n_out]``, ``dy_dx`` ``[n, n_out, n_in]``
+    (and ``d2y_dx2`` ``[n, n_out, n_in, n_in]`` for an order-2 schema)."""
     pa = _pyarrow()
     n = y.shape[0]
     k = len(inputs)
     arrays = [a if isinstance(a, pa.Array) and a.type == f.type else pa.array(a, type=f.type)
               for a, f in zip(inputs, schema)]
-    flat = np.concatenate([y.reshape(n, y.shape[1]), dy_dx.reshape(n, dy_dx.shape[1] * dy_dx.shape[2])], axis=1)
+    flat = np.concatenate([y.reshape(n, y.shape[1]), dy_dx.reshape(n, dy_dx.shape[1] * dy_dx.shape[2])]
+                          + ([] if d2y_dx2 is None else [_second_columns(d2y_dx2)]), axis=1)
     arrays += [pa.array(np.ascontiguousarray(flat[:, j]), type=schema.field(k + j).type) for j in range(flat.shape[1])]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 

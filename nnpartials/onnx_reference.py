@@ -202,4 +202,31 @@ class Float64Graph:
         return J, err
 
 
-__all__ = ["Float64Graph", "to_float64", "reference_evaluator", "FD_STEP"]
+def fd_hessian(jac_model: onnx.ModelProto, xs, kink_tolerance: float = None):
+    """``(H [N, n_out, n_in, n_in], keep)``: float64 central differences (Richardson) of a Jacobian graph (outputs
+    ``y`` then one ``dy_dx`` per input, as ``model.jac.onnx``), evaluated by the onnx reference implementation in
+    float64, over all inputs' flattened features. ``keep`` is the 0/1 mask of the entries whose error estimate shows
+    no kink within a step (``err <= kink_tolerance * max(1, max|H|)``, default ``tolerances.CHECK_FD_KINK``)."""
+    from nnpartials import tolerances
+
+    if kink_tolerance is None:
+        kink_tolerance = tolerances.CHECK_FD_KINK
+    n = xs[0].shape[0]
+    R, err = Float64Graph(jac_model).fd_jacobian(xs)   # rows: y, then each dy_dx output flattened, in graph order
+    n_in = R.shape[2]
+    dims = []
+    for o in jac_model.graph.output:
+        dims.append([d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim])
+    n_out = dims[0][1]
+    blocks, eblocks, off = [], [], n_out
+    for d in dims[1:]:
+        rows = n_out * d[2]
+        blocks.append(R[:, off:off + rows].reshape(n, n_out, d[2], n_in))
+        eblocks.append(err[:, off:off + rows].reshape(n, n_out, d[2], n_in))
+        off += rows
+    H, E = np.concatenate(blocks, axis=2), np.concatenate(eblocks, axis=2)
+    scale = max(1.0, float(np.max(np.abs(H)))) if H.size else 1.0
+    return H, (E <= kink_tolerance * scale).astype(np.float64)
+
+
+__all__ = ["Float64Graph", "to_float64", "reference_evaluator", "fd_hessian", "FD_STEP"]

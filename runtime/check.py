@@ -12,6 +12,17 @@ When the bundle has a C core (``model.nnp``), also:
 * the C core's float32 ``y`` and analytic ``dy_dx`` against onnxruntime;
 * both analytic Jacobians against the C core's float64 central differences (Richardson, with error estimates).
 
+For a bundle exported with second derivatives (``order=2``), also:
+
+* the Hessian graph's ``d2y_dx2`` against float64 central differences of the Jacobian graph (onnx reference
+  evaluator, float64), the Laplacian graph against their trace and the Hessian-vector product graph against their
+  product with random directions; the Hessian graph's ``y`` and ``dy_dx`` against the Jacobian graph's;
+* with a C core: its analytic Hessian, Laplacian and Hessian-vector product against onnxruntime's, and its
+  analytic Hessian against its own float64 central differences of the analytic Jacobian.
+
+A piecewise-linear network (relu, leaky_relu, ...) has second derivatives that are zero almost everywhere; the
+report says so (``second_derivatives_vanish`` and its reason) instead of letting a zero Hessian pass unremarked.
+
 ``check_bundle(bundle, x=None, n_points=1000)`` returns a :class:`CheckReport`; ``report.ok`` is true when every
 comparison is within its named tolerance in :mod:`nnpartials.tolerances`. Finite-difference entries whose error
 estimate says a kink of a piecewise activation lies within a step are counted and left out of the comparisons
@@ -68,6 +79,12 @@ class CheckReport:
     c_fd_error_max: float = 0.0
     c_fd_error_median: float = 0.0
     c_fd_entries_near_kink: int = 0
+    #: second derivatives: checked (order-2 bundle), and whether they vanish almost everywhere (with the reason)
+    order: int = 1
+    second_derivatives_vanish: bool = False
+    second_order_note: str | None = None
+    hessian_fd_entries: int = 0
+    hessian_fd_entries_near_kink: int = 0
 
     @property
     def ok(self) -> bool:
@@ -165,10 +182,61 @@ def check_bundle(bundle, x=None, n_points: int = DEFAULT_POINTS, seed: int = 0, 
             tolerances.FD_F64_REL, "FD_F64_REL", np.count_nonzero(ckeep))
         add("dy_dx vs C FD", "onnxruntime", "float64 FD (C core)", J_ort * ckeep, cfd * ckeep,
             tolerances.FD_F64_REL, "FD_F64_REL", np.count_nonzero(ckeep))
+    if b.order == 2:
+        _check_second_order(b, p, x, parts, report, add, seed)
     if report.fd_entries and report.fd_entries_near_kink == report.fd_entries:
         raise InputError(f"{b.path}: every finite-difference entry at these points lies next to a kink of a piecewise "
                          f"activation, so nothing could be checked; choose other points")
     return report
+
+
+def _check_second_order(b, p, x, parts, report, add, seed):
+    import onnx
+
+    from nnpartials.bundle import JACOBIAN
+    from nnpartials.onnx_reference import fd_hessian
+
+    so = b.manifest["second_order"]
+    report.order = 2
+    report.second_derivatives_vanish = bool(so.get("zero_almost_everywhere"))
+    report.second_order_note = so.get("note")
+    y_j, J_j = p.jacobian(x)
+    y_h, J_h, H = p.hessian(x)
+    _, _, lap = p.laplacian(x)
+    v = np.random.default_rng(seed + 1).standard_normal(x.shape).astype(p.dtype)
+    _, hv = p.hvp(x, v)
+    add("y (Hessian graph)", "Hessian graph", "Jacobian graph", y_h, y_j, tolerances.FORWARD_F32, "FORWARD_F32")
+    add("dy_dx (Hessian graph)", "Hessian graph", "Jacobian graph", J_h, J_j, tolerances.CHECK_PATHS_F32,
+        "CHECK_PATHS_F32")
+    Hfd, keep = fd_hessian(onnx.load_model_from_string(b.read(JACOBIAN)), parts)
+    report.hessian_fd_entries = int(Hfd.size)
+    report.hessian_fd_entries_near_kink = int(Hfd.size - np.count_nonzero(keep))
+    ref_name = "float64 FD of model.jac.onnx"
+    add("d2y_dx2 vs float64 FD of model.jac.onnx", "onnxruntime", ref_name, H * keep, Hfd * keep,
+        tolerances.SECOND_ORDER_F32, "SECOND_ORDER_F32", np.count_nonzero(keep))
+    diag = np.einsum("bijj->bij", keep).all(axis=2)
+    add("laplacian vs trace of float64 FD", "onnxruntime", ref_name, lap * diag, np.einsum("bijj->bi", Hfd) * diag,
+        tolerances.SECOND_ORDER_F32, "SECOND_ORDER_F32", np.count_nonzero(diag))
+    rows = keep.all(axis=3)
+    add("hvp vs float64 FD @ v", "onnxruntime", ref_name, hv * rows,
+        np.einsum("bijk,bk->bij", Hfd, v.astype(np.float64)) * rows, tolerances.SECOND_ORDER_F32, "SECOND_ORDER_F32",
+        np.count_nonzero(rows))
+    if report.c_core:
+        from nnpartials.runtime.kernel import Kernel
+
+        kernel = Kernel(b)
+        _, _, H_c = kernel.hessian(x)
+        _, _, lap_c = kernel.laplacian(x)
+        _, hv_c = kernel.hvp(x, v)
+        _, Hcfd, herr = kernel.fd_hessian(x)
+        hkeep, _, _, _ = _fd_mask(Hcfd, herr)
+        add("d2y_dx2 (C core)", "C core", "onnxruntime", H_c, H, 2 * tolerances.SECOND_ORDER_F32,
+            "2 x SECOND_ORDER_F32")
+        add("laplacian (C core)", "C core", "onnxruntime", lap_c, lap, 2 * tolerances.SECOND_ORDER_F32,
+            "2 x SECOND_ORDER_F32")
+        add("hvp (C core)", "C core", "onnxruntime", hv_c, hv, 2 * tolerances.SECOND_ORDER_F32, "2 x SECOND_ORDER_F32")
+        add("d2y_dx2 (C core) vs C FD", "C core", "float64 FD of the C Jacobian", H_c * hkeep, Hcfd * hkeep,
+            tolerances.SECOND_ORDER_F32, "SECOND_ORDER_F32", np.count_nonzero(hkeep))
 
 
 __all__ = ["check_bundle", "CheckReport", "Comparison", "DEFAULT_POINTS"]

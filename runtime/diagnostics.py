@@ -13,6 +13,13 @@ the gradient is whatever the initial weights and the optimiser left there. This 
   ``e_j`` lies (numerically) in the span of the locally supported directions.
 * **Ensemble** (optional): the spread of partials across networks trained with different seeds, an
   empirical uncertainty that is large exactly where the data do not pin the partials down.
+* **Second order** (with a Hessian, from a bundle exported with ``order=2`` or given by the caller, or on
+  request): ``d2y/dx_j dx_k`` is identified where *both* ``e_j`` and ``e_k`` lie in the supported span (locally
+  per query point, globally likewise), so on a line no axis-aligned second partial is identified, only the
+  second derivative along the line. What the data do identify are the second derivatives along the supported
+  directions, ``d_a' H d_b`` (:meth:`Diagnosis.second_directional_derivatives`). A piecewise-linear network
+  (relu, leaky_relu, ...) has second derivatives that are zero almost everywhere whatever its data (the bundle's
+  ``second_order.zero_almost_everywhere``): the diagnostics then say so instead of reporting zeros as information.
 
 Coordinates and units
 ---------------------
@@ -103,6 +110,13 @@ INPUT_EPS = float(np.finfo(np.float32).eps)
 RANK_NOISE_FACTOR = 10.0
 #: At most this many outlier row indices are printed (summary, tables); to_dict() and the attribute list all.
 OUTLIERS_SHOWN = 20
+
+#: Second partials are listed one per line (summary) and one column each (tables) up to this many pairs j <= k.
+PAIRS_SHOWN = 10
+#: At most this many second-partial names are listed in one line of the summary.
+PAIRS_LISTED = 20
+#: How a second partial's identification is decided (printed with it).
+SECOND_ORDER_RULE = "identified only where both e_j and e_k lie in the span the data support"
 
 _STD_FLOOR = 1e-12  # a feature whose std is below this is treated as constant (std 1, so it normalises to 0)
 
@@ -235,6 +249,11 @@ class GlobalDiagnosis:
     def full_rank(self) -> bool:
         return self.effective_rank == self.singular_values.shape[0]
 
+    @property
+    def identified_second(self) -> np.ndarray:
+        """``[n_in, n_in]`` bool: ``d2y/dx_j dx_k`` is identified where both ``e_j`` and ``e_k`` are."""
+        return self.identified[:, None] & self.identified[None, :]
+
 
 @dataclass
 class LocalDiagnosis:
@@ -257,11 +276,20 @@ class LocalDiagnosis:
             return self.directions[i, :0]
         return self.directions[i, : int(self.local_rank[i])]
 
+    @property
+    def identified_second(self) -> np.ndarray:
+        """``[Q, n_in, n_in]`` bool: ``d2y/dx_j dx_k`` is identified at a point where both ``e_j`` and ``e_k`` lie in
+        the span supported there (never outside the data)."""
+        return self.identified[:, :, None] & self.identified[:, None, :]
+
 
 @dataclass
 class Diagnosis:
     """What :func:`diagnose` found. ``global_`` always; ``local`` when query points were given; ``partials``
-    (``[Q, n_out, n_in]``) when a model (bundle) or a Jacobian was given; ``ensemble_std`` with an ensemble."""
+    (``[Q, n_out, n_in]``) when a model (bundle) or a Jacobian was given; ``ensemble_std`` with an ensemble;
+    ``second_order`` (identification of the second partials) with a Hessian or on request, ``hessian``
+    (``[Q, n_out, n_in, n_in]``) when one was given or computed from an ``order=2`` bundle, and
+    ``second_derivatives_vanish`` (True, False, or None when unknown) from the bundle's manifest."""
 
     n_train: int
     n_in: int
@@ -279,6 +307,11 @@ class Diagnosis:
     ensemble_std: Optional[np.ndarray] = None
     ensemble_size: int = 0
     output_names: list = field(default_factory=list)
+    second_order: bool = False
+    hessian: Optional[np.ndarray] = None
+    hessian_source: Optional[str] = None
+    second_derivatives_vanish: Optional[bool] = None
+    second_order_note: Optional[str] = None
 
     # ---- derived views ---------------------------------------------------------------------------------------
     @property
@@ -305,6 +338,46 @@ class Diagnosis:
         k = np.arange(self.n_in)[None, :]
         ok = (k < self.local.local_rank[:, None]) & ~self.local.outside[:, None]
         return np.where(ok[:, None, :], D, np.nan), dirs
+
+    @property
+    def identified_second(self) -> np.ndarray:
+        """``[Q, n_in, n_in]`` per query point (local), or ``[n_in, n_in]`` (global) without query points:
+        ``d2y/dx_j dx_k`` is identified where both ``e_j`` and ``e_k`` lie in the supported span."""
+        return self.local.identified_second if self.local is not None else self.global_.identified_second
+
+    def masked_hessian(self, hessian: Optional[np.ndarray] = None) -> np.ndarray:
+        """Hessians ``[Q, n_out, n_in, n_in]`` with NaN wherever ``d2y/dx_j dx_k`` is not identified at the point."""
+        H = self._need_hessian(hessian)
+        mask = (self.identified_second if self.local is not None
+                else np.broadcast_to(self.global_.identified_second, (H.shape[0], self.n_in, self.n_in)))
+        return np.where(mask[:, None, :, :], H, np.nan)
+
+    def second_directional_derivatives(self, hessian: Optional[np.ndarray] = None):
+        """Second derivatives along the supported directions: ``(S [Q, n_out, n_in, n_in], dirs [Q, n_in, n_in])``
+        with ``S[q, :, a, b] = dirs[q, a] @ H[q] @ dirs[q, b]`` for the ``a, b < local_rank`` supported unit
+        directions (input units) and NaN beyond (and everywhere at points outside the data). With ``a = b`` this
+        is the second derivative of ``y`` along ``dirs[q, a]`` per unit length; these are what the data identify."""
+        H = self._need_hessian(hessian)
+        if self.local is None:
+            raise InputError("second_directional_derivatives needs query points (diagnose(..., query=...))")
+        dirs = self.local.directions
+        S = np.einsum("qaj,qojk,qbk->qoab", dirs, H, dirs)
+        k = np.arange(self.n_in)
+        ok = (k[None, :] < self.local.local_rank[:, None]) & ~self.local.outside[:, None]  # [Q, n_in]
+        return np.where((ok[:, :, None] & ok[:, None, :])[:, None], S, np.nan), dirs
+
+    def _need_hessian(self, hessian):
+        H = self.hessian if hessian is None else np.asarray(hessian, dtype=np.float64)
+        if H is None:
+            why = (" (the bundle's second derivatives are zero almost everywhere, so none was computed)"
+                   if self.second_derivatives_vanish else "")
+            raise InputError("no Hessian: pass a bundle exported with order=2 or hessian= to diagnose(), or hessian= "
+                             "here" + why)
+        if self.query is not None and (H.ndim != 4 or H.shape[0] != self.query.shape[0]
+                                       or H.shape[2:] != (self.n_in, self.n_in)):
+            raise InputError(f"hessian: expected shape [{self.query.shape[0]}, n_out, {self.n_in}, {self.n_in}], "
+                             f"got {tuple(H.shape)}")
+        return H
 
     def _need_partials(self, partials):
         J = self.partials if partials is None else np.asarray(partials, dtype=np.float64)
@@ -353,7 +426,39 @@ class Diagnosis:
         if self.ensemble_std is not None:
             out["ensemble"] = {"size": self.ensemble_size, "mean": self.ensemble_mean.tolist(),
                                "std": self.ensemble_std.tolist()}
+        if self.second_order:
+            out["second_order"] = self._second_order_dict()
         return out
+
+    def _second_order_dict(self) -> dict:
+        so: dict[str, Any] = {
+            "rule": SECOND_ORDER_RULE,
+            "global_identified": self.global_.identified_second.tolist(),
+            "zero_almost_everywhere": self.second_derivatives_vanish,
+            "note": self.second_order_note,
+        }
+        if self.local is not None:
+            so["identified"] = self.local.identified_second.tolist()
+        if self.hessian is not None and self.second_derivatives_vanish:
+            so["values_omitted"] = ("the network's second derivatives are zero almost everywhere, whatever the data: "
+                                    "its Hessian values carry no information about the data")
+        elif self.hessian is not None:
+            so["hessian_source"] = self.hessian_source
+            so["hessian"] = self.hessian.tolist()
+            if self.local is not None:
+                S, _ = self.second_directional_derivatives()
+                # S[q, o, a, b] for the supported directions a, b (supported_directions in "local"); null elsewhere
+                so["along_supported"] = [[[[None if math.isnan(v) else float(v) for v in row[:r]] for row in o[:r]]
+                                          for o in S[i]] for i, r in enumerate(self._local_ranks())]
+        return so
+
+    def _local_ranks(self) -> list:
+        loc = self.local
+        return [0 if loc.outside[i] else int(loc.local_rank[i]) for i in range(loc.nn_distance.shape[0])]
+
+    def _pairs(self):
+        """(j, k, name) of the second partials d2y/dx_j dx_k, j <= k."""
+        return [(j, k, _pair_name(self.input_names, j, k)) for j in range(self.n_in) for k in range(j, self.n_in)]
 
     def counts(self) -> dict:
         """Per input j: how many query points identify dy/dx_j; plus points outside the data and rank histogram."""
@@ -366,6 +471,8 @@ class Diagnosis:
             "outside": int(loc.outside.sum()),
             "identified": {name: int(loc.identified[:, j].sum()) for j, name in enumerate(self.input_names)},
             "local_rank": {int(r): int(c) for r, c in zip(ranks, freq)},
+            **({"identified_second": {name: int(loc.identified_second[:, j, k].sum()) for j, k, name in self._pairs()}}
+               if self.second_order else {}),
         }
 
     def summary(self) -> str:
@@ -407,7 +514,48 @@ class Diagnosis:
             med = np.median(self.ensemble_std, axis=0)  # [n_out, n_in]
             lines.append(f"ensemble of {self.ensemble_size}: median std of partials across members: "
                          + ", ".join(f"dy/d{n} {med[:, j].max():.3g}" for j, n in enumerate(names)))
+        if self.second_order:
+            lines += self._second_order_lines()
         return "\n".join(lines)
+
+    def _second_order_lines(self) -> list:
+        g = self.global_
+        pairs = self._pairs()
+        gi = g.identified_second
+        lines = [f"second partials d2y/dx_j dx_k: {SECOND_ORDER_RULE}"]
+        ok = [name for j, k, name in pairs if gi[j, k]]
+        bad = [name for j, k, name in pairs if not gi[j, k]]
+        along = (" (only second derivatives along the supported directions, d_a' H d_b, are)"
+                 if g.effective_rank else "")
+        if not bad:
+            lines.append(f"  globally, every second partial ({len(pairs)}) is identified by the data")
+        elif not ok:
+            lines.append(f"  globally NOT identified: {_names_list(bad)}{along}")
+        else:
+            lines.append(f"  globally NOT identified: {_names_list(bad)}; identified: {_names_list(ok)}{along}")
+        if self.local is not None:
+            c = self.counts()["identified_second"]
+            q = self.local.nn_distance.shape[0]
+            if len(pairs) <= PAIRS_SHOWN:
+                for _, _, name in pairs:
+                    lines.append(f"  {name} identified at {c[name]} of {q} points")
+            else:
+                per_point = self.local.identified_second.sum(axis=(1, 2))
+                everywhere = sum(1 for v in c.values() if v == q)
+                lines.append(f"  {everywhere} of {len(pairs)} second partials identified at all {q} points; entries "
+                             f"(j, k) identified per point: min {per_point.min()}, max {per_point.max()} of "
+                             f"{self.n_in * self.n_in}")
+        if self.second_derivatives_vanish:
+            lines.append("  the network's second derivatives are zero almost everywhere: they are 0 wherever they exist, "
+                         "whatever the data, so no second-derivative values are reported (zeros that carry no "
+                         "information about the data); a smooth activation (tanh, gelu, ...) is needed for curvature")
+            if self.second_order_note:
+                lines.append(f"  why (bundle manifest, second_order.note): {_vanish_reason(self.second_order_note)}")
+        elif self.hessian is not None:
+            lines.append(f"  Hessian evaluated at {self.hessian.shape[0]} query points ({self.hessian_source})")
+        else:
+            lines.append("  no Hessian evaluated: identification from the training inputs only")
+        return lines
 
     def rich_tables(self, max_points: int = 10):
         """rich Tables: the global picture, and (with query points) the first ``max_points`` points."""
@@ -470,7 +618,82 @@ class Diagnosis:
                            "; ".join(_fmt_dir(d, names) for d in sup) if len(sup) else "[red]none[/]",
                            *cells)
             tables.append(t3)
+        if self.second_order:
+            tables += self._second_order_tables(max_points)
         return tables
+
+    def _second_order_tables(self, max_points):
+        from rich.table import Table
+
+        g = self.global_
+        names = self.input_names
+        tables = []
+        if self.n_in <= PAIRS_SHOWN:
+            t = Table(title="Second partials d2y/dx_j dx_k identified (global)",
+                      caption="yes: both e_j and e_k lie in the supported span")
+            t.add_column("")
+            for n in names:
+                t.add_column(f"d/d{n}", justify="center")
+            for j, n in enumerate(names):
+                t.add_row(f"d/d{n}", *("[green]yes[/]" if g.identified_second[j, k] else "[red]no[/]"
+                                       for k in range(self.n_in)))
+            tables.append(t)
+        if self.local is None:
+            return tables
+        loc = self.local
+        q = loc.nn_distance.shape[0]
+        values = self.hessian is not None and not self.second_derivatives_vanish
+        t = Table(title=f"Second partials at the query points ({min(q, max_points)} of {q} shown; d_a: the a-th "
+                        "supported direction of the point)")
+        t.add_column("point")
+        t.add_column("local rank", justify="right")
+        pairs = self._pairs()
+        per_pair = len(pairs) <= PAIRS_SHOWN
+        if per_pair:
+            for _, _, name in pairs:
+                t.add_column(name, justify="right")
+        else:
+            t.add_column("second partials identified", justify="right")
+        if values:
+            t.add_column("along supported directions d_a'Hd_b", justify="right")
+            S, _ = self.second_directional_derivatives()
+        if self.second_derivatives_vanish:
+            t.caption = ("✓ identified, ✗ not identified by the data; no values: the network's second derivatives "
+                         "are zero almost everywhere")
+        else:
+            t.caption = "✓ identified, ✗ not identified by the data (value shown, but not meaningful)"
+        ident = loc.identified_second
+        for i in range(min(q, max_points)):
+            cells = []
+            if per_pair:
+                for j, k, _ in pairs:
+                    val = ", ".join(f"{v:.4g}" for v in self.hessian[i, :, j, k]) if values else ""
+                    cells.append(f"[green]{val} ✓[/]" if ident[i, j, k] else f"[red]{val} ✗[/]")
+            else:
+                iu = np.triu_indices(self.n_in)
+                cells.append(f"{int(ident[i][iu].sum())} of {len(pairs)}")
+            if values:
+                r = 0 if loc.outside[i] else int(loc.local_rank[i])
+                cells.append("; ".join(f"{a + 1},{b + 1}: " + ", ".join(f"{v:.4g}" for v in S[i, :, a, b])
+                                       for a in range(r) for b in range(a, r)) or "—")
+            t.add_row("(" + ", ".join(f"{v:.4g}" for v in self.query[i]) + ")", str(int(loc.local_rank[i])), *cells)
+        tables.append(t)
+        return tables
+
+
+def _vanish_reason(note: str) -> str:
+    """The manifest's ``second_order.note`` without its leading statement (the summary states it already)."""
+    head = "second derivatives are zero almost everywhere: "
+    return note[len(head):] if note.startswith(head) else note
+
+
+def _pair_name(names, j, k) -> str:
+    return f"d2y/d{names[j]}^2" if j == k else f"d2y/d{names[j]}d{names[k]}"
+
+
+def _names_list(names: list) -> str:
+    shown = ", ".join(names[:PAIRS_LISTED])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > PAIRS_LISTED else "")
 
 
 def _outlier_text(g: GlobalDiagnosis) -> str:
@@ -503,7 +726,9 @@ def _pca(points: np.ndarray):
     """Batched PCA: points [..., k, n] -> (std along principal directions [..., n], directions [..., n, n] rows)."""
     centred = points - points.mean(axis=-2, keepdims=True)
     k, n = points.shape[-2], points.shape[-1]
-    _, s, vt = np.linalg.svd(centred, full_matrices=True)
+    # all n right singular vectors are needed (null directions included), never the k x k left ones: with k >= n the
+    # reduced SVD already has them (full_matrices=True would build a k x k matrix: 3.2 GB for 20000 rows)
+    _, s, vt = np.linalg.svd(centred, full_matrices=k < n)
     if s.shape[-1] < n:  # fewer points than dimensions: pad the missing singular values with zeros
         pad = np.zeros(s.shape[:-1] + (n - s.shape[-1],))
         s = np.concatenate([s, pad], axis=-1)
@@ -622,11 +847,25 @@ def _jacobian_from(model, query: np.ndarray) -> np.ndarray:
     return np.asarray(J, dtype=np.float64)
 
 
+def _hessian_from(model, query: np.ndarray) -> np.ndarray:
+    """Hessians [Q, n_out, n_in, n_in] of a Partials-like object, a Bundle, or a bundle folder at query points."""
+    if hasattr(model, "hessian"):
+        obj = model
+    else:
+        from nnpartials.runtime.serve import Partials
+
+        obj = Partials(model)
+    out = obj.hessian(query)
+    H = out[2] if isinstance(out, tuple) else out
+    return np.asarray(H, dtype=np.float64)
+
+
 def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=None, ensemble: Optional[Sequence] = None,
              rank_rtol: float = DEFAULT_RANK_RTOL, local_rtol: float = DEFAULT_LOCAL_RTOL,
              span_tol: float = DEFAULT_SPAN_TOL, far_factor: float = DEFAULT_FAR_FACTOR,
              neighbors: Optional[int] = None, input_names: Optional[Sequence[str]] = None,
-             outlier_z: Optional[float] = DEFAULT_OUTLIER_Z) -> Diagnosis:
+             outlier_z: Optional[float] = DEFAULT_OUTLIER_Z, hessian=None,
+             second_order: Optional[bool] = None) -> Diagnosis:
     """Diagnose which partial derivatives ``dy/dx_j`` the training inputs ``train_x`` can identify.
 
     Parameters
@@ -654,6 +893,15 @@ def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=N
     outlier_z
         training rows with a feature beyond this many robust standard deviations from its median are set aside
         and listed in ``global_.outliers`` (default ``DEFAULT_OUTLIER_Z``, 25; ``None`` or ``inf``: keep every row).
+    hessian
+        second derivatives ``[Q, n_out, n_in, n_in]`` at ``query`` computed elsewhere (instead of the bundle's).
+    second_order
+        report which second partials ``d2y/dx_j dx_k`` the data identify (``identified_second``; with a Hessian
+        also ``masked_hessian()`` and ``second_directional_derivatives()``). ``None`` (default): when ``hessian`` is
+        given or ``bundle`` was exported with ``order=2``, whose Hessian is then computed at ``query``
+        (``Partials.hessian``), unless the bundle's second derivatives are zero almost everywhere (a
+        piecewise-linear network), which the diagnosis then states instead. ``True``: always (an ``order=1``
+        ``bundle`` without ``hessian`` raises :class:`~nnpartials.errors.OrderNotAvailableError`); ``False``: never.
     """
     rank_rtol = _check_tol("rank_rtol", rank_rtol)
     local_rtol = _check_tol("local_rtol", local_rtol)
@@ -716,9 +964,28 @@ def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=N
                      neighbors=k, local_rtol=local_rtol, span_tol=span_tol, far_factor=far_factor,
                      output_names=out_names)
 
+    so_manifest = manifest.get("second_order") if manifest is not None else None
+    if second_order is None:
+        second_order = hessian is not None or so_manifest is not None
+    elif not isinstance(second_order, (bool, np.bool_)):
+        raise InputTypeError(f"second_order: expected None, True or False, got {second_order!r}")
+    elif not second_order and hessian is not None:
+        raise InputError("hessian= was given with second_order=False")
+    elif second_order and hessian is None and manifest is not None and so_manifest is None:
+        from nnpartials.errors import OrderNotAvailableError
+
+        raise OrderNotAvailableError("second_order=True: the bundle was exported without second derivatives; export "
+                                     "it again with `nnpartials export MODEL -o BUNDLE --order 2` (Python: "
+                                     "export(..., order=2)), or pass hessian=")
+    diag.second_order = bool(second_order)
+    if second_order and so_manifest is not None:
+        diag.second_derivatives_vanish = bool(so_manifest.get("zero_almost_everywhere", False))
+        diag.second_order_note = so_manifest.get("note")
+
     if query is None:
-        if jacobian is not None or ensemble is not None:
-            raise InputError("jacobian= and ensemble= need query points (the points the partials belong to)")
+        if jacobian is not None or ensemble is not None or hessian is not None:
+            raise InputError("jacobian=, hessian= and ensemble= need query points (the points the derivatives "
+                             "belong to)")
         return diag
 
     q = as_batch(query, n_in, name="query", dtype=np.float64)
@@ -753,6 +1020,15 @@ def diagnose(train_x, query=None, *, bundle=None, normalization=None, jacobian=N
     elif bundle is not None:
         diag.partials = _check_jac(_jacobian_from(bundle, q), q.shape[0], n_in, "bundle partials")
 
+    if hessian is not None:
+        diag.hessian = _check_hessian(hessian, q.shape[0], n_in, "hessian")
+        diag.hessian_source = "given with hessian="
+    elif second_order and bundle is not None and so_manifest is not None and not diag.second_derivatives_vanish:
+        diag.hessian = _check_hessian(_hessian_from(bundle, q), q.shape[0], n_in, "bundle Hessian")
+        diag.hessian_source = "the bundle's Hessian graph"
+    if diag.hessian is not None and diag.partials is not None and diag.hessian.shape[1] != diag.partials.shape[1]:
+        raise InputError(f"hessian: {diag.hessian.shape[1]} outputs, but the partials have {diag.partials.shape[1]}")
+
     if ensemble is not None:
         members = list(ensemble)
         if len(members) < 2:
@@ -783,6 +1059,21 @@ def _check_jac(J, n_q, n_in, name) -> np.ndarray:
     if not np.isfinite(J).all():
         raise InputError(f"{name}: partials contain NaN or Inf")
     return J
+
+
+def _check_hessian(H, n_q, n_in, name) -> np.ndarray:
+    try:
+        H = np.asarray(H, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputTypeError(f"{name}: expected a numeric array [Q, n_out, n_in, n_in]: {exc}") from None
+    if H.ndim == 3 and H.shape == (n_q, n_in, n_in):
+        H = H[:, None]
+    if H.ndim != 4 or H.shape[0] != n_q or H.shape[2:] != (n_in, n_in):
+        raise InputError(f"{name}: expected second derivatives of shape [{n_q}, n_out, {n_in}, {n_in}], "
+                         f"got {tuple(H.shape)}")
+    if not np.isfinite(H).all():
+        raise InputError(f"{name}: second derivatives contain NaN or Inf")
+    return H
 
 
 def _input_names(manifest, n_in) -> list:

@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from nnpartials.errors import BundleError, InputError, NNPartialsError
-from nnpartials.bundle import FORWARD, JACOBIAN, load_bundle
+from nnpartials.errors import BundleError, InputError, NNPartialsError, OrderNotAvailableError
+from nnpartials.bundle import FORWARD, JACOBIAN, SECOND_ORDER_FILES, load_bundle
 from nnpartials.validate import as_batch
 
 #: Default largest batch handed to onnxruntime in one call; larger inputs are split (bounded memory).
@@ -112,13 +112,20 @@ class Partials:
                 so.intra_op_num_threads = int(self._threads)
             if stop_spinning:
                 so.add_session_config_entry("session.force_spinning_stop", "1")
+        self._session_options = so
+        kinds = ["forward", "jacobian"] + [k for k in SECOND_ORDER_FILES if k in getattr(self, "_sessions", {})]
+        return {kind: self._load_session(kind, so) for kind in kinds}
+
+    def _load_session(self, kind, so):
+        import onnxruntime as ort
+
+        name = {"forward": FORWARD, "jacobian": JACOBIAN, **SECOND_ORDER_FILES}[kind]
         try:
-            return {kind: ort.InferenceSession(self.bundle.read(name), sess_options=so, providers=self.providers)
-                    for kind, name in (("forward", FORWARD), ("jacobian", JACOBIAN))}
+            return ort.InferenceSession(self.bundle.read(name), sess_options=so, providers=self.providers)
         except NNPartialsError:
             raise
         except Exception as exc:
-            raise BundleError(f"onnxruntime could not load the bundle {self.bundle.path!r}: {exc}") from None
+            raise BundleError(f"onnxruntime could not load {name} of the bundle {self.bundle.path!r}: {exc}") from None
 
     def _session(self, kind):
         """The session for ``kind``. Each session's thread pool spins for a while after a call; when forward and
@@ -135,7 +142,13 @@ class Partials:
                         self._sessions = self._make_sessions(None, stop_spinning=True)
                         self._quiet = True
         self._last_kind = kind
-        return self._sessions[kind]
+        sess = self._sessions.get(kind)
+        if sess is None:  # a second-order graph, loaded on first use
+            with self._rebuild_lock:
+                sess = self._sessions.get(kind)
+                if sess is None:
+                    sess = self._sessions[kind] = self._load_session(kind, self._session_options)
+        return sess
 
     @property
     def active_providers(self):
@@ -238,6 +251,79 @@ class Partials:
             for k, j in enumerate(outs[1:]):
                 dy[s:s + self.max_batch, :, offs[k]:offs[k + 1]] = j
         return y, dy
+
+    # ----- second derivatives -----------------------------------------------------------------------------------
+    def _require_order2(self, what):
+        if self.bundle.order < 2:
+            raise OrderNotAvailableError(
+                f"{what}: bundle {self.bundle.path!r} was exported without second derivatives; export it again with "
+                f"`nnpartials export MODEL -o BUNDLE --order 2` (Python: export(..., order=2))")
+
+    def _run_second(self, kind, parts, extra, shapes):
+        """Run the ``kind`` graph over ``parts`` in chunks of ``max_batch``; ``shapes``: per-point shape of each
+        output, which are written into preallocated arrays when the batch is split."""
+        n = parts[0].shape[0]
+        sess = self._session(kind)
+        if 0 < n <= self.max_batch:
+            return sess.run(None, dict(self._feeds(parts), **{k: v for k, v in extra.items()}))
+        outs = [np.empty((n,) + sh, self.dtype) for sh in shapes]
+        for s in range(0, n, self.max_batch):
+            res = sess.run(None, dict(self._feeds(parts, s, s + self.max_batch),
+                                      **{k: v[s:s + self.max_batch] for k, v in extra.items()}))
+            for o, r in zip(outs, res):
+                o[s:s + self.max_batch] = r
+        return outs
+
+    def _x_for_kernel(self, parts):
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def hessian(self, x, *, nan_policy: str | None = None):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in], d2y_dx2 [batch, n_out, n_in, n_in])`` with
+        ``d2y_dx2[b, i, j, k] = d2 y[b, i] / dx[b, j] dx[b, k]`` over all inputs' flattened features (symmetric in j,
+        k). Needs a bundle exported with ``order=2`` (:class:`OrderNotAvailableError` otherwise). For a
+        piecewise-linear network (``bundle.second_derivatives_vanish``) it is zero almost everywhere."""
+        self._require_order2("hessian")
+        parts = self._inputs(x, nan_policy)
+        if self._kernel is not None:
+            return self._kernel.hessian(self._x_for_kernel(parts), nan_policy="propagate")
+        no, ni = self.n_out, self.n_in
+        y, dy, h = self._run_second("hessian", parts, {}, [(no,), (no, ni), (no, ni, ni)])
+        return y, dy, h
+
+    def laplacian(self, x, *, nan_policy: str | None = None):
+        """``(y [batch, n_out], dy_dx [batch, n_out, n_in], laplacian [batch, n_out])``, the Laplacian being the
+        trace of each output's Hessian over all input features, computed without the full Hessian (a
+        forward-Laplacian pass; the manifest's ``second_order.laplacian.method``). Needs an ``order=2`` bundle."""
+        self._require_order2("laplacian")
+        parts = self._inputs(x, nan_policy)
+        if self._kernel is not None:
+            return self._kernel.laplacian(self._x_for_kernel(parts), nan_policy="propagate")
+        no, ni = self.n_out, self.n_in
+        y, dy, lap = self._run_second("laplacian", parts, {}, [(no,), (no, ni), (no,)])
+        return y, dy, lap
+
+    def hvp(self, x, v, *, nan_policy: str | None = None):
+        """``(y [batch, n_out], hvp [batch, n_out, n_in])`` with ``hvp[b, i] = H_i(x[b]) @ v[b]``, the Hessian of
+        output i times the direction ``v [batch, n_in]`` (one direction per point, over all inputs' flattened
+        features; a single ``[n_in]`` direction is used for every point). Costs a few Jacobians, not a Hessian.
+        Needs an ``order=2`` bundle."""
+        self._require_order2("hvp")
+        parts = self._inputs(x, nan_policy)
+        n = parts[0].shape[0]
+        policy = nan_policy or self.nan_policy
+        varr = np.asarray(v) if not hasattr(v, "to_numpy") else v
+        if np.ndim(varr) == 1 and n != 1 and np.shape(varr)[0] == self.n_in:
+            varr = np.broadcast_to(np.asarray(varr, self.dtype), (n, self.n_in))
+        vv = as_batch(varr, self.n_in, name="v", nan_policy=policy, dtype=self.dtype)
+        if vv.shape[0] != n:
+            raise InputError(f"v: expected {n} directions (one per point of x) or one [{self.n_in}] direction, got "
+                             f"{vv.shape[0]} rows")
+        vv = np.ascontiguousarray(vv)
+        if self._kernel is not None:
+            return self._kernel.hvp(self._x_for_kernel(parts), vv, nan_policy="propagate")
+        vname = self.bundle.manifest["second_order"]["hvp"]["input"]
+        y, hv = self._run_second("hvp", parts, {vname: vv}, [(self.n_out,), (self.n_out, self.n_in)])
+        return y, hv
 
     def _shape_y(self, y):
         n = y.shape[0]

@@ -254,6 +254,22 @@ def test_cli_parquet_with_workers(seed_bundle, tmp_path, capsys):
     assert _no_leftovers(tmp_path)
 
 
+def test_cli_parquet_on_a_cluster_one_partition_per_row_group(client, seed_bundle, tmp_path, capsys):
+    """The workers get one partition per row group of the input, not one per file: Dask's read_parquet puts a whole
+    file of less than 256 MiB into one partition by default, so a single input file of 10^7 points ran on one worker
+    whatever --workers said, and that worker held all of it. The part files are numbered with a fixed width, so that
+    pandas and pyarrow, which read a folder's files in name order (part.10 before part.2), read the rows in order."""
+    x = _points(600, seed=9)
+    inp = _write_inputs(tmp_path / "in", x, files=2, row_group=50)  # 2 files x 6 row groups
+    out = tmp_path / "out.parquet"
+    assert main(["partials", seed_bundle, "-i", str(inp), "-o", str(out), "--scheduler", client.scheduler.address,
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert "12 part file(s)" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == [f"part.{k:02d}.parquet" for k in range(12)]
+    assert [pq.ParquetFile(out / f"part.{k:02d}.parquet").metadata.num_rows for k in range(12)] == [50] * 12
+    _check_table(out, x, seed_bundle)  # pandas reads the folder in name order: the rows come back in input order
+
+
 def test_cli_parquet_on_an_existing_scheduler_and_no_clobber(client, seed_bundle, tmp_path, capsys):
     x = _points(300, seed=5)
     _write_inputs(tmp_path / "in", x, files=2)

@@ -175,7 +175,8 @@ def test_scenario2_full_rank_and_partials_match(demo):
 
 def test_report_folder(demo):
     out = demo.out
-    for name in ("report.md", "summary.json", "data.png", "prediction.png", "partials.png", "directional.png"):
+    for name in ("report.md", "summary.json", "data.png", "prediction.png", "partials.png", "directional.png",
+                 "second_derivatives.png"):
         path = os.path.join(out, name)
         assert os.path.getsize(path) > 1000, name
     for name in ("data.png", "prediction.png", "partials.png", "directional.png"):
@@ -191,6 +192,105 @@ def test_report_folder(demo):
         assert os.path.isfile(os.path.join(os.path.dirname(s.bundle_path), "train_x.npy"))
 
 
+# ---- second derivatives ---------------------------------------------------------------------------------------------
+def test_second_derivatives_are_the_networks_own(demo):
+    """The bundles hold the order-2 graphs; the onnxruntime Hessians along the line against float64 central differences
+    of the bundle's Jacobian graph (onnx's reference evaluator, an independent evaluation): a LeakyReLU network's
+    Jacobian is piecewise constant, so away from kinks they are 0, and so are the Hessians. The demo's own
+    cross-check with nested GradientTape passed."""
+    import onnx
+
+    from nnpartials.bundle import load_bundle
+    from nnpartials.onnx_reference import fd_hessian
+
+    for s in demo.scenarios:
+        b = load_bundle(s.bundle_path)
+        assert b.order == 2 and b.second_derivatives_vanish
+        assert "zero almost everywhere" in b.manifest["second_order"]["note"]
+        idx = np.linspace(0, len(s.t) - 1, 200).astype(int)
+        x = s.x_line[idx].astype(np.float32).astype(np.float64)
+        H_fd, keep = fd_hessian(onnx.load(os.path.join(s.bundle_path, "model.jac.onnx")), [x])
+        assert keep.mean() >= 1 - FD64_MAX_KINK_SHARE
+        err = np.abs(s.H_line[idx] - H_fd[:, 0]) * keep[:, 0]
+        assert err.max() <= tol.SECOND_ORDER_F32 * max(1.0, np.abs(H_fd).max()), (s.key, float(err.max()))
+        c = s.checks["hessian_gradient_tape"]
+        assert c["passed"] and c["points"] == len(s.t), c
+
+
+def test_second_order_numbers_against_the_analytic_truth(demo):
+    """Every second-order error in summary.json from the Hessians and the analytic formulas −sin x1, −cos x2, 0 and
+    −sin t − 2.25 cos 1.5t; identification: on the line only uᵀHu (scenario 1), everything with independent inputs."""
+    summary = json.load(open(os.path.join(demo.out, "summary.json")))
+    for s in demo.scenarios:
+        t, H = s.t, s.H_line
+        so = summary["scenarios"][s.key]["metrics"]["second_order"]
+        fit = so["fit"]
+        assert fit["d2y_dx1dx1"]["rms"] == pytest.approx(_rms(H[:, 0, 0], -np.sin(t)), rel=1e-9, abs=1e-12)
+        assert fit["d2y_dx2dx2"]["rms"] == pytest.approx(_rms(H[:, 1, 1], -np.cos(1.5 * t)), rel=1e-9, abs=1e-12)
+        assert fit["d2y_dx1dx2"]["max_abs"] == pytest.approx(np.max(np.abs(H[:, 0, 1])), abs=1e-12)
+        assert fit["d2y_dx1dx2"]["peak"] == pytest.approx(max(np.abs(np.sin(t)).max(), np.abs(np.cos(1.5 * t)).max()))
+        d2 = H[:, 0, 0] + 3.0 * H[:, 0, 1] + 2.25 * H[:, 1, 1]  # uᵀHu, u = (1, 1.5)
+        truth = -np.sin(t) - 2.25 * np.cos(1.5 * t)
+        assert fit["directional2"]["rms"] == pytest.approx(_rms(d2, truth), rel=1e-9)
+        assert fit["directional2"]["peak"] == pytest.approx(np.abs(truth).max())
+        # a piecewise-linear network: its Hessian is 0 on the line, so each error is the truth's own size
+        assert so["zero_almost_everywhere"] and so["max_abs_hessian_line"] == 0.0
+        assert fit["d2y_dx1dx1"]["rms"] == pytest.approx(np.sqrt(np.mean(np.sin(t) ** 2)), rel=1e-9)
+        ident = so["identified_fraction_on_line"]
+        if s.key == "line":
+            assert ident == {"d2y_dx1dx1": 0.0, "d2y_dx2dx2": 0.0, "d2y_dx1dx2": 0.0, "directional2": 1.0}
+        else:
+            assert ident == {"d2y_dx1dx1": 1.0, "d2y_dx2dx2": 1.0, "d2y_dx1dx2": 1.0, "directional2": 1.0}
+        from nnpartials.demo_config import fit_grade
+        for name, f in fit.items():
+            assert summary["scenarios"][s.key]["verdicts"]["second_order"][name] == fit_grade(
+                f["rms"], f["max_abs"], f["peak"])
+
+
+def test_report_states_that_the_second_derivatives_vanish(demo):
+    report = open(os.path.join(demo.out, "report.md"), encoding="utf-8").read()
+    summary = json.load(open(os.path.join(demo.out, "summary.json")))
+    statement = summary["second_order"]["statement"]
+    assert summary["second_order"]["zero_almost_everywhere"] and summary["second_order"]["hessian_zero_at_every_point"]
+    for text in (report, statement):
+        assert "LeakyReLU" in text and "piecewise linear" in text and "zero almost everywhere" in text
+        assert "smooth activation" in text and "physics-informed" in text
+    assert statement in report and "![second derivatives](second_derivatives.png)" in report
+    with open(os.path.join(demo.out, "second_derivatives.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    # the zero mixed partial of scenario 2 is not called learned
+    sec = report.split("## Second derivatives", 1)[1].split("## Results", 1)[0]
+    mixed = [ln for ln in sec.splitlines() if ln.strip().startswith("- ∂²y/∂x1∂x2 is identified")]
+    assert len(mixed) == 1 and "shows nothing learned" in mixed[0], mixed
+
+
+def test_second_order_wording_follows_the_numbers():
+    from types import SimpleNamespace
+
+    from nnpartials import demo_report as R
+
+    acc = _fit(0.0, 0.0, 1.0)
+    # a zero truth met by a network whose whole Hessian is 0: no claim of learning
+    txt = R.second_partial_sentence("∂²y/∂x1∂x2", "0", 1.0, acc, zero_net=True)
+    assert "shows nothing learned" in txt and "is identified at all line points and accurately" not in txt
+    assert "accurately learned" in R.second_partial_sentence("∂²y/∂x1∂x2", "0", 1.0, _fit(0.01, 0.05, 1.0), False)
+    poor = R.second_partial_sentence("∂²y/∂x1²", "−sin(x1)", 1.0, _fit(0.707, 1.0, 1.0), zero_net=True)
+    assert "not learned" in poor and "value is 0" in poor and not CLAIMS_OF_ACCURACY.search(poor), poor
+
+    def scen(vanish, hmax):
+        so = {"zero_almost_everywhere": vanish, "max_abs_hessian_line": hmax, "max_abs_hessian_test": hmax,
+              "fit": {"directional2": {"points": 2000}}}
+        check = {"passed": True, "agree": 2000, "points": 2000, "max_abs_diff": 0.0, "max_abs_reference": hmax,
+                 "max_abs_onnxruntime": hmax}
+        return SimpleNamespace(metrics={"second_order": so}, checks={"hessian_gradient_tape": check})
+
+    zero = R.second_order_statement([scen(True, 0.0), scen(True, 0.0)])
+    assert "zero almost everywhere" in zero and "flat" in zero and "smooth activation" in zero
+    smooth = R.second_order_statement([scen(False, 0.8), scen(False, 0.9)])
+    assert "not zero almost everywhere" in smooth and "flat" not in smooth and "LeakyReLU" not in smooth
+    assert "0.8" in smooth and "0.9" in smooth
+
+
 def test_diagnose_command_on_the_demo_bundle(demo, tmp_path, capsys):
     from nnpartials.cli import main
 
@@ -204,7 +304,13 @@ def test_diagnose_command_on_the_demo_bundle(demo, tmp_path, capsys):
     assert d["global"]["effective_rank"] == 1
     assert d["local"]["outside"] == [False, True]
     assert d["local"]["identified"] == [[False, False], [False, False]]
-    assert "effective rank 1 of 2" in capsys.readouterr().out
+    # the bundle has second derivatives (order 2): the second partials are diagnosed too, and their values are not
+    # reported, since the LeakyReLU network's second derivatives vanish almost everywhere
+    so = d["second_order"]
+    assert so["zero_almost_everywhere"] is True and "hessian" not in so
+    assert so["identified"] == [[[False, False], [False, False]]] * 2
+    printed = capsys.readouterr().out
+    assert "effective rank 1 of 2" in printed and "zero almost everywhere" in printed
     # the same data as CSV with a header naming the model's columns, in the other order
     csv = tmp_path / "train.csv"
     x = np.load(train)

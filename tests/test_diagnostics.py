@@ -405,3 +405,219 @@ def test_diagnose_cli_has_the_outlier_flag():
     cmd.add_arguments(p)
     assert p.parse_args(["b", "--data", "t.csv"]).outlier_z == DEFAULT_OUTLIER_Z
     assert math.isinf(p.parse_args(["b", "--data", "t.csv", "--outlier-z", "inf"]).outlier_z)
+
+
+# ---- second order: d2y/dx_j dx_k is identified only where both e_j and e_k lie in the supported span --------------
+def _quadratic_hessian():
+    """The Hessian of y = x1^2 + 3 x1 x2 - 2 x2^2 (+ any linear part): constant, [[2, 3], [3, -4]]."""
+    return np.array([[2.0, 3.0], [3.0, -4.0]])
+
+
+def test_second_partials_on_a_line_are_not_identified_only_the_one_along_it():
+    """Data on the line (1, 1.5): none of the axis-aligned second partials is identified (neither e_1 nor e_2 lies on
+    the line), locally or globally; the second derivative along the line is u' A u, u the unit line direction."""
+    x = _line(600)
+    t = np.linspace(0.5, 18.0, 30)
+    q = np.stack([t, 1.5 * t], axis=1)
+    A = _quadratic_hessian()
+    d = diagnose(x, q, hessian=np.broadcast_to(A, (30, 1, 2, 2)))
+    assert d.second_order
+    assert d.identified_second.shape == (30, 2, 2) and not d.identified_second.any()
+    assert d.global_.identified_second.shape == (2, 2) and not d.global_.identified_second.any()
+    assert np.isnan(d.masked_hessian()).all()
+    S, dirs = d.second_directional_derivatives()
+    u = _unit([1.0, 1.5])
+    np.testing.assert_allclose(S[:, 0, 0, 0], u @ A @ u, rtol=1e-6)  # (2 + 9 - 9) / 3.25
+    assert np.isnan(S[:, 0, 0, 1]).all() and np.isnan(S[:, 0, 1, 0]).all() and np.isnan(S[:, 0, 1, 1]).all()
+    out = json.loads(json.dumps(d.to_dict()))
+    so = out["second_order"]
+    assert so["global_identified"] == [[False, False], [False, False]]
+    assert so["identified"][0] == [[False, False], [False, False]]
+    assert so["along_supported"][0] == [[[pytest.approx(u @ A @ u)]]]  # one output, one supported direction
+    text = d.summary()
+    assert "globally NOT identified: d2y/dx1^2, d2y/dx1dx2, d2y/dx2^2" in text
+    assert "d2y/dx1dx2 identified at 0 of 30 points" in text
+
+
+def test_full_rank_data_identify_every_second_partial():
+    rng = np.random.RandomState(0)
+    x = np.stack([rng.uniform(0, 6 * math.pi, 800), rng.uniform(0, 9 * math.pi, 800)], axis=1)
+    q = np.stack([rng.uniform(1, 17, 20), rng.uniform(1, 27, 20)], axis=1)
+    A = _quadratic_hessian()
+    H = np.broadcast_to(A, (20, 1, 2, 2))
+    d = diagnose(x, q, hessian=H)
+    assert d.identified_second.all() and d.global_.identified_second.all()
+    np.testing.assert_array_equal(d.masked_hessian(), H)
+    assert "globally, every second partial (3) is identified" in d.summary()
+
+
+def test_circle_tangent_gives_the_second_derivative_along_it():
+    """A circle is locally a curve: at (1, 0) the data run along x2, so d2y/dx2^2 (= A[1, 1]) is identified and is
+    the second derivative along the tangent; at (0, 1) the same for x1 (A[0, 0]); the mixed one nowhere."""
+    th = np.linspace(0, 2 * math.pi, 2000, endpoint=False)
+    x = np.stack([np.cos(th), np.sin(th)], axis=1)
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    A = _quadratic_hessian()
+    d = diagnose(x, q, normalization="none", hessian=np.broadcast_to(A, (2, 1, 2, 2)))
+    assert d.identified_second[0].tolist() == [[False, False], [False, True]]
+    assert d.identified_second[1].tolist() == [[True, False], [False, False]]
+    M = d.masked_hessian()
+    assert M[0, 0, 1, 1] == A[1, 1] and np.isnan(M[0, 0, [0, 0, 1], [0, 1, 0]]).all()
+    assert M[1, 0, 0, 0] == A[0, 0] and np.isnan(M[1, 0, [0, 1, 1], [1, 0, 1]]).all()
+    S, _ = d.second_directional_derivatives()
+    # the local PCA's tangent is within sin(angle) 1e-2 of the true one (as the first-order test holds it), and
+    # d' A d moves by at most 2 |A|_2 sin(angle) when d turns by that angle
+    bound = 2 * np.linalg.norm(A, 2) * 1e-2
+    assert abs(S[0, 0, 0, 0] - A[1, 1]) <= bound and abs(S[1, 0, 0, 0] - A[0, 0]) <= bound
+
+
+def test_masked_hessian_masks_exactly_the_pairs_with_the_constant_feature():
+    """x3 constant: d2y/dx_j dx_k identified exactly for j, k in {1, 2}; rank-2 support gives a 2 x 2 block of second
+    directional derivatives, whose trace over an orthonormal pair of directions (normalization none) is the
+    trace of the upper-left block of H."""
+    rng = np.random.RandomState(1)
+    x = np.stack([rng.uniform(-1, 1, 600), rng.uniform(-1, 1, 600), np.full(600, 2.5)], axis=1)
+    q = x[:4]
+    B = np.array([[1.0, 2.0, 5.0], [2.0, -3.0, 7.0], [5.0, 7.0, 11.0]])
+    H = np.broadcast_to(B, (4, 2, 3, 3)) * np.array([1.0, -2.0])[None, :, None, None]  # two outputs
+    d = diagnose(x, q, hessian=H, normalization="none")
+    expected = np.zeros((3, 3), bool)
+    expected[:2, :2] = True
+    assert (d.identified_second == expected).all()
+    assert (d.global_.identified_second == expected).all()
+    M = d.masked_hessian()
+    assert M.shape == (4, 2, 3, 3)
+    np.testing.assert_array_equal(np.isnan(M), np.broadcast_to(~expected, M.shape))
+    np.testing.assert_array_equal(M[:, :, :2, :2], H[:, :, :2, :2])
+    S, dirs = d.second_directional_derivatives()
+    assert np.isfinite(S[:, :, :2, :2]).all() and np.isnan(S[:, :, 2, :]).all() and np.isnan(S[:, :, :, 2]).all()
+    # orthonormal supported directions spanning the x1-x2 plane: the trace of the block is basis-independent
+    np.testing.assert_allclose(np.einsum("qoaa->qo", S[:, :, :2, :2]), np.broadcast_to([-2.0, 4.0], (4, 2)),
+                               rtol=1e-6, atol=1e-6)
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["second_order"]["identified"][0] == expected.tolist()
+    assert d.counts()["identified_second"] == {"d2y/dx1^2": 4, "d2y/dx1dx2": 4, "d2y/dx1dx3": 0, "d2y/dx2^2": 4,
+                                               "d2y/dx2dx3": 0, "d2y/dx3^2": 0}
+
+
+def test_second_order_identification_without_a_hessian_and_points_outside():
+    """second_order=True without a Hessian: identification from the data only; outside the data nothing."""
+    x = _line(400)
+    q = np.array([[3.0, 4.5], [3.0, 40.0]])
+    d = diagnose(x, q, second_order=True)
+    assert not d.identified_second.any()
+    assert "no Hessian evaluated" in d.summary()
+    with pytest.raises(InputError, match="no Hessian"):
+        d.masked_hessian()
+    S, _ = d.second_directional_derivatives(np.ones((2, 1, 2, 2)))
+    assert S[0, 0, 0, 0] == pytest.approx(_unit([1, 1.5]).sum() ** 2) and np.isnan(S[1]).all()  # outside: nothing
+    assert "second_order" not in diagnose(x, q).to_dict()  # off unless asked or a Hessian is there
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    ({"hessian": np.zeros((3, 1, 2, 2))}, InputError, "query"),
+    ({"query": np.ones((3, 2)), "hessian": np.zeros((4, 1, 2, 2))}, InputError, "shape"),
+    ({"query": np.ones((3, 2)), "hessian": np.full((3, 1, 2, 2), np.nan)}, InputError, "NaN"),
+    ({"query": np.ones((3, 2)), "hessian": np.zeros((3, 1, 2, 2)), "second_order": False}, InputError, "second_order"),
+    ({"second_order": "yes"}, InputTypeError, "second_order"),
+])
+def test_second_order_bad_inputs(kw, err, match):
+    kw = dict(kw)
+    q = kw.pop("query", None)
+    with pytest.raises(err, match=match):
+        diagnose(np.random.RandomState(0).normal(size=(10, 2)), q, **kw)
+
+
+def _onnx_mlp(act: str, W1, b1, w2):
+    """y = act(x W1 + b1) @ w2: a hand-built ONNX model (no training framework)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for a, n in ((W1, "W1"), (b1, "b1"), (w2, "w2"))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["z0"]), helper.make_node("Add", ["z0", "b1"], ["z"]),
+             helper.make_node(act, ["z"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+_W1 = np.array([[0.7, -0.4, 0.3], [0.2, 0.9, -0.5]])
+_B1 = np.array([0.1, -0.2, 0.05])
+_W2 = np.array([[1.2], [-0.8], [0.6]])
+
+
+def _tanh_mlp_hessian(x):
+    """Analytic Hessian of y = tanh(x W1 + b1) @ w2: sum_k w2_k tanh''(z_k) W1[:, k] W1[:, k]',
+    with tanh'' = -2 h (1 - h^2)."""
+    h = np.tanh(x @ _W1 + _B1)
+    c = -2.0 * h * (1.0 - h ** 2) * _W2[:, 0]  # [N, 3]
+    return np.einsum("nk,jk,lk->njl", c, _W1, _W1)[:, None]
+
+
+@pytest.fixture(scope="module")
+def order2_bundles(tmp_path_factory):
+    import nnpartials
+
+    out = tmp_path_factory.mktemp("order2")
+    box = np.random.RandomState(0).uniform(-2, 2, size=(200, 2)).astype(np.float32)
+    tanh = nnpartials.export(_onnx_mlp("Tanh", _W1, _B1, _W2), out / "tanh", data=box, order=2, n_validation=50)
+    relu = nnpartials.export(_onnx_mlp("Relu", _W1, _B1, _W2), out / "relu", data=box, order=2, n_validation=50)
+    return tanh.path, relu.path
+
+
+def test_hessian_from_an_order2_bundle_on_a_line(order2_bundles, tmp_path):
+    """A smooth (tanh) bundle: its Hessian at the query points against the analytic one; on line data only
+    d_1' H d_1 along the line is identified, and the entries are masked."""
+    tanh, _ = order2_bundles
+    x = np.stack([np.linspace(-1, 1, 300), 1.5 * np.linspace(-1, 1, 300)], axis=1)
+    q = x[10:290:40]
+    d = diagnose(x, q, bundle=tanh)
+    assert d.second_order and d.second_derivatives_vanish is False
+    H_ref = _tanh_mlp_hessian(q)
+    np.testing.assert_allclose(d.hessian, H_ref, rtol=1e-4, atol=1e-5)
+    assert np.isnan(d.masked_hessian()).all()
+    S, _ = d.second_directional_derivatives()
+    u = _unit([1.0, 1.5])
+    np.testing.assert_allclose(S[:, 0, 0, 0], np.einsum("j,njk,k->n", u, H_ref[:, 0], u), rtol=1e-4, atol=1e-5)
+    assert "Hessian evaluated at 7 query points" in d.summary()
+    assert d.to_dict()["second_order"]["hessian_source"] == "the bundle's Hessian graph"
+    # the order can be switched off, and an order-1 request never reads the Hessian graph
+    assert not diagnose(x, q, bundle=tanh, second_order=False).second_order
+
+
+def test_piecewise_linear_bundle_says_its_second_derivatives_vanish(order2_bundles, tmp_path, capsys):
+    """A relu bundle: the diagnosis states that the second derivatives are zero almost everywhere instead of
+    reporting zero Hessians as values (summary, JSON, CLI)."""
+    from nnpartials.cli import main
+
+    _, relu = order2_bundles
+    rng = np.random.RandomState(2)
+    x = rng.uniform(-1, 1, size=(300, 2))
+    d = diagnose(x, x[:5], bundle=relu)
+    assert d.second_order and d.second_derivatives_vanish is True
+    assert d.hessian is None and d.identified_second.all()
+    assert "zero almost everywhere" in d.summary() and "Hessian evaluated" not in d.summary()
+    so = json.loads(json.dumps(d.to_dict()))["second_order"]
+    assert so["zero_almost_everywhere"] is True and "hessian" not in so and "along_supported" not in so
+    # the command line: automatic with an order-2 bundle, off with --order 1
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "d.json"
+    assert main(["diagnose", relu, "--data", str(tmp_path / "x.npy"), "--points", "0.1,0.2;0.5,-0.5",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "zero almost everywhere" in text and "d2y/dx1dx2" in text
+    assert json.loads(out.read_text())["second_order"]["identified"] == [[[True, True], [True, True]]] * 2
+    assert main(["diagnose", relu, "--data", str(tmp_path / "x.npy"), "--order", "1", "--json", str(out), "-f"]) == 0
+    assert "second_order" not in json.loads(out.read_text())
+
+
+def test_diagnose_cli_order2_refuses_an_order1_bundle(seed_bundle, tmp_path, capsys):
+    from nnpartials.cli import main
+    from nnpartials.errors import OrderNotAvailableError
+
+    np.save(tmp_path / "x.npy", _line(50))
+    assert main(["diagnose", seed_bundle, "--data", str(tmp_path / "x.npy"), "--order", "2"]) == 1
+    assert "--order 2" in capsys.readouterr().err
+    with pytest.raises(OrderNotAvailableError, match="order 2"):
+        diagnose(_line(50), bundle=seed_bundle, second_order=True)
+    assert not diagnose(_line(50), bundle=seed_bundle).second_order  # auto: an order-1 bundle has none

@@ -266,6 +266,30 @@ def test_open_parquet_checks_columns_and_types_before_reading(tmp_path):
         open_parquet(tmp_path / "e.parquet", COLS)
 
 
+def test_parquet_batches_hold_a_row_group_not_the_whole_file(tmp_path):
+    """Streaming (`partials` in-process) reads a Parquet input row group by row group: the Arrow memory held while
+    the batches are iterated stays near a row group's size. pyarrow's ParquetFile pre-buffers by default: it reads
+    the column chunks of every row group of the file up front and keeps them until the last batch, so the memory of
+    the streaming path grew with the size of the input (about 350 MiB for 10^7 points of two float64 columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nnpartials.io import open_parquet
+
+    x = np.random.default_rng(0).normal(size=(200_000, 2))  # incompressible: the file is about 3.2 MB of doubles
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"x1": x[:, 0], "x2": x[:, 1]}), path, row_group_size=5_000)  # 40 row groups
+    src = open_parquet(path, COLS)
+    pool = pa.default_memory_pool()
+    base, peak, rows = pool.bytes_allocated(), 0, 0
+    for arrays, first in src.batches(1000):
+        assert first == rows
+        rows += len(arrays[0])
+        peak = max(peak, pool.bytes_allocated() - base)
+    assert rows == 200_000
+    assert peak < os.path.getsize(path) / 4, f"{peak} bytes of Arrow memory held for a {os.path.getsize(path)}-byte file"
+
+
 def test_arrow_to_points_nulls(tmp_path):
     import pyarrow as pa
 

@@ -12,7 +12,11 @@ Compute y and dy/dx in independent ways and compare them:
   * float64 central differences of the forward graph, evaluated by onnx's reference implementation in float64
     (Richardson-extrapolated, with an error estimate), against the companion graph's dy/dx;
   * when the bundle has a C core (model.nnp): its analytic y and dy/dx (float32) against onnxruntime, and both
-    analytic Jacobians against the C core's own float64 central differences.
+    analytic Jacobians against the C core's own float64 central differences;
+  * for a bundle exported with --order 2: the Hessian, Laplacian and Hessian-vector product graphs against float64
+    central differences of the Jacobian graph, and (with a C core) the C core's analytic Hessian, Laplacian and
+    Hessian-vector product against onnxruntime and against its own float64 finite differences. A piecewise-linear
+    network's second derivatives are zero almost everywhere: the check says so.
 
 Points: --data (a .csv with an optional header naming the model's columns, or a .npy [N, n_in]); otherwise
 --n-points N points drawn uniformly from the bundle's sample box (manifest.json). Finite-difference entries whose
@@ -84,6 +88,13 @@ def run(args) -> int:
     else:
         console.print(f"no C core in this bundle ({rep.c_core_reason or 'model.nnp absent'}): onnxruntime checked "
                       f"against the float64 reference only")
+    if rep.order == 2:
+        console.print(f"float64 FD of model.jac.onnx (second derivatives): {rep.hessian_fd_entries_near_kink} of "
+                      f"{rep.hessian_fd_entries} entries next to a kink (left out)")
+        if rep.second_derivatives_vanish:
+            console.print(f"[yellow]note[/yellow]: {rep.second_order_note}; a zero Hessian or Laplacian here is the "
+                          f"network's true value, not a failure (a smooth activation such as tanh gives nonzero "
+                          f"second derivatives)")
     console.print("scaled = max |diff| / max(1, max |reference|)")
     if args.json:
         from nnpartials.io import atomic_output

@@ -25,7 +25,16 @@ counts as no spread.
 --data and --points take .csv (header optional; named columns are matched to the model's) or .npy files;
 --points also takes inline points such as '1,1.5;2,3' (features separated by ',', points by ';').
 
-Exit status: 0; with --fail-unidentified, 3 when some query point has an unidentified partial.
+Second order (--order, default auto: on when the bundle was exported with `--order 2`): a second partial
+d2y/dx_j dx_k is identified only where both e_j and e_k lie in the supported span (per query point, and
+globally likewise), so on data along a line none of the axis-aligned second partials is, only the second
+derivative along the line. With --points, the bundle's Hessian is evaluated at the points and shown with
+each entry flagged, together with the second derivatives along the supported directions (d_a' H d_b). When
+the bundle's second derivatives are zero almost everywhere (a piecewise-linear network: relu, leaky_relu,
+...), the output says so instead of printing zeros. --order 2 refuses a bundle without second derivatives;
+--order 1 leaves second order out.
+
+Exit status: 0; with --fail-unidentified, 3 when some query point has an unidentified (first-order) partial.
 """
 
 
@@ -58,7 +67,10 @@ def add_arguments(p):
     p.add_argument("-f", "--force", action="store_true", help="replace an existing --json file")
     p.add_argument("--no-partials", action="store_true", help="do not evaluate the partials at the query points")
     p.add_argument("--fail-unidentified", action="store_true",
-                   help="exit with status 3 when a partial is not identified at some query point")
+                   help="exit with status 3 when a partial dy/dx_j is not identified at some query point")
+    p.add_argument("--order", choices=("auto", "1", "2"), default="auto",
+                   help="second partials d2y/dx_j dx_k too: 'auto' (default) when the bundle was exported with "
+                        "--order 2, '2' always (an error for a bundle without second derivatives), '1' never")
 
 
 def parse_points(text: str, columns):
@@ -97,13 +109,20 @@ def run(args) -> int:
 
         check_output_path(args.json, (".json",), overwrite=args.force)
     bundle = load_bundle(args.bundle)
+    order = getattr(args, "order", "auto")
+    if order == "2" and bundle.order < 2:
+        from nnpartials.errors import OrderNotAvailableError
+
+        raise OrderNotAvailableError(f"--order 2: bundle {bundle.path!r} was exported without second derivatives; "
+                                     "export it again with `nnpartials export MODEL -o BUNDLE --order 2`")
+    second_order = order == "2" or (order == "auto" and bundle.order >= 2)
     columns = bundle.input_columns
     train = read_points(args.data, columns)
     query = parse_points(args.points, columns) if args.points else None
     diag = diagnose(train, query, bundle=None if args.no_partials else bundle, normalization=bundle,
                     rank_rtol=args.rank_rtol, local_rtol=args.local_rtol, span_tol=args.span_tol,
                     far_factor=args.far_factor, neighbors=args.neighbors, input_names=columns,
-                    outlier_z=args.outlier_z)
+                    outlier_z=args.outlier_z, second_order=second_order)
     console = Console()
     for table in diag.rich_tables(max_points=max(0, args.max_rows)):
         console.print(table)

@@ -11,7 +11,9 @@ Input: .csv (optionally with a header naming the model's columns, see manifest.j
 Parquet: a .parquet file, a folder of .parquet files, or a glob ('data/*.parquet', quoted); Parquet columns
 are matched to the model's columns by name (any order, extra columns ignored) and must be numbers.
 Output: .csv (inputs, outputs and a column d<y>/d<x> per partial), .npy (dy_dx [N, n_out, n_in]),
-.npz (x, y, dy_dx) or .parquet (the CSV's columns). Large inputs are processed in chunks with a progress bar;
+.npz (x, y, dy_dx) or .parquet (the CSV's columns). With --order 2 (a bundle exported with --order 2): also
+the second partials, one column d2<y>/d<x_j>d<x_k> per output and j <= k (the Hessian is symmetric) in .csv
+and .parquet, d2y_dx2 [N, n_out, n_in, n_in] in .npz, and only d2y_dx2 in .npy. Large inputs are processed in chunks with a progress bar;
 Parquet is read and written in batches of --chunk rows, so memory stays bounded for any input size.
 
 With --workers N (a local Dask cluster of N processes) or --scheduler ADDRESS (an existing Dask cluster),
@@ -37,6 +39,8 @@ def add_arguments(p):
     p.add_argument("--providers", default="cpu", help="onnxruntime providers: cpu, cuda, or a comma list")
     p.add_argument("--chunk", type=positive_int, default=65536, metavar="N",
                    help="points per call (bounds memory; default 65536)")
+    p.add_argument("--order", type=int, choices=(1, 2), default=1,
+                   help="1: y and dy/dx (default); 2: also the second partials (Hessian)")
     p.add_argument("--nan-policy", choices=("raise", "propagate"), default="raise",
                    help="reject NaN/Inf inputs (default) or pass them through")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,6 +66,24 @@ def _progress(show):
                     disable=not show, transient=True)
 
 
+def _evaluate(p, pts, order):
+    """``(y, dy_dx, d2y_dx2 or None)`` for one batch."""
+    if order == 2:
+        return p.hessian(pts)
+    y, dy = p.jacobian(pts)
+    return y, dy, None
+
+
+def _open(args):
+    from nnpartials.runtime.serve import Partials
+
+    p = Partials(args.bundle, providers=_providers(args), backend=args.backend, max_batch=args.chunk,
+                 nan_policy=args.nan_policy)
+    if args.order == 2:
+        p._require_order2("--order 2")
+    return p
+
+
 def run(args) -> int:
     import os
 
@@ -85,21 +107,23 @@ def _run_in_memory(args) -> int:
     import numpy as np
 
     from nnpartials.io import read_points, write_partials
-    from nnpartials.runtime.serve import Partials
     from nnpartials.validate import as_batch
 
-    p = Partials(args.bundle, providers=_providers(args), backend=args.backend, max_batch=args.chunk,
-                 nan_policy=args.nan_policy)
+    p = _open(args)
     x = as_batch(read_points(args.input, p.input_columns), p.n_in, name=args.input, nan_policy=args.nan_policy)
     n = x.shape[0]
     y = np.empty((n, p.n_out), np.float32)
     dy = np.empty((n, p.n_out, p.n_in), np.float32)
+    d2 = np.empty((n, p.n_out, p.n_in, p.n_in), np.float32) if args.order == 2 else None
     with _progress(not args.no_progress and n > args.chunk) as bar:
         task = bar.add_task("partials", total=n)
         for s in range(0, n, args.chunk):
-            y[s:s + args.chunk], dy[s:s + args.chunk] = p.jacobian(x[s:s + args.chunk])
+            r = _evaluate(p, x[s:s + args.chunk], args.order)
+            y[s:s + args.chunk], dy[s:s + args.chunk] = r[0], r[1]
+            if d2 is not None:
+                d2[s:s + args.chunk] = r[2]
             bar.update(task, advance=min(args.chunk, n - s))
-    write_partials(args.output, x, y, dy, p.input_columns, p.output_columns, overwrite=args.force)
+    write_partials(args.output, x, y, dy, p.input_columns, p.output_columns, overwrite=args.force, d2y_dx2=d2)
     print(f"wrote {args.output}: {n} points, {p.n_out} output(s) x {p.n_in} input(s)")
     return 0
 
@@ -112,11 +136,9 @@ def _run_streaming(args, parquet_in, parquet_out) -> int:
     from nnpartials.errors import InputError
     from nnpartials.io import (arrow_to_points, atomic_output, open_parquet, partials_record_batch, partials_schema,
                                read_points, write_partials)
-    from nnpartials.runtime.serve import Partials
     from nnpartials.validate import as_batch
 
-    p = Partials(args.bundle, providers=_providers(args), backend=args.backend, max_batch=args.chunk,
-                 nan_policy=args.nan_policy)
+    p = _open(args)
     in_cols, out_cols = p.input_columns, p.output_columns
     if parquet_in:
         src = open_parquet(args.input, in_cols)
@@ -140,35 +162,37 @@ def _run_streaming(args, parquet_in, parquet_out) -> int:
         first = 0
         for inputs, pts in batches():
             try:
-                y, dy = p.jacobian(pts)
+                y, dy, d2 = _evaluate(p, pts, args.order)
             except InputError as err:  # its row numbers count from the batch's first row
                 raise InputError(f"{args.input}, rows {first}..{first + len(pts) - 1}: {err}") from None
             bar.update(task, advance=len(pts))
             first += len(pts)
-            yield inputs, pts, y, dy
+            yield inputs, pts, y, dy, d2
 
     with _progress(not args.no_progress and n > args.chunk) as bar:
         task = bar.add_task("partials", total=n)
         if parquet_out:
             import pyarrow.parquet as pq
 
-            schema = partials_schema(in_cols, in_types, out_cols, p.dtype)
+            schema = partials_schema(in_cols, in_types, out_cols, p.dtype, order=args.order)
             with atomic_output(args.output, None, overwrite=args.force) as tmp:
                 with pq.ParquetWriter(tmp, schema) as writer:
-                    for inputs, _, y, dy in evaluated(bar, task):
-                        writer.write_batch(partials_record_batch(schema, inputs, y, dy))
+                    for inputs, _, y, dy, d2 in evaluated(bar, task):
+                        writer.write_batch(partials_record_batch(schema, inputs, y, dy, d2))
         else:  # Parquet in, .csv/.npy/.npz out: these formats are written whole, from memory
-            xs, ys, dys = [], [], []
-            for _, pts, y, dy in evaluated(bar, task):
+            xs, ys, dys, d2s = [], [], [], []
+            for _, pts, y, dy, d2 in evaluated(bar, task):
                 xs.append(np.asarray(pts, p.dtype))  # as the in-memory path keeps them: in the model's precision
                 ys.append(y)
                 dys.append(dy)
+                d2s.append(d2)
 
             def cat(parts, shape):
                 return np.concatenate(parts) if parts else np.zeros(shape, p.dtype)
 
             write_partials(args.output, cat(xs, (0, p.n_in)), cat(ys, (0, p.n_out)), cat(dys, (0, p.n_out, p.n_in)),
-                           in_cols, out_cols, overwrite=args.force)
+                           in_cols, out_cols, overwrite=args.force,
+                           d2y_dx2=cat(d2s, (0, p.n_out, p.n_in, p.n_in)) if args.order == 2 else None)
     print(f"wrote {args.output}: {n} points, {p.n_out} output(s) x {p.n_in} input(s)")
     return 0
 
@@ -187,6 +211,11 @@ def _run_dask(args) -> int:
 
     check_output_folder(args.output, overwrite=args.force)  # before any work
     bundle = load_bundle(args.bundle)
+    if args.order == 2 and bundle.order < 2:
+        from nnpartials.errors import OrderNotAvailableError
+
+        raise OrderNotAvailableError(f"--order 2: bundle {args.bundle!r} was exported without second derivatives; "
+                                     f"export it again with `nnpartials export MODEL -o BUNDLE --order 2`")
     src = open_parquet(args.input, bundle.input_columns)
     try:
         import dask
@@ -197,7 +226,7 @@ def _run_dask(args) -> int:
     import nnpartials.dask as nd
 
     dtype = bundle.manifest["inputs"][0].get("dtype", "float32")
-    schema = partials_schema(bundle.input_columns, src.types, bundle.output_columns, dtype)
+    schema = partials_schema(bundle.input_columns, src.types, bundle.output_columns, dtype, order=args.order)
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(atomic_output_folder(args.output, overwrite=args.force))
         if args.scheduler:
@@ -213,12 +242,18 @@ def _run_dask(args) -> int:
                                                            silence_logs=logging.ERROR))
             client = stack.enter_context(Client(cluster))
         # absolute paths: the workers of a remote cluster do not share this process's working folder
-        frame = dd.read_parquet([os.path.abspath(f) for f in src.files], columns=list(bundle.input_columns))
+        # one partition per row group: by default Dask makes a file of less than 256 MiB one partition, so one
+        # input file ran on one worker whatever --workers said, and that worker held all of it
+        frame = dd.read_parquet([os.path.abspath(f) for f in src.files], columns=list(bundle.input_columns),
+                                split_row_groups=True)
         # one evaluation thread per worker process on a local cluster (--workers N uses N cores, not N x cores)
-        table = nd.partials(bundle, frame, backend=args.backend, nan_policy=args.nan_policy, max_batch=args.chunk,
+        table = nd.partials(bundle, frame, backend=args.backend, order=args.order, nan_policy=args.nan_policy,
+                            max_batch=args.chunk,
                             providers=_providers(args), threads=None if args.scheduler else 1)
-        writes = [dask.delayed(nd._write_part)(part, os.path.join(out, f"part.{k}.parquet"), schema)
-                  for k, part in enumerate(table.to_delayed())]
+        parts = table.to_delayed()
+        width = len(str(max(len(parts) - 1, 0)))  # part.07 before part.10 in name order (pandas, pyarrow read so)
+        writes = [dask.delayed(nd._write_part)(part, os.path.join(out, f"part.{k:0{width}d}.parquet"), schema)
+                  for k, part in enumerate(parts)]
         futures = client.compute(writes)
         try:
             with _progress(not args.no_progress) as bar:
