@@ -4,6 +4,10 @@ The program is compiled with the C library's units (``csrc/nnp*.c``, the files o
 and its own optimisation flags (``csrc/Makefile`` and the cffi build: ``-O3 -ffp-contract=fast -fno-trapping-math``,
 no ``-march``), so it measures what a user linking the library gets by default.
 ``NNP_BENCH_CFLAGS`` replaces those flags (e.g. ``-O3 -march=native``).
+
+It also builds and runs ``csrc/bench/fma_peak.c`` (:func:`build_peak`, :func:`measure_peak`): the single-core float32
+multiply-add peak of the same machine, measured in the same run, so that every GFLOP/s can be read as a fraction of
+what one core (or the cores a path uses) can deliver.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = os.path.join(ROOT, "csrc")
 SOURCE = os.path.join(CSRC, "bench", "nnp_bench.c")
+PEAK_SOURCE = os.path.join(CSRC, "bench", "fma_peak.c")
 # the C core's units, as csrc/build_ffi.py and csrc/Makefile list them (tests/test_c_build.py checks that they agree)
 LIBRARY_SOURCES = ("nnp.c", "nnp_format.c", "nnp_batch.c", "nnp_point.c", "nnp_fd.c", "nnp_second.c")
 DEFAULT_CFLAGS = "-std=c99 -O3 -ffp-contract=fast -fno-trapping-math"
@@ -61,6 +66,37 @@ def build(out_dir: str) -> str:
     if res.returncode != 0:
         raise RuntimeError(f"building the C benchmark failed: {' '.join(cmd)}\n{res.stderr}")
     return exe
+
+
+def build_peak(out_dir: str) -> str:
+    """Compile the peak-FMA microbenchmark (``csrc/bench/fma_peak.c``, no library units) into ``out_dir``."""
+    exe = os.path.join(out_dir, "fma_peak")
+    cmd = [compiler(), *shlex.split(cflags()), PEAK_SOURCE, "-o", exe]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"building the FMA peak benchmark failed: {' '.join(cmd)}\n{res.stderr}")
+    return exe
+
+
+def measure_peak(exe: str, *, min_sample_s: float = 0.05, samples: int = 7) -> dict:
+    """Run the peak-FMA program: ``{"peak_gflops": single-core GFLOP/s of the fastest instruction set, "isa": that
+    instruction set, "isas": [one dict per instruction set measured: isa, lanes, chains, gflops (median sample),
+    max_gflops (fastest sample)]}``."""
+    cmd = [exe, repr(float(min_sample_s)), str(int(samples))]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    summary = lines[-1]
+    return {"peak_gflops": float(summary["peak_gflops"]), "isa": summary["isa"], "isas": lines[:-1],
+            "min_sample_s": min_sample_s, "samples": samples}
+
+
+def peak_fraction(gflops, peak_per_core, cores):
+    """GFLOP/s as a fraction of the measured peak of the ``cores`` a path may use (None when either is unknown)."""
+    if gflops is None or not peak_per_core or not cores:
+        return None
+    return gflops / (peak_per_core * cores)
 
 
 class Program:

@@ -61,7 +61,7 @@ def _versions() -> dict:
 
     out = {"python": platform.python_version()}
     for dist in ("nnpartials", "numpy", "tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime",
-                 "jax", "jaxlib", "torch", "pytest-benchmark", "scipy"):
+                 "jax", "jaxlib", "jax2onnx", "torch", "pytest-benchmark", "scipy"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -208,6 +208,33 @@ class BenchContext:
             self._c_exe = cbench.build(d)
         return self._c_exe
 
+    def fma_peak(self):
+        """The single-core float32 multiply-add peak of this machine (``csrc/bench/fma_peak.c``), measured once per
+        session and kept in the record's ``machine["fma_peak"]``; ``{"unavailable": reason}`` when it cannot be built
+        or run here (no C compiler), so that no case fails for it."""
+        if "fma_peak" not in self.machine:
+            from benchmarks import cbench
+
+            reason = cbench.unavailable()
+            if reason:
+                self.machine["fma_peak"] = {"unavailable": reason}
+            else:
+                d = os.path.join(self.tmp, "c")
+                os.makedirs(d, exist_ok=True)
+                try:
+                    exe = cbench.build_peak(d)
+                    if config.TINY:
+                        self.machine["fma_peak"] = cbench.measure_peak(exe, min_sample_s=0.002, samples=3)
+                    else:
+                        self.gate.wait()
+                        self.machine["fma_peak"] = cbench.measure_peak(exe)
+                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                    self.machine["fma_peak"] = {"unavailable": f"{type(exc).__name__}: {exc}"[:500]}
+        return self.machine["fma_peak"]
+
+    def peak_per_core(self):
+        return self.fma_peak().get("peak_gflops")
+
     def suite_nnp(self, w):
         """A C weight file of workload ``w`` written with ``nnpartials.exporter.nnp`` (cached)."""
         path = os.path.join(self.tmp, f"{w.name}.suite.nnp")
@@ -283,6 +310,7 @@ _CTX = None
 def bench(tmp_path_factory):
     global _CTX
     _CTX = BenchContext(str(tmp_path_factory.mktemp("nnp-bench")))
+    _CTX.fma_peak()  # the machine's multiply-add peak, in the same run as the timings
     return _CTX
 
 

@@ -6,7 +6,8 @@ timed; ``to_numpy`` converts the result for the agreement check (outside the tim
 the path's native type inside ``call`` (JAX results are waited for with ``block_until_ready``).
 
 Families: ``floor`` (onnxruntime forward pass only), ``nnpartials`` (the companion graph in each mode, the
-``Partials`` wrapper, the C core), ``peer`` (TensorFlow, JAX, PyTorch; the report's "fastest peer" is the
+``Partials`` wrapper, the C core), ``peer`` (TensorFlow, JAX, jax2onnx (JAX's jacrev as an ONNX graph in
+onnxruntime, the other way to get an input Jacobian as plain ONNX), PyTorch; the report's "fastest peer" is the
 fastest of these at each workload and batch size).
 
 Inputs reach every path in the model's own shape (``Workload.shaped``: ``[batch, 28, 28, 1]`` for ``cnn``,
@@ -61,6 +62,13 @@ class Path:
     #: (workload name) -> None when the path applies to that workload, else why it does not (not a skip: the
     #: case is not collected and the record says "n/a")
     applies: Callable = lambda name: None
+    #: runs on one thread whatever ``config.THREADS`` says (the C program): its fraction of the measured multiply-add
+    #: peak is of one core, not of every core the suite lets the libraries use
+    single_thread: bool = False
+
+    def cores(self) -> int:
+        """Cores whose multiply-add peak this path's GFLOP/s is compared with."""
+        return 1 if self.single_thread else config.THREADS
 
     def flops_per_point(self, w) -> int:
         if self.flop_factor is not None:
@@ -291,42 +299,101 @@ def _jax_cnn(w):
     return f, params
 
 
+def _jax_fn(w):
+    """(f, args): the JAX peer's network for one point, ``f(*args, x) → (y, y)`` with x in the model's own shape
+    per point and the weights in ``args`` (shared by the JAX paths and the jax2onnx export)."""
+    import jax.numpy as jnp
+
+    if w.kind == "cnn":
+        f, params = _jax_cnn(w)
+        return f, (params,)
+
+    acts = [_jax_act(a) for _, _, a in w.layers]
+    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b, _ in w.layers]
+    norm = None if w.normalization is None else tuple(jnp.asarray(v, jnp.float32) for v in w.normalization)
+
+    def f(params, norm, x):  # one point: x [n_in] -> y [n_out]
+        h = x if norm is None else (x - norm[0]) / norm[1]
+        for (W, b), act in zip(params, acts):
+            h = act(h @ W + b)
+        return h, h
+
+    return f, (params, norm)
+
+
 def make_jax(transform):
     def make(ctx, w):
         import jax
-        import jax.numpy as jnp
 
-        if w.kind == "cnn":
-            f, params = _jax_cnn(w)
-            jac = getattr(jax, transform)(f, argnums=1, has_aux=True)
-            fn = jax.jit(jax.vmap(jac, in_axes=(None, 0)))
-
-            def call_cnn(x):
-                return jax.block_until_ready(fn(params, x))
-
-            return Runner(call=call_cnn, prepare=lambda x: jax.device_put(w.shaped(x)),
-                          to_numpy=lambda out: (np.asarray(out[1]), _flat_j(w, out[0])))
-
-        acts = [_jax_act(a) for _, _, a in w.layers]
-        params = [(jnp.asarray(W), jnp.asarray(b)) for W, b, _ in w.layers]
-        norm = None if w.normalization is None else tuple(jnp.asarray(v, jnp.float32) for v in w.normalization)
-
-        def f(params, norm, x):  # one point: x [n_in] -> y [n_out]
-            h = x if norm is None else (x - norm[0]) / norm[1]
-            for (W, b), act in zip(params, acts):
-                h = act(h @ W + b)
-            return h, h
-
-        jac = getattr(jax, transform)(f, argnums=2, has_aux=True)
-        fn = jax.jit(jax.vmap(jac, in_axes=(None, None, 0)))
+        f, args = _jax_fn(w)
+        jac = getattr(jax, transform)(f, argnums=len(args), has_aux=True)
+        fn = jax.jit(jax.vmap(jac, in_axes=(None,) * len(args) + (0,)))
 
         def call(x):
-            return jax.block_until_ready(fn(params, norm, x))
+            return jax.block_until_ready(fn(*args, x))
 
-        return Runner(call=call, prepare=lambda x: jax.device_put(x),
-                      to_numpy=lambda out: (np.asarray(out[1]), np.asarray(out[0])))
+        return Runner(call=call, prepare=lambda x: jax.device_put(w.shaped(x)),
+                      to_numpy=lambda out: (np.asarray(out[1]), _flat_j(w, out[0])))
 
     return make
+
+
+# ----- jax2onnx: JAX's jacrev exported to a plain ONNX graph, run in onnxruntime ------------------------------
+_JAX2ONNX_FILES = {}  # (suite folder, workload) -> the exported file, or (SKIP_MARK, why it could not be exported)
+SKIP_MARK = "skip"
+
+
+def jax2onnx_file(ctx, w):
+    """The ONNX file of ``vmap(jacrev)`` of the JAX peer's network (weights as initializers), exported once per
+    workload with jax2onnx and a symbolic batch axis ``B``: inputs ``[B, *input shape]``, outputs y ``[B, n_out]``
+    and dy/dx ``[B, n_out, *input shape]``. A model jax2onnx cannot export is a skip that names the error (jax2onnx
+    0.17.1 on the CNN: no rule for ``select_and_scatter_add``, the derivative of ``reduce_window`` max-pooling;
+    with the pools written as reshape + max, the input-gradient convolution's layouts and, for a symbolic batch,
+    a shape comparison are unsupported in turn)."""
+    key = (ctx.tmp, w.name)
+    if key not in _JAX2ONNX_FILES:
+        import jax
+        import jax2onnx
+
+        f, args = _jax_fn(w)
+
+        def jac(x):  # a batch, in the model's own shape
+            j, y = jax.vmap(jax.jacrev(lambda xi: f(*args, xi), has_aux=True))(x)
+            return y, j
+
+        path = os.path.join(ctx.tmp, f"{w.name}.jax2onnx.onnx")
+        try:
+            model = jax2onnx.to_onnx(jac, inputs=[("B", *w.input_shape)], model_name=f"{w.name}_jacrev",
+                                     input_names=["x"], output_names=["y", "dy_dx"])
+        except Exception as exc:  # an op jax2onnx has no handler for: the path cannot run this network
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _JAX2ONNX_FILES[key] = SKIP_MARK, (f"jax2onnx {_dist_version('jax2onnx')} could not export jacrev of this "
+                                               f"network: {type(exc).__name__}: {first}")[:500]
+        else:
+            with open(path, "wb") as fh:
+                fh.write(model.SerializeToString())
+            _JAX2ONNX_FILES[key] = path
+    got = _JAX2ONNX_FILES[key]
+    if isinstance(got, tuple):  # the export failed for an earlier batch size: the same skip, without retrying
+        ctx.skip(got[1])
+    return got
+
+
+def _dist_version(dist):
+    import importlib.metadata as md
+
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:  # pragma: no cover
+        return "(unknown version)"
+
+
+def make_jax2onnx(ctx, w):
+    # the same session options as the companion graph's path (_ort_session)
+    sess = _ort_session(jax2onnx_file(ctx, w))
+    name = sess.get_inputs()[0].name
+    return Runner(call=lambda x: sess.run(None, {name: x}), prepare=w.shaped,
+                  to_numpy=lambda out: (out[0], _flat_j(w, out[1])))
 
 
 # ----- PyTorch ----------------------------------------------------------------------------------------------
@@ -436,7 +503,8 @@ PATHS = [
          make_kernel, available=kernel_available, blocked=True,
          preload=("nnpartials.runtime.kernel",), applies=c_core_applies),
     Path("c_alone", "C core analytic, C alone (nnp_jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
-         make_c_alone, available=c_alone_available, blocked=True, self_timed=True, applies=c_core_applies),
+         make_c_alone, available=c_alone_available, blocked=True, self_timed=True, applies=c_core_applies,
+         single_thread=True),
     Path("c_kernel_fd", "C core finite differences, float64 (Kernel.fd_jacobian)", "check", "J",
          lambda w: 4 * w.n_in, make_kernel_fd, available=kernel_available, dtype="float64", blocked=True,
          preload=("nnpartials.runtime.kernel",), applies=c_core_applies,
@@ -449,6 +517,8 @@ PATHS = [
          available=_have("jax", _PEERS_HINT), preload=("jax",)),
     Path("jax_jacfwd", "JAX jit(vmap(jacfwd))", "peer", "y+J", lambda w: w.n_in, make_jax("jacfwd"),
          available=_have("jax", _PEERS_HINT), preload=("jax",)),
+    Path("jax2onnx_jacrev", "jax2onnx: JAX vmap(jacrev) exported to ONNX, onnxruntime", "peer", "y+J",
+         lambda w: w.n_out, make_jax2onnx, available=_have("jax2onnx", _PEERS_HINT), preload=("jax", "jax2onnx")),
     Path("torch_jacrev", "PyTorch torch.func vmap(jacrev)", "peer", "y+J", lambda w: w.n_out, make_torch,
          available=_have("torch", _PEERS_HINT), preload=("torch", "torch.func")),
 ]

@@ -29,7 +29,7 @@ ANALYTIC_NNP = ("ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c
 BATCH_LABEL = {1: "1", 100: "100", 1000: "1,000", 10000: "10,000", 100000: "100,000"}
 WORKLOAD_ORDER = ("seed", "physics", "wide", "cnn")
 PATH_ORDER = ("ort_forward", "ort_jac_forward", "ort_jac_reverse", "partials", "c_kernel", "c_alone", "c_kernel_fd",
-              "tf_function", "tf_eager", "jax_jacrev", "jax_jacfwd", "torch_jacrev")
+              "tf_function", "tf_eager", "jax_jacrev", "jax_jacfwd", "jax2onnx_jacrev", "torch_jacrev")
 SHORT = {
     "ort_forward": "ORT forward only",
     "ort_jac_forward": "companion graph, forward mode",
@@ -42,6 +42,7 @@ SHORT = {
     "tf_eager": "TF GradientTape, eager",
     "jax_jacrev": "JAX jit(vmap(jacrev))",
     "jax_jacfwd": "JAX jit(vmap(jacfwd))",
+    "jax2onnx_jacrev": "jax2onnx vmap(jacrev) in onnxruntime",
     "torch_jacrev": "PyTorch vmap(jacrev)",
 }
 WORKLOAD_TITLE = {
@@ -218,6 +219,21 @@ class Results:
         t = self.t(w, b, p)
         return r["flops_per_call"] / t / 1e9 if t and r.get("flops_per_call") else None
 
+    def peak_per_core(self):
+        """The machine's single-core multiply-add peak measured in the run (GFLOP/s), None when not measured."""
+        return (self.machine.get("fma_peak") or {}).get("peak_gflops")
+
+    def peak_fraction(self, w, b, p):
+        """GFLOP/s ÷ (measured single-core peak × the cores the path may use: 1 for the C program, else the
+        suite's thread count)."""
+        r = self.get(w, b, p)
+        peak = self.peak_per_core()
+        g = self.gflops(w, b, p)
+        if g is None or not peak:
+            return None
+        cores = r.get("peak_cores") or (self.machine.get("thread_settings") or {}).get("threads") or 1
+        return g / (peak * cores)
+
     def auto_path(self, w):
         """The companion graph a default (auto mode) export ships."""
         info = self.data.get("workloads", {}).get(w, {})
@@ -262,11 +278,19 @@ def section_machine(res, command):
             f"{100 * p['others_before']:.0f}% → {100 * p['others_after']:.0f}%, kept the {p['kept']} pass)"
             for p in reps) + ".")
     order = ["python", "numpy", "tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "jax",
-             "jaxlib", "torch", "pytest-benchmark", "nnpartials"]
+             "jaxlib", "jax2onnx", "torch", "pytest-benchmark", "nnpartials"]
     lines.append("- Versions: " + ", ".join(f"{k} {v[k]}" for k in order if k in v))
     lines.append(f"- C compiler: {m.get('c_compiler')}, flags `{m.get('c_flags')}` for the C-alone program (the C "
                  f"library's own defaults, no `-march`; the library picks its AVX2+FMA matrix kernels at run time "
                  f"where the CPU has them)")
+    fp = m.get("fma_peak") or {}
+    if fp.get("peak_gflops"):
+        per_isa = ", ".join(f"{d['isa']} {d['gflops']:.3g}" for d in fp.get("isas", []))
+        lines.append(f"- Measured float32 multiply-add peak of one core (`csrc/bench/fma_peak.c`, same run, same C "
+                     f"flags; independent accumulator chains, median sample): **{fp['peak_gflops']:.3g} GFLOP/s** "
+                     f"({fp.get('isa')}); per instruction set: {per_isa}")
+    elif fp.get("unavailable"):
+        lines.append(f"- Multiply-add peak not measured: {fp['unavailable']}")
     ts = m.get("thread_settings", {})
     lines.append(f"- Threads: every library may use {ts.get('threads')} threads (all cores). "
                  + "; ".join(f"{k}: {val}" for k, val in ts.items() if k != "threads"))
@@ -307,21 +331,23 @@ def section_flops(res):
 
 def section_tables(res):
     lines = ["## Results", "",
-             "Time per call is for the whole batch. ×peer: time / fastest peer (TensorFlow, JAX, PyTorch) in the same "
+             "Time per call is for the whole batch. ×peer: time / fastest peer (TensorFlow, JAX, jax2onnx, PyTorch) in the same "
              "run and case (below 1 is faster than every peer). ×fwd: time / onnxruntime forward pass alone "
              "(the floor of the onnxruntime path). First call: setup (session, tf.function, jit, kernel) + first "
              "call (tracing, compilation), excluded from the time per call. (fastest round): the fastest round's time per "
              "call, for spotting bimodal timings. Others' CPU: share of the machine that "
-             "other processes used while the case was timed (0% = the case had the machine to itself).", ""]
+             "other processes used while the case was timed (0% = the case had the machine to itself). Of peak: GFLOP/s "
+             "÷ the float32 multiply-add peak measured in the same run (`csrc/bench/fma_peak.c`, one core) × the cores "
+             "the path may use (one for the C program, the suite's thread count for the others).", ""]
     for w in res.workloads:
         lines += [f"### {WORKLOAD_TITLE.get(w, w)}", ""]
         for b in res.batches_of(w):
             fp = res.fastest_peer(w, b)
             lines.append(f"**batch {BATCH_LABEL.get(b, b)}** — fastest peer: {SHORT.get(fp, fp) if fp else 'none measured'}")
             lines.append("")
-            lines.append("| path | time per call | (fastest round) | ×peer | ×fwd | GFLOP/s | first call | others' CPU | "
-                         "note |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+            lines.append("| path | time per call | (fastest round) | ×peer | ×fwd | GFLOP/s | of peak | first call | "
+                         "others' CPU | note |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
             for p in res.paths(w, b):
                 r = res.get(w, b, p)
                 first = None
@@ -347,6 +373,7 @@ def section_tables(res):
                 lines.append(f"| {name} | {fmt_time(res.t(w, b, p))} | {fmt_time(tmin)} | "
                              f"{fmt_ratio(res.ratio_peer(w, b, p))} | "
                              f"{fmt_ratio(res.ratio_fwd(w, b, p))} | {fmt_gflops(res.gflops(w, b, p))} | "
+                             f"{fmt_pct(res.peak_fraction(w, b, p))} | "
                              f"{fmt_time(first)} | {fmt_pct(r.get('others_cpu'))} | {note.replace('|', '/')} |")
             lines.append("")
     return lines

@@ -137,6 +137,7 @@ def test_partials(benchmark, bench, workload, batch_id, path):
         else:
             _run_timed(benchmark, bench, rec, runner, w, x, batch, batch_id)
         rec["status"] = "ok"
+        _add_peak_fraction(bench, rec, p)
         rec["loadavg_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     except SkipCase as exc:
         rec["status"], rec["reason"] = "skipped", str(exc)
@@ -144,6 +145,19 @@ def test_partials(benchmark, bench, workload, batch_id, path):
     except BaseException as exc:
         rec["reason"] = f"{type(exc).__name__}: {exc}"[:500]
         raise
+
+
+def _add_peak_fraction(bench, rec, p):
+    """GFLOP/s of a timed case and its fraction of the machine's measured multiply-add peak (cbench.measure_peak,
+    single core, times the cores the path may use)."""
+    from benchmarks import cbench
+
+    t = rec.get("median_s")
+    if not t or not rec.get("flops_per_call"):
+        return
+    rec["gflops"] = rec["flops_per_call"] / t / 1e9
+    rec["peak_cores"] = p.cores()
+    rec["peak_fraction"] = cbench.peak_fraction(rec["gflops"], bench.peak_per_core(), p.cores())
 
 
 def _run_timed(benchmark, bench, rec, runner, w, x, batch, batch_id):
