@@ -362,7 +362,12 @@ def _prepare_keras(model_or_path, data, mode, opset, n_validation, tolerance, se
     def second_reference(points):
         from nnpartials.exporter.reference import tf_hessian
 
-        return tf_hessian(traced, points)[2], None, "tensorflow nested GradientTape"
+        try:
+            return tf_hessian(traced, points)[2], None, "tensorflow nested GradientTape"
+        except LookupError as exc:  # an op TensorFlow has no second derivative for (tf.nn.softsign)
+            H, keep = fd_hessian(jac, points)
+            return H, keep, (f"float64 central differences of the Jacobian graph (nested GradientTape is not available "
+                             f"for this model: {str(exc).splitlines()[0]})")
 
     return _Prepared(fwd=fwd, jac=jac, info=info, xs=xs, origin=origin, validation=validation, reference=reference,
                      keep=None, reference_name="tensorflow GradientTape", input_names=traced.input_names,

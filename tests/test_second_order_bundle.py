@@ -321,3 +321,30 @@ def test_multi_input_multi_output_order2(tmp_path):
     v = _points(200, 5, seed=3)
     _, hv = p.hvp(np.concatenate([a, b], axis=1), v)
     _assert_close(hv, np.einsum("bijk,bk->bij", H_ref, v.astype(np.float64)))
+
+
+def test_softsign_order2_falls_back_to_finite_differences(tmp_path):
+    """TensorFlow has no second derivative of softsign: export validates against float64 finite differences of the
+    Jacobian graph instead, and says so; the graphs match nested central differences of the forward model."""
+    import models
+
+    model = models.dense_model("softsign", n_in=2, units=(8,), n_out=1, seed=2)
+    b = nnpartials.export(model, tmp_path / "s", order=2, n_validation=100)
+    ref = b.manifest["second_order"]["validation"]["reference"]
+    assert ref.startswith("float64 central differences of the Jacobian graph")
+    import onnx
+
+    from nnpartials.onnx_reference import Float64Graph
+
+    fwd = Float64Graph(onnx.load_model_from_string(b.read("model.onnx")))  # the forward graph in float64
+    x = _points(50, 2, seed=5).astype(np.float32).astype(np.float64)
+    h = 1e-4
+    f = lambda z: fwd.forward([z])  # noqa: E731
+    H_fd = np.zeros((50, 1, 2, 2))
+    for j in range(2):
+        for k in range(2):
+            ej, ek = np.eye(2)[j] * h, np.eye(2)[k] * h
+            H_fd[:, :, j, k] = (f(x + ej + ek) - f(x + ej - ek) - f(x - ej + ek) + f(x - ej - ek)) / (4 * h * h)
+    _, _, H = nnpartials.Partials(b).hessian(x.astype(np.float32))
+    assert np.max(np.abs(H_fd)) > 0.01
+    _assert_close(H, H_fd, 1e-5)
