@@ -106,12 +106,12 @@ def _get_partials(key):
 def _evaluate(key, x, max_batch, nan_policy, order=1):
     """``(y, dy_dx)`` (order 2: ``(y, dy_dx, d2y_dx2)``) for one chunk, exactly as ``Partials(bundle,
     max_batch=max_batch).jacobian(x)`` (``.hessian(x)``) computes them: onnxruntime gets slices of at most
-    ``max_batch`` points, the C core the whole chunk."""
-    from nnpartials.runtime.serve import DEFAULT_MAX_BATCH
-
+    ``max_batch`` points (None: Partials' own choice for the graph, ``Partials.auto_batch_limit``), the C core the
+    whole chunk."""
     p = _get_partials(key)
     fn = p.hessian if order == 2 else p.jacobian
-    mb = int(max_batch or DEFAULT_MAX_BATCH)
+    mb = int(max_batch) if max_batch else (p.auto_batch_limit("hessian" if order == 2 else "jacobian")
+                                           if p.backend != "c" else len(x))
     n = len(x)
     if p.backend == "c" or n <= mb:
         return fn(x, nan_policy=nan_policy)
@@ -235,7 +235,7 @@ def partials(bundle, x, *, backend: str = "onnxruntime", order: int = 1, nan_pol
     ``backend``, ``nan_policy``, ``providers``, ``threads`` (per worker process: onnxruntime's intra-op threads or
     the C core's; default theirs, which is every core of the machine, so with several worker processes per machine
     ``threads=1`` avoids oversubscription) and ``max_batch`` (largest slice handed to onnxruntime in one call;
-    default 65536) mean what they mean for ``Partials``; each chunk's result equals, bit for bit, what
+    default None: chosen from the graph's size, ``Partials.auto_batch_limit``) mean what they mean for ``Partials``; each chunk's result equals, bit for bit, what
     ``Partials(bundle, backend=backend, max_batch=max_batch).jacobian(chunk)`` returns in-process.
 
     ``order=2`` (a bundle exported with ``order=2``; :class:`OrderNotAvailableError` otherwise) adds the second

@@ -11,8 +11,16 @@ from nnpartials.errors import BundleError, InputError, NNPartialsError, OrderNot
 from nnpartials.bundle import FORWARD, JACOBIAN, SECOND_ORDER_FILES, load_bundle
 from nnpartials.validate import as_batch
 
-#: Default largest batch handed to onnxruntime in one call; larger inputs are split (bounded memory).
+#: The most points handed to onnxruntime in one call by default; larger inputs are split (bounded memory).
 DEFAULT_MAX_BATCH = 65536
+#: On the CPU, by default, a call gets as many points as keep the graph's intermediate tensors (their sizes summed over
+#: the graph, per point, from ONNX shape inference) within this many bytes: rounded down to a multiple of
+#: AUTO_BATCH_STEP, at least AUTO_BATCH_STEP, at most DEFAULT_MAX_BATCH. Beyond a few tens of MiB a call's tensors no
+#: longer stay in cache and its elementwise passes wait on memory: on the benchmark suite's physics network
+#: (3 -> 4 x 256 tanh -> 2; 20 KiB of tensors per point in its Jacobian graph) 262,144 points ran at 138k points/s in
+#: calls of 65,536 and 227k points/s in calls of 4,096, with 1 GiB less memory (2 CPUs; see README "Running at scale").
+CALL_BYTES_BUDGET = 64 * 2 ** 20
+AUTO_BATCH_STEP = 1024
 #: Changes between forward and jacobian calls after which a Partials stops its sessions' threads from spinning
 #: between calls (see Partials._session).
 ALTERNATIONS_BEFORE_QUIET = 2
@@ -38,14 +46,56 @@ def resolve_providers(providers):
     return list(providers)
 
 
+def graph_bytes_per_point(model) -> int | None:
+    """Bytes per point of all the batch-sized tensors of an ONNX graph (``model``: ModelProto or serialized bytes),
+    summed over every value of the graph after ONNX shape inference: an upper bound on what one call holds per
+    point. None where some such tensor has a size shape inference cannot tell (then no estimate is made)."""
+    import onnx
+    from onnx import shape_inference
+
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
+        proto = shape_inference.infer_shapes(proto)
+    except Exception:
+        return None
+    batch_dims = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim[:1] if d.dim_param}
+    total = 0
+    for vi in list(proto.graph.value_info) + list(proto.graph.output):
+        tt = vi.type.tensor_type
+        dims = tt.shape.dim
+        if not dims or not dims[0].dim_param or dims[0].dim_param not in batch_dims:
+            continue  # constants and per-model tensors: not per point
+        size = 1
+        for d in dims[1:]:
+            if not d.HasField("dim_value"):
+                return None
+            size *= d.dim_value
+        try:
+            item = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
+        except Exception:
+            return None
+        total += size * item
+    return total or None
+
+
+def auto_max_batch(bytes_per_point: int | None) -> int:
+    """The default points per call for a graph with ``bytes_per_point`` (see CALL_BYTES_BUDGET)."""
+    if not bytes_per_point:
+        return DEFAULT_MAX_BATCH
+    n = CALL_BYTES_BUDGET // int(bytes_per_point) // AUTO_BATCH_STEP * AUTO_BATCH_STEP
+    return int(min(DEFAULT_MAX_BATCH, max(AUTO_BATCH_STEP, n)))
+
+
 class Partials:
     """Serve ``y`` and ``dy_dx`` for a bundle.
 
-    ``Partials(bundle, providers=None, max_batch=65536, backend="onnxruntime", nan_policy="raise")``
+    ``Partials(bundle, providers=None, max_batch=None, backend="onnxruntime", nan_policy="raise")``
 
     * ``bundle``: a bundle folder (or a :class:`~nnpartials.bundle.Bundle`); hashes are verified.
     * ``providers``: as in onnxruntime (list of names), or ``"cpu"``/``"cuda"``; CPU by default.
-    * ``max_batch``: larger inputs are split into chunks of this many points.
+    * ``max_batch``: larger inputs are split into chunks of this many points. None (the default): chosen per graph
+      on the CPU so that one call's tensors stay within ``CALL_BYTES_BUDGET`` (64 MiB; between 1,024 and 65,536
+      points; :meth:`batch_limit`), 65,536 with the CUDA provider. Results do not depend on it.
     * ``backend="c"`` evaluates with the C core (:class:`nnpartials.runtime.kernel.Kernel`) instead.
 
     Inputs: one array ``[batch, n_in]`` (for several model inputs, their features concatenated in manifest
@@ -56,12 +106,13 @@ class Partials:
     (``shaped=True``: in the inputs' and outputs' own shapes). Instances are safe to share between threads.
     """
 
-    def __init__(self, bundle, providers=None, *, max_batch: int = DEFAULT_MAX_BATCH, backend: str = "onnxruntime",
+    def __init__(self, bundle, providers=None, *, max_batch: int | None = None, backend: str = "onnxruntime",
                  nan_policy: str = "raise", session_options=None, threads: int | None = None, key=None):
         if backend not in BACKENDS:
             raise NNPartialsError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
-            raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_batch is not None and (not isinstance(max_batch, (int, np.integer)) or isinstance(max_batch, bool)
+                                      or max_batch < 1):
+            raise InputError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.bundle = load_bundle(bundle, key=key)
         m = self.bundle.manifest
         self.input_names = [i["name"] for i in m["inputs"]]
@@ -82,7 +133,9 @@ class Partials:
         self._input_cols = [list(i.get("columns") or []) or None for i in m["inputs"]]
         self.output_columns = self.bundle.output_columns
         self.mode = m["jacobian"]["mode"]
-        self.max_batch = int(max_batch)
+        #: the caller's max_batch (None: chosen per graph, see batch_limit)
+        self.max_batch = None if max_batch is None else int(max_batch)
+        self._limits = {}
         self.nan_policy = nan_policy
         self.backend = backend
         self._kernel = None
@@ -150,6 +203,25 @@ class Partials:
                     sess = self._sessions[kind] = self._load_session(kind, self._session_options)
         return sess
 
+    def batch_limit(self, kind: str = "jacobian") -> int:
+        """The most points of one onnxruntime call for graph ``kind`` ("forward", "jacobian", "hessian",
+        "laplacian", "hvp"): ``max_batch`` when given, else :meth:`auto_batch_limit`."""
+        return self.max_batch if self.max_batch is not None else self.auto_batch_limit(kind)
+
+    def auto_batch_limit(self, kind: str = "jacobian") -> int:
+        """The default points per call for graph ``kind``: from the graph's tensor sizes (``CALL_BYTES_BUDGET``) on
+        the CPU, DEFAULT_MAX_BATCH with other providers (a GPU wants large calls)."""
+        lim = self._limits.get(kind)
+        if lim is None:
+            first = self.providers[0] if self.providers else "CPUExecutionProvider"
+            if (first[0] if isinstance(first, tuple) else first) != "CPUExecutionProvider":
+                lim = DEFAULT_MAX_BATCH
+            else:
+                name = {"forward": FORWARD, "jacobian": JACOBIAN, **SECOND_ORDER_FILES}[kind]
+                lim = auto_max_batch(graph_bytes_per_point(self.bundle.read(name)))
+            self._limits[kind] = lim
+        return lim
+
     @property
     def active_providers(self):
         """Providers onnxruntime actually uses for the Jacobian session."""
@@ -213,13 +285,14 @@ class Partials:
             return self._shape_y(y) if shaped else y
         n = parts[0].shape[0]
         sess = self._session("forward")
-        if 0 < n <= self.max_batch and len(self._sessions_outputs) == 1:
+        mb = self.batch_limit("forward") if n > AUTO_BATCH_STEP or self.max_batch is not None else max(n, 1)
+        if 0 < n <= mb and len(self._sessions_outputs) == 1:
             y = sess.run(None, self._feeds(parts))[0].reshape(n, self.n_out)
             return self._shape_y(y) if shaped else y
         y = np.empty((n, self.n_out), self.dtype)
-        for s in range(0, n, self.max_batch):
-            outs = sess.run(None, self._feeds(parts, s, s + self.max_batch))
-            y[s:s + self.max_batch] = np.concatenate([o.reshape(o.shape[0], -1) for o in outs], axis=1)
+        for s in range(0, n, mb):
+            outs = sess.run(None, self._feeds(parts, s, s + mb))
+            y[s:s + mb] = np.concatenate([o.reshape(o.shape[0], -1) for o in outs], axis=1)
         return self._shape_y(y) if shaped else y
 
     def jacobian(self, x, *, nan_policy: str | None = None, shaped: bool = False):
@@ -239,17 +312,18 @@ class Partials:
                                          nan_policy="propagate")
         n = parts[0].shape[0]
         sess = self._session("jacobian")
-        if 0 < n <= self.max_batch:  # one call: onnxruntime's fresh output arrays are returned as they are
+        mb = self.batch_limit("jacobian") if n > AUTO_BATCH_STEP or self.max_batch is not None else max(n, 1)
+        if 0 < n <= mb:  # one call: onnxruntime's fresh output arrays are returned as they are
             outs = sess.run(None, self._feeds(parts))
             return outs[0], (outs[1] if len(outs) == 2 else np.concatenate(outs[1:], axis=2))
         y = np.empty((n, self.n_out), self.dtype)
         dy = np.empty((n, self.n_out, self.n_in), self.dtype)
         offs = self._offsets
-        for s in range(0, n, self.max_batch):
-            outs = sess.run(None, self._feeds(parts, s, s + self.max_batch))
-            y[s:s + self.max_batch] = outs[0]
+        for s in range(0, n, mb):
+            outs = sess.run(None, self._feeds(parts, s, s + mb))
+            y[s:s + mb] = outs[0]
             for k, j in enumerate(outs[1:]):
-                dy[s:s + self.max_batch, :, offs[k]:offs[k + 1]] = j
+                dy[s:s + mb, :, offs[k]:offs[k + 1]] = j
         return y, dy
 
     # ----- second derivatives -----------------------------------------------------------------------------------
@@ -260,18 +334,19 @@ class Partials:
                 f"`nnpartials export MODEL -o BUNDLE --order 2` (Python: export(..., order=2))")
 
     def _run_second(self, kind, parts, extra, shapes):
-        """Run the ``kind`` graph over ``parts`` in chunks of ``max_batch``; ``shapes``: per-point shape of each
-        output, which are written into preallocated arrays when the batch is split."""
+        """Run the ``kind`` graph over ``parts`` in chunks of ``batch_limit(kind)``; ``shapes``: per-point shape of
+        each output, which are written into preallocated arrays when the batch is split."""
         n = parts[0].shape[0]
         sess = self._session(kind)
-        if 0 < n <= self.max_batch:
+        mb = self.batch_limit(kind) if n > AUTO_BATCH_STEP or self.max_batch is not None else max(n, 1)
+        if 0 < n <= mb:
             return sess.run(None, dict(self._feeds(parts), **{k: v for k, v in extra.items()}))
         outs = [np.empty((n,) + sh, self.dtype) for sh in shapes]
-        for s in range(0, n, self.max_batch):
-            res = sess.run(None, dict(self._feeds(parts, s, s + self.max_batch),
-                                      **{k: v[s:s + self.max_batch] for k, v in extra.items()}))
+        for s in range(0, n, mb):
+            res = sess.run(None, dict(self._feeds(parts, s, s + mb),
+                                      **{k: v[s:s + mb] for k, v in extra.items()}))
             for o, r in zip(outs, res):
-                o[s:s + self.max_batch] = r
+                o[s:s + mb] = r
         return outs
 
     def _x_for_kernel(self, parts):

@@ -62,6 +62,17 @@ def _no_leftovers(folder):
 
 # ---- the Python API ---------------------------------------------------------------------------------------------
 
+def test_chunk_above_the_default_call_size_is_split_as_partials_splits_it(client, seed_bundle):
+    p = nnpartials.Partials(seed_bundle)  # max_batch None: calls of p.batch_limit() points
+    lim = p.batch_limit("jacobian")
+    x = _points(2 * lim + 11, seed=4)
+    xd = da.from_array(x, chunks=(len(x), 2))  # one chunk, larger than one call
+    y, dy = client.compute(list(nd.partials(seed_bundle, xd)), sync=True)
+    ry, rdy = p.jacobian(x)
+    np.testing.assert_array_equal(dy, rdy)
+    np.testing.assert_array_equal(y, ry)
+
+
 @pytest.mark.parametrize("backend, max_batch", [("onnxruntime", None), ("onnxruntime", 50), ("c", None)])
 def test_array_chunks_equal_in_process_partials(client, seed_bundle, backend, max_batch):
     x = _points(1000)
@@ -70,7 +81,7 @@ def test_array_chunks_equal_in_process_partials(client, seed_bundle, backend, ma
     assert y.shape == (1000, 1) and dy.shape == (1000, 1, 2) and y.dtype == dy.dtype == np.float32
     assert y.chunks[0] == dy.chunks[0] == xd.chunks[0]
     y, dy = client.compute([y, dy], sync=True)
-    p = nnpartials.Partials(seed_bundle, backend=backend, max_batch=max_batch or 65536)
+    p = nnpartials.Partials(seed_bundle, backend=backend, max_batch=max_batch)
     ry, rdy = _by_chunks(p, x, xd.chunks[0])
     np.testing.assert_array_equal(y, ry)
     np.testing.assert_array_equal(dy, rdy)

@@ -169,6 +169,59 @@ def test_max_batch_split_equals_one_call(seed_bundle, p):
         nnpartials.Partials(seed_bundle, max_batch=0)
 
 
+def _dense_tanh_graph(width, dim_name="batch"):
+    """x [batch, 3] -> MatMul (W [3, width]) -> Tanh -> y: per point, width floats after MatMul and width after
+    Tanh, so 2 * width * 4 bytes of batch-sized tensors."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, width), np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["z"]), helper.make_node("Tanh", ["z"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim_name, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim_name, width])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_graph_bytes_per_point_counts_the_batch_sized_tensors():
+    from nnpartials.runtime.serve import graph_bytes_per_point
+
+    assert graph_bytes_per_point(_dense_tanh_graph(256)) == 2 * 256 * 4
+    assert graph_bytes_per_point(_dense_tanh_graph(256).SerializeToString()) == 2 * 256 * 4
+    assert graph_bytes_per_point(b"not an onnx graph") is None
+
+
+def test_default_call_size_is_chosen_from_the_graph():
+    from nnpartials.runtime.serve import (AUTO_BATCH_STEP, CALL_BYTES_BUDGET, DEFAULT_MAX_BATCH, auto_max_batch)
+
+    assert auto_max_batch(None) == DEFAULT_MAX_BATCH
+    assert auto_max_batch(1) == DEFAULT_MAX_BATCH  # capped
+    assert auto_max_batch(10 ** 9) == AUTO_BATCH_STEP  # at least one step
+    n = auto_max_batch(2 * 256 * 4)
+    assert n % AUTO_BATCH_STEP == 0 and n * 2048 <= CALL_BYTES_BUDGET < (n + AUTO_BATCH_STEP) * 2048
+
+
+def test_default_split_follows_the_graph_and_equals_one_call(seed_bundle, p):
+    from nnpartials.runtime.serve import DEFAULT_MAX_BATCH, auto_max_batch, graph_bytes_per_point
+
+    assert p.max_batch is None
+    lim = p.batch_limit("jacobian")
+    assert lim == auto_max_batch(graph_bytes_per_point(p.bundle.read("model.jac.onnx")))
+    assert 1024 <= lim < DEFAULT_MAX_BATCH  # the seed network's Jacobian graph holds kilobytes per point
+    assert p.batch_limit("forward") >= lim  # the forward graph holds less per point
+    x = points(2 * lim + 5, seed=3)
+    one = nnpartials.Partials(seed_bundle, max_batch=len(x))
+    assert one.batch_limit("jacobian") == len(x)
+    y1, J1 = one.jacobian(x)
+    y2, J2 = p.jacobian(x)
+    np.testing.assert_allclose(J2, J1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(y2, y1, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p.forward(x), one.forward(x), rtol=1e-6, atol=1e-7)
+    # the split is what the limit says: rows of each call equal that call made alone, bit for bit
+    ys, Js = p.jacobian(x[lim:2 * lim])
+    np.testing.assert_array_equal(J2[lim:2 * lim], Js)
+    with pytest.raises(InputError, match="max_batch"):
+        nnpartials.Partials(seed_bundle, max_batch=True)
+
+
 def test_concurrent_calls_match_sequential(p):
     chunks = [points(257, seed=s) for s in range(16)]
     seq = [p.jacobian(c)[1] for c in chunks]

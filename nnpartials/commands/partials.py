@@ -13,12 +13,14 @@ are matched to the model's columns by name (any order, extra columns ignored) an
 Output: .csv (inputs, outputs and a column d<y>/d<x> per partial), .npy (dy_dx [N, n_out, n_in]),
 .npz (x, y, dy_dx) or .parquet (the CSV's columns). With --order 2 (a bundle exported with --order 2): also
 the second partials, one column d2<y>/d<x_j>d<x_k> per output and j <= k (the Hessian is symmetric) in .csv
-and .parquet, d2y_dx2 [N, n_out, n_in, n_in] in .npz, and only d2y_dx2 in .npy. Large inputs are processed in chunks with a progress bar;
-Parquet is read and written in batches of --chunk rows, so memory stays bounded for any input size.
+and .parquet, d2y_dx2 [N, n_out, n_in, n_in] in .npz, and only d2y_dx2 in .npy. Large inputs are processed in
+batches with a progress bar; Parquet is read and written in batches of 65,536 rows (or --chunk), so memory stays
+bounded for any input size. Each onnxruntime call gets at most --chunk points; by default as many as keep the
+graph's tensors within 64 MiB (1,024 to 65,536 points), which is also faster than larger calls.
 
 With --workers N (a local Dask cluster of N processes) or --scheduler ADDRESS (an existing Dask cluster),
 Parquet in and out only, the chunks are computed in parallel and OUT is a folder of part files
-(part.0.parquet, ...), a Parquet dataset that pandas, pyarrow and Dask read like one file. With a remote
+(part.0.parquet, ...; numbered with equal widths, part.00 ... part.19), a Parquet dataset that pandas, pyarrow and Dask read like one file. With a remote
 scheduler the bundle, the input and the output folder must be at the same paths on every worker.
 
 The output is checked before any work (extension, existing and writable folder) and written all at once:
@@ -37,8 +39,9 @@ def add_arguments(p):
     p.add_argument("-f", "--force", action="store_true", help="replace the output if it exists")
     p.add_argument("--backend", choices=("onnxruntime", "c"), default="onnxruntime", help="evaluation path")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers: cpu, cuda, or a comma list")
-    p.add_argument("--chunk", type=positive_int, default=65536, metavar="N",
-                   help="points per call (bounds memory; default 65536)")
+    p.add_argument("--chunk", type=positive_int, default=None, metavar="N",
+                   help="points per call and rows per batch (bounds memory; default: per call, chosen from the "
+                        "graph's size, at most 65536; per batch, 65536)")
     p.add_argument("--order", type=int, choices=(1, 2), default=1,
                    help="1: y and dy/dx (default); 2: also the second partials (Hessian)")
     p.add_argument("--nan-policy", choices=("raise", "propagate"), default="raise",
@@ -72,6 +75,15 @@ def _evaluate(p, pts, order):
         return p.hessian(pts)
     y, dy = p.jacobian(pts)
     return y, dy, None
+
+
+#: Rows per batch read, computed and written when --chunk is not given (each onnxruntime call within a batch gets
+#: Partials' own choice of points, Partials.auto_batch_limit).
+BATCH_ROWS = 65536
+
+
+def _rows(args):
+    return args.chunk or BATCH_ROWS
 
 
 def _open(args):
@@ -115,14 +127,15 @@ def _run_in_memory(args) -> int:
     y = np.empty((n, p.n_out), np.float32)
     dy = np.empty((n, p.n_out, p.n_in), np.float32)
     d2 = np.empty((n, p.n_out, p.n_in, p.n_in), np.float32) if args.order == 2 else None
-    with _progress(not args.no_progress and n > args.chunk) as bar:
+    rows = _rows(args)
+    with _progress(not args.no_progress and n > rows) as bar:
         task = bar.add_task("partials", total=n)
-        for s in range(0, n, args.chunk):
-            r = _evaluate(p, x[s:s + args.chunk], args.order)
-            y[s:s + args.chunk], dy[s:s + args.chunk] = r[0], r[1]
+        for s in range(0, n, rows):
+            r = _evaluate(p, x[s:s + rows], args.order)
+            y[s:s + rows], dy[s:s + rows] = r[0], r[1]
             if d2 is not None:
-                d2[s:s + args.chunk] = r[2]
-            bar.update(task, advance=min(args.chunk, n - s))
+                d2[s:s + rows] = r[2]
+            bar.update(task, advance=min(rows, n - s))
     write_partials(args.output, x, y, dy, p.input_columns, p.output_columns, overwrite=args.force, d2y_dx2=d2)
     print(f"wrote {args.output}: {n} points, {p.n_out} output(s) x {p.n_in} input(s)")
     return 0
@@ -139,13 +152,14 @@ def _run_streaming(args, parquet_in, parquet_out) -> int:
     from nnpartials.validate import as_batch
 
     p = _open(args)
+    rows = _rows(args)
     in_cols, out_cols = p.input_columns, p.output_columns
     if parquet_in:
         src = open_parquet(args.input, in_cols)
         n, in_types = src.num_rows, src.types
 
         def batches():
-            for arrays, first in src.batches(args.chunk):
+            for arrays, first in src.batches(rows):
                 yield arrays, arrow_to_points(arrays, in_cols, first_row=first, label=args.input,
                                               nan_policy=args.nan_policy)
     else:
@@ -154,8 +168,8 @@ def _run_streaming(args, parquet_in, parquet_out) -> int:
         n, in_types = x.shape[0], np.float64
 
         def batches():
-            for s in range(0, n, args.chunk):
-                xs = x[s:s + args.chunk]
+            for s in range(0, n, rows):
+                xs = x[s:s + rows]
                 yield list(xs.T), xs
 
     def evaluated(bar, task):
@@ -169,7 +183,7 @@ def _run_streaming(args, parquet_in, parquet_out) -> int:
             first += len(pts)
             yield inputs, pts, y, dy, d2
 
-    with _progress(not args.no_progress and n > args.chunk) as bar:
+    with _progress(not args.no_progress and n > rows) as bar:
         task = bar.add_task("partials", total=n)
         if parquet_out:
             import pyarrow.parquet as pq
