@@ -8,7 +8,7 @@ For each dense workload of the suite (seed, physics, wide: bundles exported in a
 ``--points`` points (default 262,144, the suite's input distribution) for every call size S of ``--sizes`` and for
 ``max_batch=None``, the default, whose call size ``Partials.batch_limit`` chooses from the graph's tensor sizes
 (``runtime/serve.py``: ``CALL_BYTES_BUDGET``). Each (workload, graph, S) runs in a fresh child process, so that its peak
-resident set (``VmHWM``, read at the end; onnxruntime's arena keeps what the largest call needed) belongs to that call
+resident set (``VmHWM``, read after the timed evaluations and before the check; onnxruntime's arena keeps what the largest call needed) belongs to that call
 size alone: one warm-up call of S points, then ``--repeats`` timed evaluations of all the points (the median is kept).
 Every result is checked against ``max_batch=points`` (one call) within float32 rounding. The share of the machine other
 processes used while each case ran (``benchmarks/contention.py``) is recorded. onnxruntime uses every core (its
@@ -53,16 +53,17 @@ def _child(spec: dict) -> dict:
             t0 = time.perf_counter()
             out = fn(x)
             times.append(time.perf_counter() - t0)
-    ref = nnpartials.Partials(spec["bundle"], max_batch=len(x))
-    want = ref.jacobian(x) if spec["graph"] == "jacobian" else (ref.forward(x),)
-    got = out if isinstance(out, tuple) else (out,)
-    err = max(float(np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))) for g, w in zip(got, want))
-    del ref, want
     hwm = None
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 hwm = int(line.split()[1]) * 1024
+    # the check against one call comes after the peak was read: its own call of all the points would set the peak
+    ref = nnpartials.Partials(spec["bundle"], max_batch=len(x))
+    want = ref.jacobian(x) if spec["graph"] == "jacobian" else (ref.forward(x),)
+    got = out if isinstance(out, tuple) else (out,)
+    err = max(float(np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))) for g, w in zip(got, want))
+    del ref, want
     return {**{k: spec[k] for k in ("workload", "graph", "size", "points")}, "call_points": limit,
             "median_s": float(np.median(times)), "times_s": times, "points_per_s": spec["points"] / float(np.median(times)),
             "peak_rss_bytes": hwm, "max_scaled_diff_vs_one_call": err, "others": m.others}

@@ -16,9 +16,9 @@ DEFAULT_MAX_BATCH = 65536
 #: On the CPU, by default, a call gets as many points as keep the graph's intermediate tensors (their sizes summed over
 #: the graph, per point, from ONNX shape inference) within this many bytes: rounded down to a multiple of
 #: AUTO_BATCH_STEP, at least AUTO_BATCH_STEP, at most DEFAULT_MAX_BATCH. Beyond a few tens of MiB a call's tensors no
-#: longer stay in cache and its elementwise passes wait on memory: on the benchmark suite's physics network
-#: (3 -> 4 x 256 tanh -> 2; 20 KiB of tensors per point in its Jacobian graph) 262,144 points ran at 138k points/s in
-#: calls of 65,536 and 227k points/s in calls of 4,096, with 1 GiB less memory (2 CPUs; see README "Running at scale").
+#: longer stay in cache and its elementwise passes wait on memory: on the benchmark suite's wide network (64 -> 2 x 256
+#: gelu -> 1; 25 KiB of tensors per point in its Jacobian graph) 262,144 points ran at 244k points/s in calls of 65,536
+#: (peak 1.29 GiB) and 435k points/s in the default calls of 2,048 (332 MiB): benchmarks/CALL_SIZE.md.
 CALL_BYTES_BUDGET = 64 * 2 ** 20
 AUTO_BATCH_STEP = 1024
 #: Changes between forward and jacobian calls after which a Partials stops its sessions' threads from spinning
