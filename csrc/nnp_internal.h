@@ -11,7 +11,8 @@
  *   nnp_point.c    the Jacobian of a single point: reverse mode with fused one-row kernels
  *   nnp_fd.c       float64 forward pass and finite-difference Jacobian
  *   nnp_second.c   second derivatives: the Hessian, the Laplacian and Hessian-vector products in float32 (their
- *                  matrix products are nnp_batch.c's, through nnpi_gemm), the float64 finite-difference Hessian
+ *                  matrix products are nnp_batch.c's, through nnpi_gemm, but for the products of the Hessian's
+ *                  reverse pass with large layers: its own dot products), the float64 finite-difference Hessian
  * with three private headers:
  *   nnp_internal.h this one: floating-point code generation, limits, the loaded model's layout, size arithmetic,
  *                  and the functions one unit offers another (prefix nnpi_)

@@ -340,6 +340,32 @@ def test_mixed_activations(n_out):
     assert_close(hv[far], np.einsum("bijk,bk->bij", H_ref, v[far].astype(np.float64)), SECOND_F32, "hvp")
 
 
+@pytest.mark.parametrize("n_in,n_out", [(3, 1), (3, 2), (4, 5)])
+def test_wide_layers(n_in, n_out):
+    """Layers of at least 16384 weights: the reverse pass of the Hessian takes its dot products with the rows of W
+    (so_rev_dot in nnp_second.c; smaller layers the transposed weights through nnpi_gemm), in tiles of 3, 2 and 1
+    adjoint rows; widths that are not multiples of 8. Against the numpy reference, and a point alone gives bit for bit
+    its row of the batch (which goes in blocks of many points)."""
+    layers = make_layers(["tanh", "gelu", "softplus"], n_in=n_in, widths=(131, 130, 129), n_out=n_out, seed=13)
+    assert min(L.W.size for L in layers[1:-1]) >= 16384
+    k = Kernel(write_nnp(layers))
+    x = points(60, n_in, seed=14)
+    v = points(60, n_in, seed=15, scale=1.0)
+    H_ref = hessian_ref(layers, x)
+    assert np.abs(H_ref).max() > 1e-3
+    y, J, H = k.hessian(x)
+    assert_close(H, H_ref, SECOND_F32, "hessian")
+    np.testing.assert_array_equal(H, np.swapaxes(H, 2, 3))
+    _, _, lap = k.laplacian(x)
+    assert_close(lap, np.trace(H_ref, axis1=2, axis2=3), SECOND_F32, "laplacian")
+    _, hv = k.hvp(x, v)
+    assert_close(hv, np.einsum("bijk,bk->bij", H_ref, v.astype(np.float64)), SECOND_F32, "hvp")
+    for i in (0, 1, 2, 31, 59):
+        for got, want in zip(k.hessian(x[i:i + 1]), (y, J, H)):
+            np.testing.assert_array_equal(got, want[i:i + 1])
+        np.testing.assert_array_equal(k.hvp(x[i:i + 1], v[i:i + 1])[1], hv[i:i + 1])
+
+
 # ----- against TensorFlow's nested GradientTape ---------------------------------------------------------------------
 @pytest.mark.parametrize("act", ALL)
 def test_against_nested_gradient_tape_float64(act):

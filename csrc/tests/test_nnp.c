@@ -1386,6 +1386,10 @@ static void test_second(void)
     static const size_t thin[] = {33, 17, 1};
     static const size_t one[] = {3};
     static const size_t mixed[] = {12, 9, 8, 11, 10, 6, 3};
+    /* layers of at least 16384 weights (NNP_REV_DOT_MIN_WEIGHTS in nnp_second.c): the reverse products as dot
+     * products with W's rows (so_rev_dot), widths that are not multiples of 8 or of its groups of 24 rows; 1, 2 and 5
+     * adjoint rows per point, so that its tiles of 3, 2 and 1 rows all meet (blocks of many points, one point) */
+    static const size_t big2[] = {131, 130, 129, 2}, big1[] = {129, 131, 130, 1}, big5[] = {130, 133, 5};
     static const unsigned mixed_acts[] = {NNP_ACT_RELU, NNP_ACT_TANH, NNP_ACT_LEAKY_RELU, NNP_ACT_GELU,
                                           NNP_ACT_HARD_SIGMOID, NNP_ACT_ELU, NNP_ACT_SIGMOID};
     unsigned a;
@@ -1428,6 +1432,16 @@ static void test_second(void)
             default_params(mixed_acts[k], &tm.L[k].p0, &tm.L[k].p1);
         }
         check_second(&tm, 40, -2, 2, "mixed 3->12,9,8,11,10,6,3");
+        free_model(&tm);
+        tm = make_model(3, big2, 4, NNP_ACT_TANH, NNP_ACT_LINEAR);
+        check_second(&tm, 29, -2, 2, "tanh 3->131,130,129,2");
+        free_model(&tm);
+        tm = make_model(3, big1, 4, NNP_ACT_GELU, NNP_ACT_SIGMOID);
+        check_second(&tm, 31, -2, 2, "gelu 3->129,131,130,1 (sigmoid out)");
+        free_model(&tm);
+        tm = make_model(4, big5, 3, NNP_ACT_SOFTPLUS, NNP_ACT_LINEAR);
+        tm.L[0].act = NNP_ACT_RELU; /* piecewise-linear first layer: the reverse pass stops above it */
+        check_second(&tm, 25, -2, 2, "relu, softplus 4->130,133,5");
         free_model(&tm);
     }
 }
