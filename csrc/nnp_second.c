@@ -88,7 +88,7 @@ NNP_INLINE void act_d2_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP
         break;
     case NNP_ACT_TANH: /* f' = 1 - f^2, f'' = -2 f f' */
         for (j = 0; j < n; j++) {
-            const float a = tanhf(z[j] + b[j]), dv = 1.0f - a * a;
+            const float a = nnp_tanhf(z[j] + b[j]), dv = 1.0f - a * a;
             z[j] = a;
             d[j] = dv;
             s[j] = -2.0f * a * dv;

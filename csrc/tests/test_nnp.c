@@ -1172,6 +1172,56 @@ static double ref_eval2(const tmodel *m, const double *x, double *y, double *J, 
 
 /* f'' of every activation: the reference formulas against central differences of ref_dact, and the C core's (the
  * Hessian of one unit, z = x) against the formulas, away from kinks; exactly 0 at the kinks. */
+/* tanh is computed without libm (nnp_kernels.h: nnp_tanhf): one unit with weight 1 gives tanh(x) as the forward
+ * value and 1 - tanh^2 as the Jacobian; against tanh in double over a dense sweep of [-12, 12] and special values,
+ * the value within 2 ulp (of the result) and exact where tanh is 0 or rounds to +-1 */
+static void test_tanh_accuracy(void)
+{
+    tlayer L;
+    tmodel tm;
+    float W = 1.0f, bb = 0.0f, work[4096];
+    static float xf[4001], y[4001], J[4001];
+    void *storage = NULL;
+    nnp_model *m;
+    size_t i, n = 4001;
+    double worst = 0.0;
+    L.rows = L.cols = 1;
+    L.act = NNP_ACT_TANH;
+    L.p0 = L.p1 = 0.0f;
+    L.W = &W;
+    L.b = &bb;
+    tm.n_in = tm.n_out = tm.n_layers = 1;
+    tm.L = &L;
+    m = load_tmodel(&tm, &storage);
+    CHECK(m != NULL, "tanh unit model loads");
+    if (!m) return;
+    for (i = 0; i < n; i++) xf[i] = (float)(-12.0 + 0.006 * (double)i);
+    xf[0] = 0.0f;
+    xf[1] = -0.0f;
+    xf[2] = 1e-30f;
+    xf[3] = -1e-7f;
+    xf[4] = 0.625f;
+    xf[5] = nextafterf(0.625f, 0.0f);
+    xf[6] = 9.5f;
+    xf[7] = -40.0f;
+    xf[8] = 1e30f;
+    CHECK_RC(nnp_forward(m, n, xf, y, work, 4096), NNP_OK, "tanh forward");
+    CHECK_RC(nnp_jacobian(m, NNP_MODE_FORWARD, n, xf, NULL, J, work, 4096), NNP_OK, "tanh jacobian");
+    for (i = 0; i < n; i++) {
+        const double want = tanh((double)xf[i]);
+        const float wf = (float)want;
+        const double ulp = fabs((double)nextafterf(wf, 2.0f * wf + 1.0f) - (double)wf);
+        const double e = ulp > 0 ? fabs((double)y[i] - want) / ulp : 0.0;
+        worst = fmax(worst, e);
+        CHECK(e <= 2.0, "tanh(%.9g) = %.9g, want %.9g (%.2f ulp)", (double)xf[i], (double)y[i], want, e);
+        CHECK(fabs((double)J[i] - (1.0 - want * want)) <= 4 * FLT_EPSILON, "tanh'(%.9g) = %.9g", (double)xf[i],
+              (double)J[i]);
+        if (wf == 1.0f || wf == -1.0f || want == 0.0) CHECK(y[i] == wf, "tanh(%.9g) exact", (double)xf[i]);
+    }
+    free(storage);
+    (void)worst;
+}
+
 static void test_second_activations(void)
 {
     unsigned a;
@@ -1395,6 +1445,7 @@ static void test_second(void)
     unsigned a;
     size_t k;
     char what[96];
+    test_tanh_accuracy();
     test_second_activations();
     for (a = 0; a < NNP_ACT_COUNT; a++) {
         tmodel tm;
