@@ -208,6 +208,13 @@ class Partials:
         "laplacian", "hvp"): ``max_batch`` when given, else :meth:`auto_batch_limit`."""
         return self.max_batch if self.max_batch is not None else self.auto_batch_limit(kind)
 
+    def _call_size(self, kind: str, n: int) -> int:
+        """Points per onnxruntime call for ``n`` points of graph ``kind``: the batch limit, found only when it can
+        matter (n above the smallest automatic size, or a max_batch given), so small calls skip shape inference."""
+        if n > AUTO_BATCH_STEP or self.max_batch is not None:
+            return self.batch_limit(kind)
+        return max(n, 1)
+
     def auto_batch_limit(self, kind: str = "jacobian") -> int:
         """The default points per call for graph ``kind``: from the graph's tensor sizes (``CALL_BYTES_BUDGET``) on
         the CPU, DEFAULT_MAX_BATCH with other providers (a GPU wants large calls)."""
@@ -285,7 +292,7 @@ class Partials:
             return self._shape_y(y) if shaped else y
         n = parts[0].shape[0]
         sess = self._session("forward")
-        mb = self.batch_limit("forward") if n > AUTO_BATCH_STEP or self.max_batch is not None else max(n, 1)
+        mb = self._call_size("forward", n)
         if 0 < n <= mb and len(self._sessions_outputs) == 1:
             y = sess.run(None, self._feeds(parts))[0].reshape(n, self.n_out)
             return self._shape_y(y) if shaped else y
@@ -312,7 +319,7 @@ class Partials:
                                          nan_policy="propagate")
         n = parts[0].shape[0]
         sess = self._session("jacobian")
-        mb = self.batch_limit("jacobian") if n > AUTO_BATCH_STEP or self.max_batch is not None else max(n, 1)
+        mb = self._call_size("jacobian", n)
         if 0 < n <= mb:  # one call: onnxruntime's fresh output arrays are returned as they are
             outs = sess.run(None, self._feeds(parts))
             return outs[0], (outs[1] if len(outs) == 2 else np.concatenate(outs[1:], axis=2))
@@ -338,7 +345,7 @@ class Partials:
         each output, which are written into preallocated arrays when the batch is split."""
         n = parts[0].shape[0]
         sess = self._session(kind)
-        mb = self.batch_limit(kind) if n > AUTO_BATCH_STEP or self.max_batch is not None else max(n, 1)
+        mb = self._call_size(kind, n)
         if 0 < n <= mb:
             return sess.run(None, dict(self._feeds(parts), **{k: v for k, v in extra.items()}))
         outs = [np.empty((n,) + sh, self.dtype) for sh in shapes]
