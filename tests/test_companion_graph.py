@@ -1,0 +1,137 @@
+"""How many nodes the companion graph of a dense network costs onnxruntime, per hidden layer, after onnxruntime's own
+graph optimisation (ORT_ENABLE_ALL): a regression guard on the elementwise passes the derivative rules emit.
+
+The networks are built as tf2onnx writes Keras Dense stacks (MatMul, Add, then the activation's nodes), one per
+activation the benchmarks use: LeakyReLU (the seed network), tanh (physics) and exact gelu (wide, tf2onnx's
+0.5 x erfc(-x / sqrt 2) form). Each companion graph is also checked against a float64 numpy Jacobian, so a graph
+made smaller by dropping work fails. The bounds are what the rules achieve, counted per layer in the comments; raise
+one only with a reason, and lower it when a change does better.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from scipy.special import erf
+
+from nnpartials import tolerances
+from nnpartials.exporter.jacobian import build_jacobian_model
+
+ALPHA = 0.3  # LeakyReLU slope, as the seed network
+#: nodes that move no data through an elementwise pass (onnxruntime fuses or folds them, or they are views)
+_NOT_ELEMENTWISE = {"MatMul", "Gemm", "FusedGemm", "FusedMatMul", "Reshape", "Transpose", "Identity"}
+
+
+def _mlp(act: str, n_in: int, widths: list, n_out: int, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name, v):
+        inits.append(numpy_helper.from_array(np.asarray(v, np.float32), name))
+        return name
+
+    prev, fan_in = "x", n_in
+    for i, w in enumerate(widths + [n_out]):
+        W = const(f"W{i}", rng.normal(size=(fan_in, w)) / np.sqrt(fan_in))
+        b = const(f"b{i}", rng.normal(size=w) * 0.1)
+        nodes += [helper.make_node("MatMul", [prev, W], [f"mm{i}"]), helper.make_node("Add", [f"mm{i}", b], [f"z{i}"])]
+        z = f"z{i}"
+        if i == len(widths):
+            nodes[-1].output[0] = "out"
+            break
+        if act == "leaky_relu":
+            nodes.append(helper.make_node("LeakyRelu", [z], [f"h{i}"], alpha=ALPHA))
+        elif act == "tanh":
+            nodes.append(helper.make_node("Tanh", [z], [f"h{i}"]))
+        elif act == "gelu":  # tf2onnx: 0.5 * z * (1 - erf(-z / sqrt(2)))
+            nodes += [helper.make_node("Mul", [const(f"half{i}", 0.5), z], [f"m{i}"]),
+                      helper.make_node("Neg", [z], [f"n{i}"]),
+                      helper.make_node("Mul", [f"n{i}", const(f"rs{i}", 1 / np.sqrt(2))], [f"t{i}"]),
+                      helper.make_node("Erf", [f"t{i}"], [f"e{i}"]),
+                      helper.make_node("Sub", [const(f"one{i}", 1.0), f"e{i}"], [f"c{i}"]),
+                      helper.make_node("Mul", [f"m{i}", f"c{i}"], [f"h{i}"])]
+        prev, fan_in = f"h{i}", w
+    graph = helper.make_graph(nodes, f"mlp_{act}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n_in])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", n_out])], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _reference(model, x):
+    """y and dy/dx in float64 (forward-mode through the same weights)."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    n = sum(1 for k in w if k.startswith("W"))
+    h, J = x.astype(np.float64), np.broadcast_to(np.eye(x.shape[1]), (len(x), x.shape[1], x.shape[1]))
+    act = model.graph.name.removeprefix("mlp_")
+    for i in range(n):
+        z = h @ w[f"W{i}"] + w[f"b{i}"]
+        J = np.einsum("bij,ik->bkj", J, w[f"W{i}"])
+        if i == n - 1:
+            return z, J
+        if act == "leaky_relu":
+            h, d = np.where(z > 0, z, ALPHA * z), np.where(z > 0, 1.0, ALPHA)
+        elif act == "tanh":
+            h = np.tanh(z)
+            d = 1 - h ** 2
+        else:
+            phi = 0.5 * (1 + erf(z / np.sqrt(2)))
+            h, d = z * phi, phi + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+        J = J * d[:, :, None]
+
+
+def _optimised_counts(model, tmp_path, name):
+    path = os.path.join(tmp_path, f"{name}.opt.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = path
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess, collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def _elementwise(counts):
+    return sum(v for k, v in counts.items() if k not in _NOT_ELEMENTWISE)
+
+
+# (activation, n_in, hidden widths, n_out, extra nodes per hidden layer, extra elementwise nodes per hidden layer,
+#  extra nodes once)
+CASES = [
+    # seed-like, reverse mode (K = 1): per hidden layer a MatMul with W^T, the mask as two HardSigmoid passes (a step
+    # of y: exactly 1 or alpha) and its Mul: 4 nodes, 3 of them elementwise. Once: the Reshape of dy/dx to
+    # [batch, 1, n_in] (the product with the last layer's W^T and the seed is folded to a constant).
+    ("leaky_relu", 2, [64, 64, 32, 32, 16, 16, 8], 1, 4, 3, 1),
+    # physics-like, reverse mode (K = 2): per layer 1 - y^2 (Mul, Sub), its Mul with the [2, batch, 256] cotangents
+    # and the MatMul: 4 nodes, 3 elementwise. Once: the Transpose to [batch, 2, n_in].
+    ("tanh", 3, [32, 32, 32, 32], 2, 4, 3, 1),
+    # wide-like, reverse mode (K = 1): per layer the MatMul and the elementwise nodes of gelu' = Phi + x phi with the
+    # cotangent (see test docstring): Exp of -t^2 (Mul, Neg, Exp), the erfc path (Mul with the cotangent, Mul by
+    # 0.5) and the erf path (Mul with 0.5 x, Mul with the scaled exp, Mul by 2 / sqrt(pi) / sqrt(2)), Add.
+    ("gelu", 16, [32, 32], 1, 13, 12, 1),
+]
+
+
+@pytest.mark.parametrize("act,n_in,widths,n_out,per_layer,per_layer_elementwise,once", CASES,
+                         ids=[c[0] for c in CASES])
+def test_companion_graph_node_count(tmp_path, act, n_in, widths, n_out, per_layer, per_layer_elementwise, once):
+    model = _mlp(act, n_in, widths, n_out)
+    jm, info = build_jacobian_model(model, mode="auto")
+    assert info["mode"] == "reverse"
+    _, fwd = _optimised_counts(model, tmp_path, "forward")
+    sess, comp = _optimised_counts(jm, tmp_path, "companion")
+
+    x = np.random.default_rng(1).normal(size=(257, n_in)).astype(np.float32)
+    y, J = sess.run(None, {"x": x})
+    y_ref, J_ref = _reference(model, x)
+    assert tolerances.scaled_error(y, y_ref)[1] <= tolerances.FORWARD_F32
+    assert tolerances.scaled_error(J, J_ref)[1] <= tolerances.JACOBIAN_F32
+
+    L = len(widths)
+    total, extra_elementwise = sum(comp.values()), _elementwise(comp) - _elementwise(fwd)
+    assert total <= sum(fwd.values()) + per_layer * L + once, (fwd, comp)
+    assert extra_elementwise <= per_layer_elementwise * L, (fwd, comp)
