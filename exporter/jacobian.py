@@ -13,6 +13,7 @@ reverse when ``n_out < n_in`` and forward otherwise.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -24,6 +25,18 @@ from nnpartials.exporter.rules import RULES, ZERO_DERIVATIVE, Linear, MatMulW, R
 import nnpartials.exporter.rules_nn  # noqa: F401  (registers the network-layer rules)
 
 MODES = ("auto", "forward", "reverse")
+
+
+@dataclass(frozen=True)
+class _Lazy:
+    """A reverse-mode cotangent ``base * sum_i c_i prod_j f_ij`` whose elementwise factors (scale terms: forward
+    tensors and numbers) are not multiplied in yet. A chain or region of elementwise ops (gelu's Mul, Neg, Erf,
+    Sub, Mul) then costs one product with the cotangent, [K, batch, ...], after its factor was computed on the
+    forward tensors' side, [batch, ...], with the numbers of every path folded into one per term; instead of a
+    product with the cotangent per op. ``like``: the forward tensor the cotangent belongs to."""
+    base: str
+    terms: tuple
+    like: str
 
 
 def jacobian_output_names(input_names):
@@ -113,6 +126,9 @@ class _Engine:
             return d, full
         b = self.b
         s = self._scale_tensor(term.s)
+        dv, sv = b.value(d), b.value(s)
+        if dv is not None and sv is not None and dv.dtype == sv.dtype == b.np_float:  # both constant (a seed row)
+            return b.const(dv * sv, hint="seeds"), full
         r = b.op("Mul", [d, s], shape=broadcast_shapes(d_shape or (), b.shape(s) or ()))
         return r, full or (self._is_batched(s) and len(b.shape(s)) == len(b.shape(y)))
 
@@ -176,7 +192,11 @@ class _Engine:
                 self.full.add(r)
             return r
         if isinstance(term, MatMulW):
-            r = b.op("MatMul", [g, b.const(np.ascontiguousarray(term.w.T))], shape=self._dshape(x))
+            gv = b.value(g)
+            if gv is not None:  # the seed times W^T is a constant: computed here, where fold_scales_into_matmul sees it
+                r = b.const(np.matmul(gv, term.w.T).astype(b.np_float), hint="seedw")
+            else:
+                r = b.op("MatMul", [g, b.const(np.ascontiguousarray(term.w.T))], shape=self._dshape(x))
         elif isinstance(term, Linear):
             r = term.rev(b, g)
             b.shapes.setdefault(r, self._dshape(x))
@@ -235,11 +255,135 @@ class _Engine:
                 y = node.output[k]
                 if y not in contrib:
                     continue
-                g = self._sum(contrib[y])
+                g = self._gather(contrib[y], y)
                 for t, x in zip(terms, node.input):
-                    if t is not None and x in self.var:
-                        contrib.setdefault(x, []).append(self._rev(t, g, x, y))
-        return [self._sum(contrib[i]) if i in contrib else None for i in self.inputs]
+                    if t is None or x not in self.var:
+                        continue
+                    if isinstance(t, Scale) and self._deferrable(t, x, y):
+                        contrib.setdefault(x, []).append(self._compose(g, t.s, x))
+                    elif isinstance(t, MatMulW) and isinstance(g, _Lazy):
+                        # a number the factor would be multiplied by goes into the constant W^T instead
+                        gm, k = self._materialize(g, pull_number=True)
+                        w = t.w if k == 1.0 else (t.w * k).astype(t.w.dtype)
+                        contrib.setdefault(x, []).append(self._rev(MatMulW(w), gm, x, y))
+                    else:
+                        contrib.setdefault(x, []).append(self._rev(t, self._materialize(g), x, y))
+        return [self._gather(contrib[i], i, materialize=True) if i in contrib else None for i in self.inputs]
+
+    # ----- reverse mode: elementwise factors multiplied in once (see _Lazy) -----------------------------------
+    def _deferrable(self, term, x, y):
+        """A scale term that maps y's cotangent to x's without broadcasting or reducing: x and y of one shape and the
+        factor broadcasting to it."""
+        b = self.b
+        xs, ys = b.shape(x), b.shape(y)
+        if xs is None or ys is None or tuple(xs) != tuple(ys):
+            return False
+        if isinstance(term.s, (int, float)):
+            return True
+        ss = b.shape(term.s)
+        return ss is not None and len(ss) <= len(xs) and broadcast_shapes(xs, ss) == tuple(xs) and \
+            b.dtypes.get(term.s, b.ftype) == b.ftype
+
+    def _compose(self, g, s, x):
+        if not isinstance(g, _Lazy):
+            g = _Lazy(g, ((1.0, ()),), x)
+        v = None if isinstance(s, (int, float)) else self.b.value(s)
+        if v is not None and v.size == 1 and v.dtype == self.b.np_float:  # a constant scalar tensor is a number
+            s = float(v.reshape(-1)[0])
+        if isinstance(s, (int, float)):
+            terms = tuple((c * float(s), f) for c, f in g.terms)
+        else:
+            terms = tuple((c, f + (s,)) for c, f in g.terms)
+        return _Lazy(g.base, terms, x)
+
+    def _gather(self, items, y, materialize=False):
+        """The cotangent of y from its contributions: one lazy product where they all share one base (the paths of
+        an elementwise region, e.g. gelu's x * Phi(x)), else their sum."""
+        lazies = [g for g in items if isinstance(g, _Lazy)]
+        if len(lazies) == len(items) and len({g.base for g in lazies}) == 1 and not materialize:
+            return lazies[0] if len(lazies) == 1 else _Lazy(lazies[0].base, sum((g.terms for g in lazies), ()), y)
+        return self._sum([self._materialize(g) for g in items])
+
+    def _absorb(self, c, fs):
+        """Factors that a rule computed as (tensor * number) or -tensor, taken apart: the number joins the term's
+        coefficient (so erf's 2 / sqrt(pi) and the signs and scales of a gelu's paths become one number)."""
+        b = self.b
+        producer = {n.output[0]: n for n in b.new_nodes if n.op_type in ("Mul", "Neg") and len(n.output) == 1}
+        out = []
+        for f in fs:
+            while f in producer:
+                n = producer[f]
+                if n.op_type == "Neg":
+                    c, f = -c, n.input[0]
+                    continue
+                vals = [b.value(i) for i in n.input]
+                k = next((j for j, v in enumerate(vals) if v is not None and v.size == 1 and v.dtype == b.np_float), None)
+                other = n.input[1 - k] if k is not None else None
+                if other is None or b.shape(other) is None or b.shape(f) is None or \
+                        len(b.shape(other)) != len(b.shape(f)):
+                    break
+                c, f = c * float(vals[k].reshape(-1)[0]), other
+            out.append(f)
+        return c, out
+
+    def _materialize(self, g, pull_number=False):
+        """base * sum_i c_i prod_j f_ij, with the factors shared by every term taken out and the factor computed on
+        the forward tensors' side before its one product with the (K times larger) cotangent.
+        ``pull_number``: return ``(tensor, k)`` with the cotangent ``k * tensor`` (a number for a constant matrix that
+        comes next)."""
+        if not isinstance(g, _Lazy):
+            return (g, 1.0) if pull_number else g
+        b = self.b
+        merged: dict = {}
+        for c, f in g.terms:
+            c, f = self._absorb(c, f)
+            key = tuple(sorted(f))
+            merged[key] = merged.get(key, 0.0) + c
+        terms = [(c, list(f)) for f, c in merged.items() if c != 0.0]
+        k = 1.0
+        if pull_number and terms:
+            k = max(terms, key=lambda t: len(t[1]))[0]
+            terms = [(c / k, f) for c, f in terms]
+        if not terms:
+            r = self._rev(Scale(0.0), g.base, g.like, g.like)
+            return (r, 1.0) if pull_number else r
+        common = []
+        for f in terms[0][1]:
+            if all(f in fs for _, fs in terms):
+                common.append(f)
+                for _, fs in terms:
+                    fs.remove(f)
+
+        def product(fs):
+            r = None
+            for f in fs:
+                r = f if r is None else b.op("Mul", [r, f])
+            return r
+
+        number, parts = 0.0, []
+        for c, fs in terms:
+            p = product(fs)
+            if p is None:
+                number += c
+            else:
+                parts.append(p if c == 1.0 else b.op("Mul", [p, b.const(c)]))
+        s = product(parts[:1]) if len(parts) == 1 else (self._plain_sum(parts) if parts else None)
+        if s is not None and number != 0.0:
+            s = b.op("Add", [s, b.const(number)])
+        factor = product(common + ([s] if s is not None else []))
+        if factor is None:
+            r = self._rev(Scale(number), g.base, g.like, g.like)
+        else:
+            if s is None and number != 1.0:
+                factor = b.op("Mul", [factor, b.const(number)])
+            r = self._rev(Scale(factor), g.base, g.like, g.like)
+        return (r, k) if pull_number else r
+
+    def _plain_sum(self, parts):
+        r = parts[0]
+        for p in parts[1:]:
+            r = self.b.op("Add", [r, p])
+        return r
 
     # ----- assembly -----------------------------------------------------------------------------------------
     def _batch_expand(self, d, tail):
@@ -306,6 +450,8 @@ class _Engine:
         for src, name, dims in outs:
             b.new_nodes.append(helper.make_node("Identity", [src], [name], name=f"nnp_out_{name}"))
         fold_scales_into_matmul(b)
+        fold_constant_scale_before_matmul(b, {name for _, name, _ in outs})
+        _drop_unused_nodes(b, g)
         used = {i for n in list(g.node) + b.new_nodes for i in n.input}
         b.new_inits = [t for t in b.new_inits if t.name in used]  # constants a rule made but did not use
         g.node.extend(b.new_nodes)
@@ -335,6 +481,82 @@ def _outer_reads(node) -> set:
                 out.update(r for r in _outer_reads(n) if r not in local)
             out.update(o.name for o in g.output if o.name not in local)
     return out
+
+
+def _drop_unused_nodes(b, g):
+    """Derivative nodes whose outputs nothing reads (a factor a rule computed as tensor * number, whose number went
+    into a coefficient instead): a runtime would still compute them."""
+    needed = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = []
+    for n in reversed(b.new_nodes):
+        if n.op_type == "Identity" and n.name.startswith("nnp_out_") or any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
+    b.new_nodes = keep[::-1]
+
+
+def _rank_may_drop(b, t, consumers, outputs):
+    """Whether every use of ``t`` gives the same values when ``t`` loses leading axes of size 1: elementwise ops
+    (broadcasting puts them back, or the loss passes on to their output), products with a constant matrix, reshapes
+    to a constant target."""
+    if t in outputs:
+        return False
+    rank = len(b.shape(t) or ())
+    for n in consumers.get(t, []):
+        if n.op_type in ("Mul", "Add", "Sub", "Div"):
+            others = [i for i in n.input if i != t]
+            if any(b.shape(o) is None for o in others):
+                return False
+            if all(len(b.shape(o)) < rank for o in others) and not _rank_may_drop(b, n.output[0], consumers, outputs):
+                return False
+        elif n.op_type == "MatMul":
+            w = b.value(n.input[1])
+            if n.input[0] != t or w is None or w.ndim != 2 or not _rank_may_drop(b, n.output[0], consumers, outputs):
+                return False
+        elif n.op_type == "Reshape":
+            tgt = b.value(n.input[1])
+            if n.input[0] != t or tgt is None or (np.asarray(tgt) == 0).any():
+                return False
+        else:
+            return False
+    return True
+
+
+def fold_constant_scale_before_matmul(b, outputs):
+    """Among the derivative nodes, rewrite ``MatMul(Mul(c, t), W)`` as ``MatMul(t, c^T * W)`` where c and W are
+    constants, c varies along the last axis only and the product has no other use: the first step of reverse mode
+    through an activation, the seed times the last layer's W^T (a constant) times the activation's derivative, then
+    the next W^T. One node and one pass fewer. The product then has the rank of t, which may lack c's leading axes of
+    size 1; the rewrite is made only where every later use gives the same values (see _rank_may_drop)."""
+    nodes = b.new_nodes
+    consumers: dict[str, list] = {}
+    for n in list(b.graph.node) + nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {n.output[0]: n for n in nodes if n.op_type == "Mul"}
+    drop = set()
+    for mm in nodes:
+        if mm.op_type != "MatMul" or mm.input[0] not in producer or len(consumers.get(mm.input[0], [])) != 1:
+            continue
+        w = b.value(mm.input[1])
+        mul = producer[mm.input[0]]
+        if w is None or w.ndim != 2 or w.dtype != b.np_float or id(mul) in drop:
+            continue
+        for c, t in ((mul.input[0], mul.input[1]), (mul.input[1], mul.input[0])):
+            cv, ts = b.value(c), b.shape(t)
+            if cv is None or b.value(t) is not None or ts is None or cv.dtype != b.np_float or cv.ndim == 0 or \
+                    any(d != 1 for d in cv.shape[:-1]) or cv.shape[-1] != w.shape[0] or \
+                    ts[-1] != w.shape[0] or len(ts) < 2:
+                continue
+            if cv.ndim > len(ts) and not _rank_may_drop(b, mm.output[0], consumers, outputs):
+                continue
+            mm.input[0] = t
+            mm.input[1] = b.const(cv.reshape(-1, 1) * w, hint="wscaled")
+            b.shapes[mm.output[0]] = tuple(ts[:-1]) + (w.shape[1],)
+            drop.add(id(mul))
+            break
+    if drop:
+        b.new_nodes = [n for n in nodes if id(n) not in drop]
 
 
 def fold_scales_into_matmul(b):
