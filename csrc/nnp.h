@@ -34,8 +34,10 @@
  * Results do not depend on how a batch is split into calls or blocks, with one exception: a call for a
  * single point uses faster one-row kernels (in reverse mode with n_out <= 2, a path of its own) that sum in a
  * different order, so it may differ from the same point inside a larger batch by float32 rounding. NaN and
- * Inf inputs propagate; nothing traps. On x86-64 the compute loops are built for the baseline ISA and for
- * AVX2+FMA, chosen at run time.
+ * Inf inputs propagate; nothing traps. On x86-64 the compute loops are built for the baseline ISA, for AVX2+FMA
+ * and (the batch kernels) for AVX-512, chosen at run time when the model is loaded; the AVX2 and AVX-512 batch
+ * kernels give bit-identical results. The environment variable NNP_MAX_ISA=avx2 or =base, read by nnp_load(),
+ * caps the choice for that model (for testing and comparisons).
  */
 #ifndef NNP_H
 #define NNP_H
@@ -116,7 +118,9 @@ const char *nnp_strerror(int code);
 /*
  * Validate a weight file held in buf[0..len) and store in *needed the number of bytes of storage that
  * nnp_load() needs. Checks magic, version, flags and reserved fields, counts and dimensions, the file_size
- * field against len, the CRC-32 and that every real is finite. The buffer may sit at any address.
+ * field against len, the CRC-32 and that every real is finite. The buffer may sit at any address. The storage
+ * holds each weight matrix four times (as stored, transposed, and both packed in panels for the batch kernels),
+ * about 16 bytes per weight.
  */
 int nnp_model_bytes(const unsigned char *buf, size_t len, size_t *needed);
 

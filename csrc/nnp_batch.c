@@ -169,6 +169,159 @@ NNP_INLINE void gemm_body(size_t m, size_t k, size_t n, const float *A, size_t l
 
 #define gemm_f32 gemm_body
 
+/* ------------------------------------------------------------------------------------------------------ */
+/* Packed products: B given as panels of 16 columns (nnp_internal.h, the layers' Wp and Wtp)              */
+/*
+ * C[m][n] (row stride ldc) = A[m][k] (row stride lda) * B[k][n], B packed: panel q is B[0..k)[16 q .. 16 q + 16)
+ * as k contiguous rows of 16 floats, ps = 16 k floats apart. Rows go in groups (12 for AVX-512, 6 otherwise) and
+ * each group runs through every panel while its rows of A stay in the L1 cache and the panels stream in order. Every
+ * entry is the sum over k in order, one fused multiply-add per step from zero, in every tile and every build with
+ * FMA: a result depends neither on the block size nor on which of these kernels made it (AVX2 and AVX-512 agree
+ * bit for bit). The zero-padded columns of the last panel go to a scratch tile, never to C.
+ */
+
+/* chunk of k of the AVX-512 products (their rows of A are packed a chunk at a time, 12 x NNP_KC floats on the stack) */
+#define NNP_KC 128u
+
+#if NNP_VECTOR_EXT && (NNP_X86_DISPATCH || NNP_NATIVE_ISA == 2)
+/* AVX-512: MR rows x NP panels, one 16-float register per panel and row (MR * NP accumulators). The rows of A come
+ * packed, ap[p][12] (one pointer for every broadcast: twelve row pointers would not fit in the integer registers);
+ * add: start from C's values instead of zero (a later chunk of k continues the same in-order sums). */
+#define NNP_KERNEL16(MR, NP)                                                                                   \
+    NNP_INLINE void z##MR##x##NP(size_t k, const float *ap, const float *P, size_t ps, float *C, size_t ldc,      \
+                                 int add)                                                                      \
+    {                                                                                                          \
+        nnp_v16 acc[MR][NP];                                                                                   \
+        size_t p_;                                                                                             \
+        int r_, c_;                                                                                            \
+        for (r_ = 0; r_ < MR; r_++)                                                                            \
+            for (c_ = 0; c_ < NP; c_++) {                                                                      \
+                acc[r_][c_] = (nnp_v16){0};                                                                    \
+                if (add) acc[r_][c_] = *(const nnp_v16u *)(const void *)(C + r_ * ldc + 16 * c_);              \
+            }                                                                                                  \
+        for (p_ = 0; p_ < k; p_++) {                                                                           \
+            nnp_v16 b_[NP];                                                                                    \
+            for (c_ = 0; c_ < NP; c_++) b_[c_] = *(const nnp_v16u *)(const void *)(P + c_ * ps + p_ * 16);      \
+            for (r_ = 0; r_ < MR; r_++) {                                                                      \
+                const float s_ = ap[p_ * 12 + r_];                                                             \
+                const nnp_v16 a_ = {s_, s_, s_, s_, s_, s_, s_, s_, s_, s_, s_, s_, s_, s_, s_, s_};            \
+                for (c_ = 0; c_ < NP; c_++) acc[r_][c_] += a_ * b_[c_];                                        \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (r_ = 0; r_ < MR; r_++)                                                                            \
+            for (c_ = 0; c_ < NP; c_++) *(nnp_v16u *)(void *)(C + r_ * ldc + 16 * c_) = acc[r_][c_];           \
+    }
+#define NNP_KERNEL16_BOTH(MR) NNP_KERNEL16(MR, 2) NNP_KERNEL16(MR, 1)
+NNP_KERNEL16_BOTH(12)
+NNP_KERNEL16_BOTH(11)
+NNP_KERNEL16_BOTH(10)
+NNP_KERNEL16_BOTH(9)
+NNP_KERNEL16_BOTH(8)
+NNP_KERNEL16_BOTH(7)
+NNP_KERNEL16_BOTH(6)
+NNP_KERNEL16_BOTH(5)
+NNP_KERNEL16_BOTH(4)
+NNP_KERNEL16_BOTH(3)
+NNP_KERNEL16_BOTH(2)
+NNP_KERNEL16_BOTH(1)
+
+#define NNP_Z_CASE(R)                                                                                          \
+    case R:                                                                                                    \
+        if (np == 2)                                                                                           \
+            z##R##x2(k, ap, P, ps, C, ldc, add);                                                               \
+        else                                                                                                   \
+            z##R##x1(k, ap, P, ps, C, ldc, add);                                                               \
+        break;
+/* r (1..12) rows x np (1, 2) panels */
+NNP_INLINE void ztile(size_t r, size_t np, size_t k, const float *ap, const float *P, size_t ps, float *C, size_t ldc,
+                      int add)
+{
+    switch (r) {
+        NNP_Z_CASE(12) NNP_Z_CASE(11) NNP_Z_CASE(10) NNP_Z_CASE(9) NNP_Z_CASE(8) NNP_Z_CASE(7) NNP_Z_CASE(6)
+        NNP_Z_CASE(5) NNP_Z_CASE(4) NNP_Z_CASE(3) NNP_Z_CASE(2) NNP_Z_CASE(1) default: break;
+    }
+}
+#define NNP_HAVE_Z 1
+#else
+#define NNP_HAVE_Z 0
+#endif
+
+/* r (1..6) rows x one panel, 8-float vectors */
+NNP_INLINE void ytile(size_t r, size_t k, const float *A, size_t lda, const float *P, float *C, size_t ldc)
+{
+    switch (r) {
+    case 6: k6x2(k, A, lda, P, NNP_PANEL, C, ldc); break;
+    case 5: k5x2(k, A, lda, P, NNP_PANEL, C, ldc); break;
+    case 4: k4x2(k, A, lda, P, NNP_PANEL, C, ldc); break;
+    case 3: k3x2(k, A, lda, P, NNP_PANEL, C, ldc); break;
+    case 2: k2x2(k, A, lda, P, NNP_PANEL, C, ldc); break;
+    case 1: k1x2(k, A, lda, P, NNP_PANEL, C, ldc); break;
+    default: break;
+    }
+}
+
+NNP_INLINE void gemm_packed(int isa, size_t m, size_t k, size_t n, const float *A, size_t lda, const float *P,
+                            float *C, size_t ldc)
+{
+    const size_t ps = k * NNP_PANEL, npan = (n + NNP_PANEL - 1) / NNP_PANEL;
+    float tmp[12 * 2 * NNP_PANEL];
+    size_t i, q, r, t, c;
+#if NNP_HAVE_Z
+    if (isa >= 2) { /* rows in groups of 12, k in chunks of NNP_KC: each chunk of a group's rows packed once */
+        float ap[NNP_KC * 12];
+        size_t p0, kc, p, last_w = n - (npan - 1) * NNP_PANEL; /* columns of the last panel */
+        for (i = 0; i < m; i += 12) {
+            r = m - i < 12 ? m - i : 12;
+            for (p0 = 0; p0 < k; p0 += kc) {
+                kc = k - p0 < NNP_KC ? k - p0 : NNP_KC;
+                for (p = 0; p < kc; p++)
+                    for (t = 0; t < r; t++) ap[p * 12 + t] = A[(i + t) * lda + p0 + p];
+                for (q = 0; q < npan; q += 2) {
+                    const size_t np = npan - q >= 2 ? 2 : 1, j = q * NNP_PANEL;
+                    const float *Pq = P + q * ps + p0 * NNP_PANEL;
+                    if (q + np < npan || last_w == NNP_PANEL) {
+                        ztile(r, np, kc, ap, Pq, ps, C + i * ldc + j, ldc, p0 > 0);
+                    } else { /* the last pair holds the partial panel: its sums live in the scratch tile */
+                        ztile(r, np, kc, ap, Pq, ps, tmp, 2 * NNP_PANEL, p0 > 0);
+                        if (p0 + kc == k)
+                            for (t = 0; t < r; t++)
+                                for (c = 0; c < n - j; c++) C[(i + t) * ldc + j + c] = tmp[t * 2 * NNP_PANEL + c];
+                    }
+                }
+            }
+        }
+        return;
+    }
+#else
+    (void)isa;
+#endif
+    for (i = 0; i < m; i += 6) {
+        r = m - i < 6 ? m - i : 6;
+        for (q = 0; q < npan; q++) {
+            const size_t j = q * NNP_PANEL, w = n - j;
+            if (w >= NNP_PANEL) {
+                ytile(r, k, A + i * lda, lda, P + q * ps, C + i * ldc + j, ldc);
+            } else {
+                ytile(r, k, A + i * lda, lda, P + q * ps, tmp, NNP_PANEL);
+                for (t = 0; t < r; t++)
+                    for (c = 0; c < w; c++) C[(i + t) * ldc + j + c] = tmp[t * NNP_PANEL + c];
+            }
+        }
+    }
+}
+
+/* The batch paths' product with a layer's weights: x W (transposed: g W^T) from the packed copy, except for one row
+ * with the split-sum kernels (split: the call has one point), which read W as stored. */
+NNP_INLINE void gemm_layer(int isa, size_t m, const nnp_layer *L, int transposed, const float *A, size_t lda, float *C,
+                           size_t ldc, int split)
+{
+    const size_t k = transposed ? L->cols : L->rows, n = transposed ? L->rows : L->cols;
+    if (split && m == 1)
+        gemm_f32(m, k, n, A, lda, transposed ? L->Wt : L->W, transposed ? L->W : L->Wt, C, ldc, split);
+    else
+        gemm_packed(isa, m, k, n, A, lda, transposed ? L->Wtp : L->Wp, C, ldc);
+}
+
 /* The products of nnp_second.c (nnp_internal.h): these kernels, dispatched once per product, without the split-sum
  * single-row kernels so that a row's result does not depend on how many rows the product has. Four rows (one
  * point's value and tangents in the Hessian's forward pass, half of one point's Hessian-vector rows) go in strips of
@@ -201,7 +354,7 @@ void nnpi_gemm(size_t m, size_t k, size_t n, const float *A, size_t lda, const f
 /* ------------------------------------------------------------------------------------------------------ */
 /* Forward (float32)                                                                                      */
 
-NNP_INLINE void forward_block_body(const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
+NNP_INLINE void forward_block_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
                                    int split)
 {
     const float *in = x;
@@ -214,14 +367,14 @@ NNP_INLINE void forward_block_body(const nnp_model *m, size_t np, const float *x
         int last = (k + 1 == m->n_layers);
         float *out = last ? y : bufs[k & 1];
         size_t i;
-        gemm_f32(np, L->rows, L->cols, in, in_stride, L->W, L->Wt, out, L->cols, split);
+        gemm_layer(isa, np, L, 0, in, in_stride, out, L->cols, split);
         for (i = 0; i < np; i++) act_f32(L, out + i * L->cols, L->cols);
         in = out;
         in_stride = L->cols;
     }
 }
 
-NNP_DISPATCHED(forward_block, (const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
+NNP_DISPATCHED_ISA(forward_block, (const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
                                 int split),
                (m, np, x, y, buf0, buf1, split))
 
@@ -243,7 +396,7 @@ int nnpi_forward_batch(const nnp_model *m, size_t batch, const float *x, float *
 /* ------------------------------------------------------------------------------------------------------ */
 /* Jacobian, forward mode: every point carries 1 value row and n_in tangent rows through the network.     */
 
-NNP_INLINE void jac_fwd_block_body(const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
+NNP_INLINE void jac_fwd_block_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
                                    float *buf1, float *d, int split)
 {
     const size_t n_in = m->n_in, R = n_in + 1; /* rows per point */
@@ -255,7 +408,7 @@ NNP_INLINE void jac_fwd_block_body(const nnp_model *m, size_t np, const float *x
         const size_t c = L->cols;
         if (k == 0) {
             /* value rows: x W; tangent rows: e_j W = W[j] */
-            gemm_f32(np, L->rows, c, x, n_in, L->W, L->Wt, nxt, R * c, split);
+            gemm_layer(isa, np, L, 0, x, n_in, nxt, R * c, split);
             for (p = 0; p < np; p++) {
                 float *v = nxt + p * R * c;
                 act_d_f32(L, v, d, c);
@@ -266,7 +419,7 @@ NNP_INLINE void jac_fwd_block_body(const nnp_model *m, size_t np, const float *x
                 }
             }
         } else {
-            gemm_f32(np * R, L->rows, c, cur, L->rows, L->W, L->Wt, nxt, c, split);
+            gemm_layer(isa, np * R, L, 0, cur, L->rows, nxt, c, split);
             for (p = 0; p < np; p++) {
                 float *v = nxt + p * R * c;
                 act_d_f32(L, v, d, c);
@@ -297,7 +450,7 @@ NNP_INLINE void jac_fwd_block_body(const nnp_model *m, size_t np, const float *x
 
 /* Reverse mode, first half: values, keeping every layer's derivatives. D holds, per layer k, a [np][cols_k]
  * block at offset np * (sum of the widths before k). */
-NNP_INLINE void rev_fwd_body(const nnp_model *m, size_t np, const float *x, float *y, float *v0, float *v1,
+NNP_INLINE void rev_fwd_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *v0, float *v1,
                              float *D, int split)
 {
     const float *in = x;
@@ -306,7 +459,7 @@ NNP_INLINE void rev_fwd_body(const nnp_model *m, size_t np, const float *x, floa
     for (k = 0; k < m->n_layers; k++) {
         const nnp_layer *L = &m->layers[k];
         const size_t c = L->cols;
-        gemm_f32(np, L->rows, c, in, in_stride, L->W, L->Wt, nxt, c, split);
+        gemm_layer(isa, np, L, 0, in, in_stride, nxt, c, split);
         for (p = 0; p < np; p++) act_d_f32(L, nxt + p * c, D + doff + p * c, c);
         doff += np * c;
         in = nxt;
@@ -322,7 +475,7 @@ NNP_INLINE void rev_fwd_body(const nnp_model *m, size_t np, const float *x, floa
 
 /* Reverse mode, second half: n_out adjoint rows per point, from the derivatives D alone, laid out as above for
  * blocks of ldp >= np points. Writes J [np][n_out][n_in]. */
-NNP_INLINE void rev_bwd_body(const nnp_model *m, size_t np, size_t ldp, float *J, const float *D, float *g0,
+NNP_INLINE void rev_bwd_body(int isa, const nnp_model *m, size_t np, size_t ldp, float *J, const float *D, float *g0,
                              float *g1, int split)
 {
     const size_t n_out = m->n_out, L_n = m->n_layers;
@@ -360,7 +513,7 @@ NNP_INLINE void rev_bwd_body(const nnp_model *m, size_t np, size_t ldp, float *J
                 for (j = 0; j < c; j++) g[j] *= dp[j];
             }
         }
-        gemm_f32(np * n_out, c, L->rows, cur, c, L->Wt, L->W, out, L->rows, split);
+        gemm_layer(isa, np * n_out, L, 1, cur, c, out, L->rows, split);
         {
             float *tmp = cur;
             cur = nxt;
@@ -369,13 +522,13 @@ NNP_INLINE void rev_bwd_body(const nnp_model *m, size_t np, size_t ldp, float *J
     }
 }
 
-NNP_DISPATCHED(jac_fwd_block, (const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
+NNP_DISPATCHED_ISA(jac_fwd_block, (const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
                                 float *buf1, float *d, int split),
                (m, np, x, y, J, buf0, buf1, d, split))
-NNP_DISPATCHED(rev_fwd, (const nnp_model *m, size_t np, const float *x, float *y, float *v0, float *v1, float *D,
+NNP_DISPATCHED_ISA(rev_fwd, (const nnp_model *m, size_t np, const float *x, float *y, float *v0, float *v1, float *D,
                           int split),
                (m, np, x, y, v0, v1, D, split))
-NNP_DISPATCHED(rev_bwd, (const nnp_model *m, size_t np, size_t ldp, float *J, const float *D, float *g0, float *g1,
+NNP_DISPATCHED_ISA(rev_bwd, (const nnp_model *m, size_t np, size_t ldp, float *J, const float *D, float *g0, float *g1,
                           int split),
                (m, np, ldp, J, D, g0, g1, split))
 

@@ -5,6 +5,8 @@
  */
 #include "nnp_internal.h"
 
+#include <stdlib.h>
+
 #define NNP_HEADER_BYTES 32u
 #define NNP_RECORD_BYTES 24u
 
@@ -152,12 +154,17 @@ static int validate(const unsigned char *buf, size_t len, nnp_info *info)
         prev = cols;
         if (!mul_sz(rows, cols, &rc) || !add_sz(rc, cols, &lp) || !add_sz(params, lp, &params))
             return NNP_E_TOO_LARGE;
-        /* storage for W, b and Wt */
+        /* storage for W, b, Wt and the packed copies (dimensions <= 65536: whole panels cannot overflow a size_t
+         * of 64 bits, but are checked like the rest) */
         {
-            size_t wb, bb;
+            size_t wb, bb, pw, pt;
             if (!mul_sz(rc, sizeof(float), &wb) || !round_up(wb, &wb) || !mul_sz(cols, sizeof(float), &bb) ||
                 !round_up(bb, &bb) || !mul_sz(wb, 2, &bytes) || !add_sz(bytes, bb, &bytes) ||
-                !add_sz(storage, bytes, &storage))
+                !mul_sz((cols + NNP_PANEL - 1) / NNP_PANEL * NNP_PANEL, rows, &pw) ||
+                !mul_sz(pw, sizeof(float), &pw) || !round_up(pw, &pw) ||
+                !mul_sz((rows + NNP_PANEL - 1) / NNP_PANEL * NNP_PANEL, cols, &pt) ||
+                !mul_sz(pt, sizeof(float), &pt) || !round_up(pt, &pt) || !add_sz(bytes, pw, &bytes) ||
+                !add_sz(bytes, pt, &bytes) || !add_sz(storage, bytes, &storage))
                 return NNP_E_TOO_LARGE;
         }
         if (cols > max_cols) max_cols = cols;
@@ -200,6 +207,36 @@ static unsigned char *align_ptr(unsigned char *p)
 {
     size_t mis = (size_t)((uintptr_t)p % NNP_ALIGN);
     return mis ? p + (NNP_ALIGN - mis) : p;
+}
+
+/* A [rows][cols] packed in panels of NNP_PANEL columns at *p (nnp_internal.h), the last one zero-padded; advances *p
+ * past it, to the next aligned address. */
+static const float *pack_panels(const float *A, size_t rows, size_t cols, unsigned char **p)
+{
+    float *P = (float *)(void *)*p;
+    const size_t npan = (cols + NNP_PANEL - 1) / NNP_PANEL;
+    size_t q, i, c;
+    for (q = 0; q < npan; q++)
+        for (i = 0; i < rows; i++)
+            for (c = 0; c < NNP_PANEL; c++) {
+                const size_t j = q * NNP_PANEL + c;
+                P[(q * rows + i) * NNP_PANEL + c] = j < cols ? A[i * cols + j] : 0.0f;
+            }
+    *p += ((npan * NNP_PANEL * rows * sizeof(float) + NNP_ALIGN - 1) / NNP_ALIGN) * NNP_ALIGN;
+    return P;
+}
+
+/* The kernels of the batch paths for this CPU (nnp_simd.h), at most the level the environment variable NNP_MAX_ISA
+ * names ("base", "avx2", "avx512"; unset or anything else: no limit), which lets tests compare the builds. */
+static int choose_isa(void)
+{
+    const char *cap = getenv("NNP_MAX_ISA");
+    int isa = nnp_cpu_isa();
+    if (cap != NULL) {
+        if (strcmp(cap, "base") == 0) isa = 0;
+        else if (strcmp(cap, "avx2") == 0 && isa > 1) isa = 1;
+    }
+    return isa;
 }
 
 int nnp_load(const unsigned char *buf, size_t len, void *storage, size_t storage_len, nnp_model **out)
@@ -252,6 +289,8 @@ int nnp_load(const unsigned char *buf, size_t len, void *storage, size_t storage
         layers[k].b = b;
         layers[k].Wt = Wt;
         p += 2 * wbytes + bbytes;
+        layers[k].Wp = pack_panels(W, rows, cols, &p);
+        layers[k].Wtp = pack_panels(Wt, cols, rows, &p);
     }
     m->tag = NNP_MODEL_TAG;
     m->n_in = info.n_in;
@@ -262,6 +301,7 @@ int nnp_load(const unsigned char *buf, size_t len, void *storage, size_t storage
     m->layers = layers;
     m->pattern_bits = 0;
     m->piecewise = 1;
+    m->isa = choose_isa();
     for (k = 0; k < info.n_layers; k++) {
         switch (layers[k].act) {
         case NNP_ACT_LINEAR: break;

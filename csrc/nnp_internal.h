@@ -114,10 +114,16 @@ typedef char nnp_check_float_size[(sizeof(float) == 4 && sizeof(uint32_t) == 4) 
 /* A loaded model                                                                                         */
 /*
  * Layout inside the caller's storage, aligned to 64 bytes:
- *   struct nnp_model | nnp_layer[n_layers] | per layer: W[rows][cols], b[cols], Wt[cols][rows]
+ *   struct nnp_model | nnp_layer[n_layers] | per layer: W[rows][cols], b[cols], Wt[cols][rows], Wp, Wtp
  * W is kept twice (as stored and transposed) so that both the forward products (x W) and the reverse ones
- * (g W^T) run over contiguous memory.
+ * (g W^T) run over contiguous memory, and both again packed in panels for the batch kernels (nnp_batch.c): Wp holds
+ * W's columns in panels of NNP_PANEL, panel q = columns [16 q, 16 q + 16) as [rows][16] contiguous floats, the last
+ * panel zero-padded; Wtp the same of Wt. A kernel streams one panel (or two) from start to end, with no stride
+ * between the rows of its tile of weights (the cache conflicts of reading 16 columns of a 256-wide row-major matrix).
  */
+#define NNP_PANEL 16u
+/* floats of a packed copy of a [rows][cols] matrix: whole panels of cols */
+#define NNP_PACKED_FLOATS(rows, cols) ((((cols) + NNP_PANEL - 1) / NNP_PANEL) * NNP_PANEL * (rows))
 typedef struct nnp_layer {
     size_t rows, cols;
     int act;
@@ -125,6 +131,8 @@ typedef struct nnp_layer {
     const float *W;  /* [rows][cols] */
     const float *b;  /* [cols] */
     const float *Wt; /* [cols][rows] */
+    const float *Wp;  /* W packed: [ceil(cols / 16)][rows][16] */
+    const float *Wtp; /* Wt packed: [ceil(rows / 16)][cols][16] */
 } nnp_layer;
 
 struct nnp_model {
@@ -135,6 +143,8 @@ struct nnp_model {
     size_t pattern_bits; /* bits of an activation pattern: one per unit of a non-linear layer, each layer
                             padded to whole bytes */
     int piecewise;       /* every activation is piecewise linear: linear, relu, leaky_relu, relu6, hard_sigmoid */
+    int isa;             /* kernels of the batch paths (nnp_simd.h): 0 baseline, 1 AVX2+FMA, 2 AVX-512; chosen at
+                            load from what the CPU has, at most what the environment variable NNP_MAX_ISA allows */
     const nnp_layer *layers;
 };
 

@@ -96,7 +96,7 @@ NNP_INLINE void act_d2_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP
         break;
     case NNP_ACT_SIGMOID: /* f' = f (1 - f), f'' = f' (1 - 2 f) */
         for (j = 0; j < n; j++) {
-            const float a = 1.0f / (1.0f + expf(-(z[j] + b[j]))), dv = a * (1.0f - a);
+            const float a = 1.0f / (1.0f + nnp_expf(-(z[j] + b[j]))), dv = a * (1.0f - a);
             z[j] = a;
             d[j] = dv;
             s[j] = dv * (1.0f - 2.0f * a);
@@ -104,7 +104,7 @@ NNP_INLINE void act_d2_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP
         break;
     case NNP_ACT_SOFTPLUS: /* f' = sigmoid(z), f'' = sigmoid(z) sigmoid(-z) = e / (1 + e)^2 with e = e^-|z| */
         for (j = 0; j < n; j++) {
-            const float v = z[j] + b[j], e = expf(-fabsf(v)), q = 1.0f / (1.0f + e);
+            const float v = z[j] + b[j], e = nnp_expf(-fabsf(v)), q = 1.0f / (1.0f + e);
             z[j] = (v > 0.0f ? v : 0.0f) + log1pf(e);
             d[j] = (v >= 0.0f ? 1.0f : e) / (1.0f + e);
             s[j] = e * q * q;
@@ -120,7 +120,7 @@ NNP_INLINE void act_d2_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP
         break;
     case NNP_ACT_SWISH: /* f = z g (g the sigmoid): f' = g (1 + z (1 - g)), f'' = g (1 - g) (2 + z (1 - 2 g)) */
         for (j = 0; j < n; j++) {
-            const float v = z[j] + b[j], g = 1.0f / (1.0f + expf(-v));
+            const float v = z[j] + b[j], g = 1.0f / (1.0f + nnp_expf(-v));
             z[j] = v * g;
             d[j] = g * (1.0f + v * (1.0f - g));
             s[j] = g * (1.0f - g) * (2.0f + v * (1.0f - 2.0f * g));
@@ -128,8 +128,9 @@ NNP_INLINE void act_d2_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP
         break;
     case NNP_ACT_GELU: /* f = z Phi(z): f' = Phi + z phi, f'' = phi (2 - z^2) */
         for (j = 0; j < n; j++) {
-            const float v = z[j] + b[j], c = 0.5f * (1.0f + erff(v * SQRT1_2F));
-            const float ph = INV_SQRT_2PI_F * expf(-0.5f * v * v);
+            const float v = z[j] + b[j];
+            float e;
+            const float c = nnp_phif(v, &e), ph = INV_SQRT_2PI_F * e;
             z[j] = v * c;
             d[j] = c + v * ph;
             s[j] = ph * (2.0f - v * v);
@@ -140,7 +141,7 @@ NNP_INLINE void act_d2_f32(const nnp_layer *L, float *NNP_RESTRICT z, float *NNP
          * u' = c (1 + 3 k z^2), u'' = 6 c k z */
         for (j = 0; j < n; j++) {
             const float v = z[j] + b[j];
-            const float t = tanhf(SQRT_2_OVER_PI_F * (v + GELU_C * v * v * v));
+            const float t = nnp_tanhf(SQRT_2_OVER_PI_F * (v + GELU_C * v * v * v));
             const float u1 = SQRT_2_OVER_PI_F * (1.0f + 3.0f * GELU_C * v * v);
             const float u2 = 6.0f * SQRT_2_OVER_PI_F * GELU_C * v;
             z[j] = 0.5f * v * (1.0f + t);

@@ -49,6 +49,15 @@ static inline int have_avx2_fma(void)
 /* idempotent; makes the feature checks valid even before constructors ran */
 static inline void nnp_cpu_init(void) { __builtin_cpu_init(); }
 
+static inline int have_avx512f(void) { return have_avx2_fma() && __builtin_cpu_supports("avx512f"); }
+
+/* The best kernel level this CPU runs: 2 AVX-512F (with AVX2 and FMA), 1 AVX2 and FMA, 0 the baseline */
+static inline int nnp_cpu_isa(void)
+{
+    nnp_cpu_init();
+    return have_avx512f() ? 2 : (have_avx2_fma() ? 1 : 0);
+}
+
 #define NNP_DISPATCHED(NAME, PARAMS, ARGS)                                                                     \
     static void NAME##_base PARAMS { NAME##_body ARGS; }                                                       \
     __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { NAME##_body ARGS; }                  \
@@ -71,12 +80,41 @@ __attribute__((target("avx2,fma"))) static inline size_t nnp_layer_bytes_avx2(co
         b[u / 8] = (unsigned char)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(d + u), lv, _CMP_NEQ_UQ));
     return u;
 }
+/* The batch kernels (nnp_batch.c) have a third build, for AVX-512: NNP_DISPATCHED_ISA(NAME, PARAMS, ARGS) is as
+ * NNP_DISPATCHED, but NAME_body takes the level as its first argument (a constant in each build, so each keeps only
+ * its own kernels) and the level comes from the model (m->isa, chosen at load; PARAMS must name the model m). */
+#define NNP_DISPATCHED_ISA(NAME, PARAMS, ARGS)                                                                 \
+    static void NAME##_base PARAMS { NAME##_body(0, NNP_UNPAREN ARGS); }                                      \
+    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { NAME##_body(1, NNP_UNPAREN ARGS); } \
+    __attribute__((target("avx512f,avx2,fma"))) static void NAME##_avx512 PARAMS      \
+    {                                                                                                          \
+        NAME##_body(2, NNP_UNPAREN ARGS);                                                                      \
+    }                                                                                                          \
+    static void NAME PARAMS                                                                                    \
+    {                                                                                                          \
+        if (m->isa >= 2)                                                                                       \
+            NAME##_avx512 ARGS;                                                                                \
+        else if (m->isa == 1)                                                                                  \
+            NAME##_avx2 ARGS;                                                                                  \
+        else                                                                                                   \
+            NAME##_base ARGS;                                                                                  \
+    }
 #else
 static inline void nnp_cpu_init(void) {}
+static inline int nnp_cpu_isa(void) { return 0; }
 
 #define NNP_DISPATCHED(NAME, PARAMS, ARGS)                                                                     \
     static void NAME PARAMS { NAME##_body ARGS; }
+/* built once, for the target the compiler is told: the AVX-512 kernels where it may use them */
+#if defined(__AVX512F__) && defined(__FMA__)
+#define NNP_NATIVE_ISA 2
+#else
+#define NNP_NATIVE_ISA 0
 #endif
+#define NNP_DISPATCHED_ISA(NAME, PARAMS, ARGS)                                                                 \
+    static void NAME PARAMS { NAME##_body(NNP_NATIVE_ISA, NNP_UNPAREN ARGS); }
+#endif
+#define NNP_UNPAREN(...) __VA_ARGS__
 
 #if NNP_VECTOR_EXT
 /* 8 floats; the kernels sum over k in order, except the split-sum single-row ones (used only when a call has one
@@ -92,6 +130,9 @@ typedef int nnp_v8i __attribute__((vector_size(32)));
 #else
 #define NNP_SHUF(a, b, ...) __builtin_shuffle(a, b, (nnp_v8i){__VA_ARGS__})
 #endif
+/* 16 floats: one AVX-512 register (in the AVX-512 build only) */
+typedef float nnp_v16 __attribute__((vector_size(64)));
+typedef float nnp_v16u __attribute__((vector_size(64), aligned(4), may_alias));
 /* within each half: a's pairwise sums, then b's (the pattern of x86 hadd) */
 #define NNP_HADD(a, b) (NNP_SHUF(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + NNP_SHUF(a, b, 1, 3, 9, 11, 5, 7, 13, 15))
 

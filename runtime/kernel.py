@@ -59,8 +59,13 @@ _F64_OPS = ("forward_f64", "fd_jacobian_f64")
 # allocated at a thread's first call of each (one point's worth grows with n_in^2 for the Hessian: models with many
 # inputs that never ask for one should not pay for it).
 _F32 = np.dtype(np.float32)
-#: Batches of at least this many points are split across threads (per thread at least half of it).
+#: Batches of at least this many points are split across threads (per thread at least half of it), at most: a call
+#: is split from PARALLEL_MIN_FLOPS counted multiply-add FLOPs on (2 per weight per row a point carries through
+#: the matrix products), so that each thread gets about a millisecond of work or more (the seed network's Jacobian
+#: reaches it at 4,096 points; a network of 256-wide layers at about a hundred); never below PARALLEL_FLOOR points.
 PARALLEL_MIN_BATCH = 4096
+PARALLEL_MIN_FLOPS = 4096 * 2 * 16400
+PARALLEL_FLOOR = 64
 # Scratch memory: one workspace per thread, sized once (the C side processes any batch in blocks within it), so
 # no call allocates scratch memory after the first one in a thread.
 ACTIVATION_NAMES = tuple(sorted(_ACTIVATIONS, key=_ACTIVATIONS.get))  # code -> name
@@ -177,6 +182,12 @@ class Kernel:
         self._ws32_len = max(1, max(self._ws_len[o] for o in _F32_OPS))
         self._ws64_len = max(1, max(self._ws_len[o] for o in _F64_OPS))
         self._local = threading.local()
+        # batch sizes from which forward() and jacobian() (by mode) split a call across threads
+        flops = sum(2 * r * c for r, c, *_ in self.layers)
+        rows = {MODES["auto"]: 1 + min(self.n_in, self.n_out), MODES["forward"]: 1 + self.n_in,
+                MODES["reverse"]: 1 + self.n_out}
+        self._par_fwd = self._par_min(flops)
+        self._par_jac = {cm: self._par_min(flops * r) for cm, r in rows.items()}
         self._so_min = {}  # second derivatives: batch size from which a call is split across threads
         self._pool = None
         self._pool_lock = threading.Lock()
@@ -233,6 +244,11 @@ class Kernel:
                 w = ffi.from_buffer("float[]", np.empty(length, np.float32))
             ws[op] = w
         return w, self._ws_len[op]
+
+    @staticmethod
+    def _par_min(flops_per_point: int) -> int:
+        """Batch size from which a call of flops_per_point counted FLOPs per point is split across threads."""
+        return int(min(PARALLEL_MIN_BATCH, max(PARALLEL_FLOOR, -(-PARALLEL_MIN_FLOPS // max(1, flops_per_point)))))
 
     def _so_min_batch(self, op):
         """Batches from this size are split across threads: PARALLEL_MIN_BATCH scaled down by the rows a point
@@ -317,7 +333,7 @@ class Kernel:
         """``y [batch, n_out]`` float32."""
         if type(x) is _ndarray and x.dtype is _F32 and nan_policy == "raise":  # fast path, as in jacobian()
             s = x.shape
-            if len(s) == 2 and s[1] == self.n_in and 0 < s[0] < PARALLEL_MIN_BATCH and x.flags.c_contiguous:
+            if len(s) == 2 and s[1] == self.n_in and 0 < s[0] < self._par_fwd and x.flags.c_contiguous:
                 n = s[0]
                 y = _empty((n, self.n_out), _F32)
                 try:
@@ -342,7 +358,7 @@ class Kernel:
         def part(a, b):
             self._check(lib.nnp_forward(m, b - a, xb + a * n_in, yb + a * n_out, self._work32(), wl))
 
-        self._run(part, n, threads)
+        self._run(part, n, threads, self._par_fwd)
         if nan_policy == "propagate":
             _propagate_nonfinite(x, y)
         return y
@@ -362,7 +378,7 @@ class Kernel:
         # infinity it writes nothing and as_batch, below, reports where.
         if type(x) is _ndarray and x.dtype is _F32 and nan_policy == "raise":
             s = x.shape
-            if len(s) == 2 and s[1] == self.n_in and 0 < s[0] < PARALLEL_MIN_BATCH and x.flags.c_contiguous:
+            if len(s) == 2 and s[1] == self.n_in and 0 < s[0] < self._par_jac[cmode] and x.flags.c_contiguous:
                 n = s[0]
                 y = _empty((n, self.n_out), _F32)
                 dy = _empty((n, self.n_out, self.n_in), _F32)
@@ -383,7 +399,7 @@ class Kernel:
         dy = np.empty((n, n_out, n_in), np.float32)
         if n == 0:
             return y, dy
-        if n < PARALLEL_MIN_BATCH:  # fast path: one call, no closures
+        if n < self._par_jac[cmode]:  # fast path: one call, no closures
             self._check(lib.nnp_jacobian(m, cmode, n, ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y),
                                          ffi.from_buffer("float[]", dy), self._work32(), wl))
             if nan_policy == "propagate":
@@ -398,7 +414,7 @@ class Kernel:
             self._check(lib.nnp_jacobian(m, cmode, b - a, xb + a * n_in, yb + a * n_out, jb + a * jn,
                                          self._work32(), wl))
 
-        self._run(part, n, threads)
+        self._run(part, n, threads, self._par_jac[cmode])
         if nan_policy == "propagate":
             _propagate_nonfinite(x, y, dy)
         return y, dy

@@ -147,7 +147,9 @@ def test_input_validation():
     ref = k.forward(x)
     np.testing.assert_array_equal(k.forward(x.tolist()), ref)
     np.testing.assert_array_equal(k.forward(x.astype(np.float64)), ref)
-    np.testing.assert_array_equal(k.forward(x[0]), ref[:1])
+    # a single 1-D point is the batch of that one point (a one-point call may differ from the same point inside a
+    # larger batch by float32 rounding: nnp.h)
+    np.testing.assert_array_equal(k.forward(x[0]), k.forward(x[:1]))
     xt = np.asfortranarray(x)
     np.testing.assert_array_equal(k.forward(xt), ref)
     np.testing.assert_array_equal(k.forward(np.ones((2, 3), np.int64)), k.forward(np.ones((2, 3), np.float32)))
@@ -212,6 +214,27 @@ def test_thread_split_equals_single_thread(act):
         k.forward(x, threads=0)
     with pytest.raises(InputError, match="threads"):
         Kernel(write_nnp(layers), threads=0)
+
+
+def test_thread_split_by_work():
+    """Wide layers split a call across threads from fewer points than narrow ones (PARALLEL_MIN_FLOPS), with the
+    same results as one thread."""
+    narrow = Kernel(write_nnp(make_layers("tanh", n_in=2, widths=(16, 8), n_out=1)), threads=2)
+    wide = Kernel(write_nnp(make_layers("tanh", n_in=3, widths=(256, 256, 256), n_out=2)), threads=2)
+    flops = 2 * (3 * 256 + 2 * 256 * 256 + 256 * 2)
+    auto = kernel_mod.MODES["auto"]
+    assert wide._par_jac[auto] == -(-kernel_mod.PARALLEL_MIN_FLOPS // (3 * flops))
+    assert wide._par_fwd == -(-kernel_mod.PARALLEL_MIN_FLOPS // flops)
+    assert narrow._par_jac[auto] == kernel_mod.PARALLEL_MIN_BATCH
+    n = 300
+    assert wide._split(n, None, wide._par_jac[auto]) is not None and narrow._split(n, None, narrow._par_jac[auto]) is None
+    x = points(n, n_in=3)
+    for mode in ("auto", "forward", "reverse"):
+        y1, J1 = wide.jacobian(x, mode=mode, threads=1)
+        y2, J2 = wide.jacobian(x, mode=mode)
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(J1, J2)
+    np.testing.assert_array_equal(wide.forward(x, threads=1), wide.forward(x))
 
 
 def test_kernel_shared_between_threads():
