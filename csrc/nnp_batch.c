@@ -260,36 +260,52 @@ NNP_INLINE void ytile(size_t r, size_t k, const float *A, size_t lda, const floa
     }
 }
 
+#if NNP_HAVE_Z
+/* The AVX-512 products: one function (not inlined into each block function), compiled for AVX-512 where dispatched.
+ * Rows in groups of 12, k in chunks of NNP_KC; each chunk of a group's rows is packed once. */
+#if NNP_X86_DISPATCH
+__attribute__((target("avx512f,avx2,fma")))
+#endif
+static void gemm_packed_z(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *P, float *C,
+                          size_t ldc)
+{
+    const size_t ps = k * NNP_PANEL, npan = (n + NNP_PANEL - 1) / NNP_PANEL;
+    const size_t last_w = n - (npan - 1) * NNP_PANEL; /* columns of the last panel */
+    float tmp[12 * 2 * NNP_PANEL], ap[NNP_KC * 12];
+    size_t i, q, r, t, c, p0, kc, p;
+    for (i = 0; i < m; i += 12) {
+        r = m - i < 12 ? m - i : 12;
+        for (p0 = 0; p0 < k; p0 += kc) {
+            kc = k - p0 < NNP_KC ? k - p0 : NNP_KC;
+            for (p = 0; p < kc; p++)
+                for (t = 0; t < r; t++) ap[p * 12 + t] = A[(i + t) * lda + p0 + p];
+            for (q = 0; q < npan; q += 2) {
+                const size_t np = npan - q >= 2 ? 2 : 1, j = q * NNP_PANEL;
+                const float *Pq = P + q * ps + p0 * NNP_PANEL;
+                if (q + np < npan || last_w == NNP_PANEL) {
+                    ztile(r, np, kc, ap, Pq, ps, C + i * ldc + j, ldc, p0 > 0);
+                } else { /* the last pair holds the partial panel: its sums live in the scratch tile */
+                    ztile(r, np, kc, ap, Pq, ps, tmp, 2 * NNP_PANEL, p0 > 0);
+                    if (p0 + kc == k)
+                        for (t = 0; t < r; t++)
+                            for (c = 0; c < n - j; c++) C[(i + t) * ldc + j + c] = tmp[t * 2 * NNP_PANEL + c];
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* The packed products: AVX-512 (isa 2) or 8-float vectors in rows of 6 (AVX2, the baseline) */
 NNP_INLINE void gemm_packed(int isa, size_t m, size_t k, size_t n, const float *A, size_t lda, const float *P,
                             float *C, size_t ldc)
 {
     const size_t ps = k * NNP_PANEL, npan = (n + NNP_PANEL - 1) / NNP_PANEL;
-    float tmp[12 * 2 * NNP_PANEL];
+    float tmp[6 * NNP_PANEL];
     size_t i, q, r, t, c;
 #if NNP_HAVE_Z
-    if (isa >= 2) { /* rows in groups of 12, k in chunks of NNP_KC: each chunk of a group's rows packed once */
-        float ap[NNP_KC * 12];
-        size_t p0, kc, p, last_w = n - (npan - 1) * NNP_PANEL; /* columns of the last panel */
-        for (i = 0; i < m; i += 12) {
-            r = m - i < 12 ? m - i : 12;
-            for (p0 = 0; p0 < k; p0 += kc) {
-                kc = k - p0 < NNP_KC ? k - p0 : NNP_KC;
-                for (p = 0; p < kc; p++)
-                    for (t = 0; t < r; t++) ap[p * 12 + t] = A[(i + t) * lda + p0 + p];
-                for (q = 0; q < npan; q += 2) {
-                    const size_t np = npan - q >= 2 ? 2 : 1, j = q * NNP_PANEL;
-                    const float *Pq = P + q * ps + p0 * NNP_PANEL;
-                    if (q + np < npan || last_w == NNP_PANEL) {
-                        ztile(r, np, kc, ap, Pq, ps, C + i * ldc + j, ldc, p0 > 0);
-                    } else { /* the last pair holds the partial panel: its sums live in the scratch tile */
-                        ztile(r, np, kc, ap, Pq, ps, tmp, 2 * NNP_PANEL, p0 > 0);
-                        if (p0 + kc == k)
-                            for (t = 0; t < r; t++)
-                                for (c = 0; c < n - j; c++) C[(i + t) * ldc + j + c] = tmp[t * 2 * NNP_PANEL + c];
-                    }
-                }
-            }
-        }
+    if (isa >= 2) {
+        gemm_packed_z(m, k, n, A, lda, P, C, ldc);
         return;
     }
 #else
