@@ -102,13 +102,16 @@ def peak_fraction(gflops, peak_per_core, cores):
 class Program:
     """The C program bound to one model file: ``run(x)`` times nnp_jacobian on ``x`` and returns its outputs."""
 
-    def __init__(self, exe: str, nnp_path: str, workload):
+    def __init__(self, exe: str, nnp_path: str, workload, op: str = "jacobian"):
         self.exe = exe
         self.nnp = nnp_path
         self.w = workload
+        self.op = op  # nnp_bench's OP: "jacobian" (nnp_jacobian, auto mode) or "forward" (nnp_forward, y only)
 
-    def run(self, x: np.ndarray, *, min_sample_s: float = 0.05, samples: int = 15, op: str = "jacobian"):
-        """Returns ``(stats dict, y, dy_dx)``; stats has ``median_ns`` and ``min_ns`` per call."""
+    def run(self, x: np.ndarray, *, min_sample_s: float = 0.05, samples: int = 15, op: str | None = None):
+        """Returns ``(stats dict, y, dy_dx)`` (dy_dx None for the forward op); stats has ``median_ns`` and
+        ``min_ns`` per call."""
+        op = op or self.op
         x = np.ascontiguousarray(x, dtype="<f4")
         b = x.shape[0]
         with tempfile.TemporaryDirectory(prefix="nnp-bench-") as tmp:

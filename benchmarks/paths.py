@@ -201,13 +201,17 @@ def make_kernel_fd(ctx, w):
                   to_numpy=lambda out: (None, out[0], out[1]), note=note)
 
 
-def make_c_alone(ctx, w):
+def make_c_alone(ctx, w, op="jacobian"):
     from benchmarks import cbench
 
     path, note = nnp_file(ctx, w)
-    prog = cbench.Program(ctx.c_program(), path, w)
+    prog = cbench.Program(ctx.c_program(), path, w, op=op)
     prog.note = note
     return prog
+
+
+def make_c_alone_forward(ctx, w):
+    return make_c_alone(ctx, w, op="forward")
 
 
 def c_alone_available():
@@ -504,6 +508,9 @@ PATHS = [
          preload=("nnpartials.runtime.kernel",), applies=c_core_applies),
     Path("c_alone", "C core analytic, C alone (nnp_jacobian)", "nnpartials", "y+J", lambda w: min(w.n_in, w.n_out),
          make_c_alone, available=c_alone_available, blocked=True, self_timed=True, applies=c_core_applies,
+         single_thread=True),
+    Path("c_alone_fwd", "C core forward only, C alone (nnp_forward)", "floor", "y", lambda w: 0,
+         make_c_alone_forward, available=c_alone_available, blocked=True, self_timed=True, applies=c_core_applies,
          single_thread=True),
     Path("c_kernel_fd", "C core finite differences, float64 (Kernel.fd_jacobian)", "check", "J",
          lambda w: 4 * w.n_in, make_kernel_fd, available=kernel_available, dtype="float64", blocked=True,

@@ -152,7 +152,9 @@ def _rec(w, b, p, t, family, flops=1e6):
 def test_report_ratios_and_verdicts():
     from benchmarks import report
 
-    data = {"machine": {}, "workloads": {"seed": {"auto_mode": "reverse", "forward_flops_per_point": 16400}},
+    data = {"machine": {"fma_peak": {"peak_gflops": 100.0}},
+            "workloads": {"seed": {"auto_mode": "reverse", "forward_flops_per_point": 16400},
+                          "physics": {"auto_mode": "reverse"}},
             "results": [
                 _rec("seed", 1, "ort_forward", 10e-6, "floor"),
                 _rec("seed", 1, "ort_jac_reverse", 14e-6, "nnpartials"),
@@ -160,22 +162,36 @@ def test_report_ratios_and_verdicts():
                 _rec("seed", 1, "c_alone", 0.6e-6, "nnpartials"),
                 _rec("seed", 1, "tf_function", 400e-6, "peer"),
                 _rec("seed", 1, "jax_jacrev", 20e-6, "peer"),
+                _rec("seed", 1, "jax2onnx_jacrev", 20e-6, "peer"),
                 _rec("seed", 100000, "ort_forward", 10e-3, "floor"),
                 _rec("seed", 100000, "ort_jac_reverse", 30e-3, "nnpartials"),
                 _rec("seed", 100000, "c_kernel", 20e-3, "nnpartials"),
                 _rec("seed", 100000, "tf_function", 40e-3, "peer"),
                 _rec("seed", 100000, "jax_jacrev", 5e-3, "peer"),
+                _rec("seed", 100000, "jax2onnx_jacrev", 30e-3, "peer"),
+                _rec("physics", 1000, "c_alone_fwd", 1e-5, "floor"),  # 1e6 FLOPs in 10 us: 100 GFLOP/s, all of it
+                _rec("physics", 1000, "c_alone", 2e-5, "nnpartials"),  # 50 GFLOP/s: half
+                _rec("physics", 1000, "jax_jacrev", 1e-5, "peer"),
             ]}
     res = report.Results(data)
     assert res.fastest_peer("seed", 1) == "jax_jacrev"
     assert res.ratio_peer("seed", 1, "c_kernel") == pytest.approx(0.1)
     assert res.ratio_fwd("seed", 1, "ort_jac_reverse") == pytest.approx(1.4)
     assert res.gflops("seed", 1, "c_kernel") == pytest.approx(1e6 / 2e-6 / 1e9)
-    verdicts = [v for _, _, v in report.targets(res)]
-    # (a) 1.4 <= 1.5 met; 3.0 > 2.5 not met; Kernel 2 µs met; C alone 0.6 µs not met; 40/20 = 2 < 2.5 not met
-    assert verdicts == ["met", "not met", "met", "not met", "not met"]
+    assert res.peak_fraction("physics", 1000, "c_alone_fwd") == pytest.approx(1.0)
+    got = report.targets(res)
+    verdicts = [v for _, _, v in got]
+    assert verdicts == [
+        "not met",  # summary: seed 100,000 (20 ms vs JAX 5 ms) and physics 1,000 (2x) above 1.0x
+        "met", "not met",  # C alone on physics at 1,000: forward 100 % of the peak, Jacobian 50 %
+        "not met", "met",  # seed one point: C alone 0.6 us > 0.5 us; Kernel 2 us <= 3 us
+        "not met", "not run", "met", "not run",  # companion / forward: seed 100,000 3.0x; physics not run; seed 1 1.4x
+        "not met",  # jax2onnx: seed 1 0.7x, seed 100,000 1.0x > 0.8x
+    ], got
+    assert "10 of 12" not in got[0][1] and "1 of 3 cells" in got[0][1]
+    assert "worst 1.00×" in got[-1][1]
     behind = report.behind(res)
-    assert [(w, b) for w, b, _, _ in behind] == [("seed", 100000)]
+    assert [(w, b) for w, b, _, _ in behind] == [("seed", 100000), ("physics", 1000)]
 
 
 def test_report_finds_disturbed_groups_and_merges_k_expressions():
