@@ -106,5 +106,5 @@ def thread_settings() -> dict:
         "jax": os.environ.get("XLA_FLAGS", ""),
         "torch": f"set_num_threads({THREADS}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
         "affinity": f"{len(os.sched_getaffinity(0))} CPUs" if hasattr(os, "sched_getaffinity") else "n/a",
-        "c_core": f"Kernel(threads={THREADS}): a batch split across threads from about 1.3e8 counted FLOPs (4,096 points of the seed network's Jacobian, 113 of the physics network's); C alone: one thread",
+        "c_core": f"Kernel(threads={THREADS}): a batch split across threads from about 1.7e7 counted FLOPs (512 points of the seed network's Jacobian, 64 of the physics network's); C alone: one thread",
     }

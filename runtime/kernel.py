@@ -61,10 +61,11 @@ _F64_OPS = ("forward_f64", "fd_jacobian_f64")
 _F32 = np.dtype(np.float32)
 #: Batches of at least this many points are split across threads (per thread at least half of it), at most: a call
 #: is split from PARALLEL_MIN_FLOPS counted multiply-add FLOPs on (2 per weight per row a point carries through
-#: the matrix products), so that each thread gets about a millisecond of work or more (the seed network's Jacobian
-#: reaches it at 4,096 points; a network of 256-wide layers at about a hundred); never below PARALLEL_FLOOR points.
+#: the matrix products), about 0.1 ms of one core's work, against some 0.02-0.05 ms to hand a part to another
+#: thread (the seed network's Jacobian reaches it at 512 points, a network of 256-wide layers at a few dozen);
+#: never below PARALLEL_FLOOR points.
 PARALLEL_MIN_BATCH = 4096
-PARALLEL_MIN_FLOPS = 4096 * 2 * 16400
+PARALLEL_MIN_FLOPS = 512 * 2 * 16400
 PARALLEL_FLOOR = 64
 # Scratch memory: one workspace per thread, sized once (the C side processes any batch in blocks within it), so
 # no call allocates scratch memory after the first one in a thread.

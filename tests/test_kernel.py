@@ -223,8 +223,8 @@ def test_thread_split_by_work():
     wide = Kernel(write_nnp(make_layers("tanh", n_in=3, widths=(256, 256, 256), n_out=2)), threads=2)
     flops = 2 * (3 * 256 + 2 * 256 * 256 + 256 * 2)
     auto = kernel_mod.MODES["auto"]
-    assert wide._par_jac[auto] == -(-kernel_mod.PARALLEL_MIN_FLOPS // (3 * flops))
-    assert wide._par_fwd == -(-kernel_mod.PARALLEL_MIN_FLOPS // flops)
+    assert wide._par_jac[auto] == max(kernel_mod.PARALLEL_FLOOR, -(-kernel_mod.PARALLEL_MIN_FLOPS // (3 * flops)))
+    assert wide._par_fwd == max(kernel_mod.PARALLEL_FLOOR, -(-kernel_mod.PARALLEL_MIN_FLOPS // flops))
     assert narrow._par_jac[auto] == kernel_mod.PARALLEL_MIN_BATCH
     n = 300
     assert wide._split(n, None, wide._par_jac[auto]) is not None and narrow._split(n, None, narrow._par_jac[auto]) is None
