@@ -260,6 +260,14 @@ NNP_INLINE void ytile(size_t r, size_t k, const float *A, size_t lda, const floa
     }
 }
 
+/* The r x w leading entries of a scratch tile (row stride ldt) into C: the valid columns of a partial last panel */
+NNP_INLINE void put_cols(const float *tile, size_t ldt, float *C, size_t ldc, size_t r, size_t w)
+{
+    size_t t, c;
+    for (t = 0; t < r; t++)
+        for (c = 0; c < w; c++) C[t * ldc + c] = tile[t * ldt + c];
+}
+
 #if NNP_HAVE_Z
 /* The AVX-512 products: one function (not inlined into each block function), compiled for AVX-512 where dispatched.
  * Rows in groups of 12, k in chunks of NNP_KC; each chunk of a group's rows is packed once. */
@@ -272,7 +280,7 @@ static void gemm_packed_z(size_t m, size_t k, size_t n, const float *A, size_t l
     const size_t ps = k * NNP_PANEL, npan = (n + NNP_PANEL - 1) / NNP_PANEL;
     const size_t last_w = n - (npan - 1) * NNP_PANEL; /* columns of the last panel */
     float tmp[12 * 2 * NNP_PANEL], ap[NNP_KC * 12];
-    size_t i, q, r, t, c, p0, kc, p;
+    size_t i, q, r, t, p0, kc, p;
     for (i = 0; i < m; i += 12) {
         r = m - i < 12 ? m - i : 12;
         for (p0 = 0; p0 < k; p0 += kc) {
@@ -286,9 +294,7 @@ static void gemm_packed_z(size_t m, size_t k, size_t n, const float *A, size_t l
                     ztile(r, np, kc, ap, Pq, ps, C + i * ldc + j, ldc, p0 > 0);
                 } else { /* the last pair holds the partial panel: its sums live in the scratch tile */
                     ztile(r, np, kc, ap, Pq, ps, tmp, 2 * NNP_PANEL, p0 > 0);
-                    if (p0 + kc == k)
-                        for (t = 0; t < r; t++)
-                            for (c = 0; c < n - j; c++) C[(i + t) * ldc + j + c] = tmp[t * 2 * NNP_PANEL + c];
+                    if (p0 + kc == k) put_cols(tmp, 2 * NNP_PANEL, C + i * ldc + j, ldc, r, n - j);
                 }
             }
         }
@@ -302,7 +308,7 @@ NNP_INLINE void gemm_packed(int isa, size_t m, size_t k, size_t n, const float *
 {
     const size_t ps = k * NNP_PANEL, npan = (n + NNP_PANEL - 1) / NNP_PANEL;
     float tmp[6 * NNP_PANEL];
-    size_t i, q, r, t, c;
+    size_t i, q, r;
 #if NNP_HAVE_Z
     if (isa >= 2) {
         gemm_packed_z(m, k, n, A, lda, P, C, ldc);
@@ -319,8 +325,7 @@ NNP_INLINE void gemm_packed(int isa, size_t m, size_t k, size_t n, const float *
                 ytile(r, k, A + i * lda, lda, P + q * ps, C + i * ldc + j, ldc);
             } else {
                 ytile(r, k, A + i * lda, lda, P + q * ps, tmp, NNP_PANEL);
-                for (t = 0; t < r; t++)
-                    for (c = 0; c < w; c++) C[(i + t) * ldc + j + c] = tmp[t * NNP_PANEL + c];
+                put_cols(tmp, NNP_PANEL, C + i * ldc + j, ldc, r, w);
             }
         }
     }
@@ -370,8 +375,8 @@ void nnpi_gemm(size_t m, size_t k, size_t n, const float *A, size_t lda, const f
 /* ------------------------------------------------------------------------------------------------------ */
 /* Forward (float32)                                                                                      */
 
-NNP_INLINE void forward_block_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *buf0, float *buf1,
-                                   int split)
+NNP_INLINE void forward_block_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *buf0,
+                                   float *buf1, int split)
 {
     const float *in = x;
     size_t in_stride = m->n_in, k;
@@ -412,8 +417,8 @@ int nnpi_forward_batch(const nnp_model *m, size_t batch, const float *x, float *
 /* ------------------------------------------------------------------------------------------------------ */
 /* Jacobian, forward mode: every point carries 1 value row and n_in tangent rows through the network.     */
 
-NNP_INLINE void jac_fwd_block_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *J, float *buf0,
-                                   float *buf1, float *d, int split)
+NNP_INLINE void jac_fwd_block_body(int isa, const nnp_model *m, size_t np, const float *x, float *y, float *J,
+                                   float *buf0, float *buf1, float *d, int split)
 {
     const size_t n_in = m->n_in, R = n_in + 1; /* rows per point */
     size_t k, p, r, j;

@@ -60,9 +60,10 @@ NNP_INLINE float nnp_tanhf(float v)
 }
 
 /* e^y in float32 without libm, for the activations built on it (sigmoid, swish, softplus, gelu; the exponential
- * activation itself keeps libm's expf, within half an ulp), vectorizable as nnp_tanhf: at most 1 ulp. y = k ln 2 + r, |r| <= ln 2 / 2, r in two parts, e^r to
- * degree 7 (truncation 5e-9 relative), times 2^(k/2) and 2^(k - k/2) so that both scales are normal floats and
- * results below the normal range round gradually. 0 below -104, +inf above 88.72 and for +inf, NaN for NaN. */
+ * activation itself keeps libm's expf, within half an ulp), vectorizable as nnp_tanhf: at most 1 ulp.
+ * y = k ln 2 + r, |r| <= ln 2 / 2, r in two parts, e^r to degree 7 (truncation 5e-9 relative), times 2^(k/2) and
+ * 2^(k - k/2) so that both scales are normal floats and results below the normal range round gradually. 0 below -104,
+ * +inf above 88.72 and for +inf, NaN for NaN. */
 NNP_INLINE float nnp_expf(float y)
 {
     const float yc = y > -104.0f ? (y < 88.75f ? y : 88.75f) : -104.0f; /* NaN: -104, so that k stays finite */
@@ -89,14 +90,10 @@ NNP_INLINE float nnp_phif(float v, float *e_out)
 {
     const float h = v * v, l = fmaf(v, v, -h); /* v^2 = h + l exactly: e keeps its accuracy for large |v| */
     const float e = nnp_expf(-0.5f * h) * (1.0f - 0.5f * l), z = fabsf(v) * SQRT1_2F, t = 1.0f / (1.0f + 0.5f * z);
+    const float R5 = 4.0283334e-01f +
+                     t * (-6.469664e-01f + t * (4.1105112e-01f + t * (-1.15430355e-01f + t * 1.0806983e-02f)));
     const float R = 2.820678e-01f +
-                    t * (2.8278723e-01f +
-                         t * (2.3926862e-01f +
-                              t * (2.2244325e-01f +
-                                   t * (-8.8861614e-02f +
-                                        t * (4.0283334e-01f +
-                                             t * (-6.469664e-01f +
-                                                  t * (4.1105112e-01f + t * (-1.15430355e-01f + t * 1.0806983e-02f))))))));
+                    t * (2.8278723e-01f + t * (2.3926862e-01f + t * (2.2244325e-01f + t * (-8.8861614e-02f + t * R5))));
     const float hc = 0.5f * (e * (t * R)); /* erfc(z) / 2 */
     *e_out = e;
     return v < 0.0f ? hc : 1.0f - hc;

@@ -207,12 +207,8 @@ class _Engine:
         return r
 
     def _sum(self, parts):
-        r = parts[0]
-        full = r in self.full
-        for p in parts[1:]:
-            r = self.b.op("Add", [r, p])
-            full = full or p in self.full
-        if full:
+        r = self._plain_sum(parts)
+        if any(p in self.full for p in parts):
             self.full.add(r)
         return r
 
@@ -367,7 +363,7 @@ class _Engine:
                 number += c
             else:
                 parts.append(p if c == 1.0 else b.op("Mul", [p, b.const(c)]))
-        s = product(parts[:1]) if len(parts) == 1 else (self._plain_sum(parts) if parts else None)
+        s = self._plain_sum(parts) if parts else None
         if s is not None and number != 0.0:
             s = b.op("Add", [s, b.const(number)])
         factor = product(common + ([s] if s is not None else []))
@@ -380,6 +376,7 @@ class _Engine:
         return (r, k) if pull_number else r
 
     def _plain_sum(self, parts):
+        """parts[0] + parts[1] + ..., in that order (parts[0] itself for one part)."""
         r = parts[0]
         for p in parts[1:]:
             r = self.b.op("Add", [r, p])

@@ -318,6 +318,23 @@ static nnp_model *load_tmodel(const tmodel *tm, void **storage_out)
     return m;
 }
 
+/* The one-unit model x -> act(1 * x + 0) with parameters p0, p1, loaded into fresh storage (NULL if that fails) */
+static nnp_model *load_unit(unsigned act, float p0, float p1, void **storage_out)
+{
+    tlayer L;
+    tmodel tm;
+    float W = 1.0f, bb = 0.0f;
+    L.rows = L.cols = 1;
+    L.act = act;
+    L.p0 = p0;
+    L.p1 = p1;
+    L.W = &W;
+    L.b = &bb;
+    tm.n_in = tm.n_out = tm.n_layers = 1;
+    tm.L = &L;
+    return load_tmodel(&tm, storage_out);
+}
+
 static const char *act_names[NNP_ACT_COUNT] = {"linear", "relu", "leaky_relu", "elu", "selu", "tanh", "sigmoid",
                                                "hard_sigmoid", "softplus", "softsign", "swish", "gelu",
                                                "gelu_tanh", "relu6", "exponential"};
@@ -709,24 +726,17 @@ static void test_kinks(void)
     };
     size_t c;
     for (c = 0; c < sizeof cases / sizeof cases[0]; c++) {
-        tlayer L;
-        tmodel tm;
-        float W = 1.0f, bb = 0.0f, J = -1, y, work[256];
+        float J = -1, y, work[256];
         void *storage = NULL;
         nnp_model *m;
         int mode;
-        L.rows = L.cols = 1;
-        L.act = cases[c].act;
-        default_params(L.act, &L.p0, &L.p1);
+        float p0, p1;
+        default_params(cases[c].act, &p0, &p1);
         if (cases[c].own) {
-            L.p0 = cases[c].p0;
-            L.p1 = cases[c].p1;
+            p0 = cases[c].p0;
+            p1 = cases[c].p1;
         }
-        L.W = &W;
-        L.b = &bb;
-        tm.n_in = tm.n_out = tm.n_layers = 1;
-        tm.L = &L;
-        m = load_tmodel(&tm, &storage);
+        m = load_unit(cases[c].act, p0, p1, &storage);
         if (!m) continue;
         if (cases[c].act != NNP_ACT_HARD_SIGMOID || cases[c].x != 0.0f) {
             /* finite differences straddle the kink: the error estimate must cover the actual error */
@@ -1187,22 +1197,13 @@ static double ref_eval2(const tmodel *m, const double *x, double *y, double *J, 
  * the value within 2 ulp (of the result) and exact where tanh is 0 or rounds to +-1 */
 static void test_tanh_accuracy(void)
 {
-    tlayer L;
-    tmodel tm;
-    float W = 1.0f, bb = 0.0f, work[4096];
+    float work[4096];
     static float xf[4001], y[4001], J[4001];
     void *storage = NULL;
     nnp_model *m;
     size_t i, n = 4001;
     double worst = 0.0;
-    L.rows = L.cols = 1;
-    L.act = NNP_ACT_TANH;
-    L.p0 = L.p1 = 0.0f;
-    L.W = &W;
-    L.b = &bb;
-    tm.n_in = tm.n_out = tm.n_layers = 1;
-    tm.L = &L;
-    m = load_tmodel(&tm, &storage);
+    m = load_unit(NNP_ACT_TANH, 0.0f, 0.0f, &storage);
     CHECK(m != NULL, "tanh unit model loads");
     if (!m) return;
     for (i = 0; i < n; i++) xf[i] = (float)(-12.0 + 0.006 * (double)i);
@@ -1233,9 +1234,10 @@ static void test_tanh_accuracy(void)
 }
 
 /* The smooth activations that use the C core's own exponential (nnp_expf) and normal distribution function (gelu's
- * Phi, through erfc), and the exponential activation (libm's expf): y and dy/dx of a one-unit layer over a dense sweep, against the float64 reference, each within a
- * relative tolerance of a few float32 ulps plus an absolute one where float32 itself must round (outputs near 1, or
- * the cancellation in 1 + t of gelu_tanh). Also the ends of the exponential's range. */
+ * Phi, through erfc), and the exponential activation (libm's expf): y and dy/dx of a one-unit layer over a dense
+ * sweep, against the float64 reference, each within a relative tolerance of a few float32 ulps plus an absolute one
+ * where float32 itself must round (outputs near 1, or the cancellation in 1 + t of gelu_tanh). Also the ends of the
+ * exponential's range and NaN. */
 static void test_smooth_accuracy(void)
 {
     static const unsigned acts[] = {6, 8, 10, 11, 12, 14}; /* sigmoid softplus swish gelu gelu_tanh exponential */
@@ -1246,22 +1248,14 @@ static void test_smooth_accuracy(void)
     size_t t;
     for (t = 0; t < sizeof acts / sizeof acts[0]; t++) {
         const unsigned a = acts[t];
-        tlayer L;
-        tmodel tm;
-        float W = 1.0f, bb = 0.0f, work[4096];
+        float p0, p1, work[4096];
         static float xf[4001], y[4001], J[4001];
         void *storage = NULL;
         nnp_model *m;
         size_t i, n = 4001;
         const double lo = a == 14 ? -100.0 : -20.0, hi = a == 14 ? 88.7 : 20.0;
-        L.rows = L.cols = 1;
-        L.act = a;
-        default_params(a, &L.p0, &L.p1);
-        L.W = &W;
-        L.b = &bb;
-        tm.n_in = tm.n_out = tm.n_layers = 1;
-        tm.L = &L;
-        m = load_tmodel(&tm, &storage);
+        default_params(a, &p0, &p1);
+        m = load_unit(a, p0, p1, &storage);
         CHECK(m != NULL, "%s unit model loads", act_names[a]);
         if (!m) continue;
         for (i = 0; i < n; i++) xf[i] = (float)(lo + (hi - lo) * (double)i / (double)(n - 1));
@@ -1273,8 +1267,8 @@ static void test_smooth_accuracy(void)
         CHECK_RC(nnp_jacobian(m, NNP_MODE_FORWARD, n, xf, NULL, J, work, 4096), NNP_OK, act_names[a]);
         for (i = 0; i < n; i++) {
             const double x = (double)xf[i], sc = fmax(1.0, fabs(x));
-            const double wy = a == 11 ? x * 0.5 * erfc(-x / sqrt(2.0)) : ref_act(a, x, L.p0, L.p1);
-            const double wj = ref_dact(a, x, L.p0, L.p1);
+            const double wy = a == 11 ? x * 0.5 * erfc(-x / sqrt(2.0)) : ref_act(a, x, p0, p1);
+            const double wj = ref_dact(a, x, p0, p1);
             CHECK(fabs((double)y[i] - wy) <= tol[t][0] * fabs(wy) + tol[t][1] * sc, "%s(%.9g) = %.9g, want %.9g",
                   act_names[a], x, (double)y[i], wy);
             CHECK(fabs((double)J[i] - wj) <= tol[t][2] * fabs(wj) + tol[t][3] * sc, "%s'(%.9g) = %.9g, want %.9g",
@@ -1335,8 +1329,10 @@ static void test_isa_agreement(void)
                 const size_t batch = batches[bi], n_in = tm.n_in, n_out = tm.n_out, jn = n_in * n_out;
                 size_t wl = 0, w1, op;
                 float *x = (float *)xmalloc(batch * n_in * sizeof(float)), *work;
-                float *ya = (float *)xmalloc(batch * n_out * sizeof(float)), *yb = (float *)xmalloc(batch * n_out * sizeof(float));
-                float *Ja = (float *)xmalloc(batch * jn * sizeof(float)), *Jb = (float *)xmalloc(batch * jn * sizeof(float));
+                float *ya = (float *)xmalloc(batch * n_out * sizeof(float));
+                float *yb = (float *)xmalloc(batch * n_out * sizeof(float));
+                float *Ja = (float *)xmalloc(batch * jn * sizeof(float));
+                float *Jb = (float *)xmalloc(batch * jn * sizeof(float));
                 static const int ws[] = {NNP_WS_FORWARD, NNP_WS_JACOBIAN_FORWARD, NNP_WS_JACOBIAN_REVERSE};
                 for (i = 0; i < 3; i++) {
                     CHECK_RC(nnp_workspace(mb, ws[i], batch, &w1), NNP_OK, "workspace");
@@ -1380,21 +1376,13 @@ static void test_second_activations(void)
 {
     unsigned a;
     for (a = 0; a < NNP_ACT_COUNT; a++) {
-        tlayer L;
-        tmodel tm;
-        float W = 1.0f, bb = 0.0f, xf[161], H[161], lap[161], hv[161], vv[161], work[4096];
+        float p0f, p1f, xf[161], H[161], lap[161], hv[161], vv[161], work[4096];
         double err_ref = 0, err_c = 0;
         void *storage = NULL;
         nnp_model *m;
         size_t i;
-        L.rows = L.cols = 1;
-        L.act = a;
-        default_params(a, &L.p0, &L.p1);
-        L.W = &W;
-        L.b = &bb;
-        tm.n_in = tm.n_out = tm.n_layers = 1;
-        tm.L = &L;
-        m = load_tmodel(&tm, &storage);
+        default_params(a, &p0f, &p1f);
+        m = load_unit(a, p0f, p1f, &storage);
         if (!m) continue;
         for (i = 0; i < 161; i++) {
             xf[i] = (float)(-4.0 + 0.05 * (double)i); /* -4 .. 4, 0 and the kinks included */
@@ -1404,7 +1392,7 @@ static void test_second_activations(void)
         CHECK_RC(nnp_laplacian(m, 161, xf, NULL, NULL, lap, work, 4096), NNP_OK, "unit laplacian");
         CHECK_RC(nnp_hvp(m, 161, xf, vv, NULL, hv, work, 4096), NNP_OK, "unit hvp");
         for (i = 0; i < 161; i++) {
-            const double x = xf[i], p0 = L.p0, p1 = L.p1, h = 1e-6;
+            const double x = xf[i], p0 = p0f, p1 = p1f, h = 1e-6;
             const double want = ref_d2act(a, x, p0, p1);
             CHECK(memcmp(&lap[i], &H[i], sizeof(float)) == 0, "%s: laplacian of one unit is its hessian", act_names[a]);
             CHECK(fabs(hv[i] - 0.5 * H[i]) <= 1e-6 * fmax(1.0, fabs(H[i])), "%s: hvp of one unit", act_names[a]);
