@@ -410,7 +410,21 @@ CONV_CASES = {
     "2d-groups": ((4, 5, 5), (4, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
     "2d-same-upper": ((1, 6, 5), (2, 1, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
     "3d": ((1, 3, 4, 4), (2, 1, 2, 2, 2), {}),
+    # stride 1 with several input channels per group: the adjoint is a Conv with the flipped, transposed kernel
+    "1d-stride1": ((2, 7), (3, 2, 3), {"pads": [2, 1]}),
+    "2d-stride1-dilation-asym": ((3, 7, 6), (4, 3, 3, 2), {"dilations": [2, 1], "pads": [2, 0, 1, 1]}),
+    "2d-stride1-groups-wide": ((6, 5, 5), (9, 2, 3, 2), {"group": 3, "pads": [0, 1, 1, 0]}),
+    "3d-stride1-channels": ((2, 3, 4, 4), (2, 2, 2, 2, 2), {"pads": [1, 0, 0, 0, 1, 0]}),
+    # padding wider than the kernel reaches: the flipped convolution would need negative padding
+    "2d-pad-beyond-kernel": ((2, 4, 4), (3, 2, 1, 1), {"pads": [1, 1, 1, 1]}),
 }
+
+#: the op the reverse-mode graph uses for a Conv's adjoint, per case (stride 1 and more than one input channel per
+#: group: Conv; otherwise ConvTranspose)
+CONV_ADJOINT = {"1d-stride-pad": "ConvTranspose", "2d-dilation": "ConvTranspose", "2d-groups": "Conv",
+                "2d-same-upper": "ConvTranspose", "3d": "ConvTranspose", "1d-stride1": "Conv",
+                "2d-stride1-dilation-asym": "Conv", "2d-stride1-groups-wide": "Conv", "3d-stride1-channels": "Conv",
+                "2d-pad-beyond-kernel": "ConvTranspose"}
 
 
 def _conv_out(x_shape, w_shape, attrs):
@@ -429,7 +443,12 @@ def test_conv_rule(case):
     xs, ws, attrs = CONV_CASES[case]
     out = _conv_out(xs, ws, attrs)
     consts = {"w": RNG.normal(size=ws), "bias": RNG.normal(size=ws[0])}
-    check_rule(make_model("Conv", [("x", xs)], out, consts=consts, attrs=dict(attrs)), {"x": u(xs)})
+    m = make_model("Conv", [("x", xs)], out, consts=consts, attrs=dict(attrs))
+    check_rule(m, {"x": u(xs)})
+    ops = [n.op_type for n in build_jacobian_model(m, mode="reverse")[0].graph.node]
+    # the forward pass's Conv, then the adjoint
+    want = ["Conv", CONV_ADJOINT[case]]
+    assert sorted(o for o in ops if o.startswith("Conv")) == sorted(want), ops
 
 
 @pytest.mark.parametrize("pads,opad", [([1, 0, 1, 1], [1, 0]), ([0, 1, 0, 0], [1, 1])])
@@ -445,6 +464,8 @@ def test_conv_transpose_rule(pads, opad):
 @pytest.mark.parametrize("op,attrs,out", [
     ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (2, 3, 2)),
     ("MaxPool", {"kernel_shape": [3, 3], "strides": [1, 2], "pads": [1, 1, 1, 1]}, (2, 6, 3)),
+    ("MaxPool", {"kernel_shape": [3, 2], "strides": [3, 2]}, (2, 2, 2)),
+    ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2]}, (2, 2, 2)),
     ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}, (2, 3, 2)),
     ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 0}, (2, 6, 5)),
     ("AveragePool", {"kernel_shape": [3, 2], "strides": [2, 1], "pads": [1, 0, 1, 1], "count_include_pad": 1},
@@ -454,6 +475,48 @@ def test_conv_transpose_rule(pads, opad):
 ])
 def test_pooling_rules(op, attrs, out):
     check_rule(make_model(op, [("x", (2, 6, 5))], out, attrs=dict(attrs)), {"x": u((2, 6, 5))})
+
+
+@pytest.mark.parametrize("xs,kernel", [((2, 7), [2]), ((2, 6, 5), [2, 2]), ((1, 4, 5, 4), [2, 2, 2])])
+@pytest.mark.parametrize("opset", [11, 17])
+def test_max_pool_tiled_windows(xs, kernel, opset):
+    """Windows that tile the input (stride = kernel): the adjoint spreads g over each window and masks it with
+    the argmax (no scatter); uncovered rows at the end get zero. 1-D, 2-D and 3-D, odd sizes; opset 11 (Resize
+    with its region-of-interest input) and 17."""
+    n = len(kernel)
+    out = (xs[0],) + tuple(xs[1 + i] // kernel[i] for i in range(n))
+    m = make_model("MaxPool", [("x", xs)], out, attrs={"kernel_shape": kernel, "strides": kernel}, opset=opset)
+    check_rule(m, {"x": u(xs)})
+    ops = {nd.op_type for nd in build_jacobian_model(m, mode="reverse")[0].graph.node}
+    assert "ScatterElements" not in ops and "Resize" in ops, ops
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("kernel,strides", [([2, 2], [2, 2]), ([3, 2], [3, 2]), ([3, 3], [1, 2])])
+def test_max_pool_ties_go_to_the_first_maximum(mode, kernel, strides):
+    """Ties (here most windows hold equal values, as after a relu): the derivative goes to the first maximum of
+    each window in row-major order, and only there; checked against windows scanned in numpy."""
+    xs = (2, 6, 5)
+    x = RNG.integers(0, 3, size=(B,) + xs).astype(np.float32)
+    x[:5] = 0.0  # whole windows tied
+    out = (xs[0],) + tuple((xs[1 + i] - kernel[i]) // strides[i] + 1 for i in range(2))
+    m = make_model("MaxPool", [("x", xs)], out, attrs={"kernel_shape": kernel, "strides": strides})
+    jm, _ = build_jacobian_model(m, mode=mode)
+    sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, j = sess.run(None, {"x": x})
+    want_y = np.zeros((B,) + out, np.float32)
+    want = np.zeros((B,) + out + xs, np.float32)
+    for bi in range(B):
+        for ch in range(xs[0]):
+            for oi in range(out[1]):
+                for oj in range(out[2]):
+                    r, q = oi * strides[0], oj * strides[1]
+                    win = x[bi, ch, r:r + kernel[0], q:q + kernel[1]]
+                    a, b_ = np.unravel_index(int(np.argmax(win)), win.shape)  # numpy: first maximum, row-major
+                    want_y[bi, ch, oi, oj] = win.max()
+                    want[bi, ch, oi, oj, ch, r + a, q + b_] = 1.0
+    np.testing.assert_array_equal(y.reshape(want_y.shape), want_y)
+    np.testing.assert_array_equal(j.reshape(want.shape), want)
 
 
 @pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceSumSquare",
