@@ -263,7 +263,10 @@ class _Engine:
                         w = t.w if k == 1.0 else (t.w * k).astype(t.w.dtype)
                         contrib.setdefault(x, []).append(self._rev(MatMulW(w), gm, x, y))
                     else:
-                        contrib.setdefault(x, []).append(self._rev(t, self._materialize(g), x, y))
+                        r = self._rev(t, self._materialize(g), x, y)
+                        if isinstance(t, Linear) and t.rev_factor is not None:
+                            r = _Lazy(r, ((1.0, (t.rev_factor,)),), x)
+                        contrib.setdefault(x, []).append(r)
         return [self._gather(contrib[i], i, materialize=True) if i in contrib else None for i in self.inputs]
 
     # ----- reverse mode: elementwise factors multiplied in once (see _Lazy) -----------------------------------

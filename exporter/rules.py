@@ -49,6 +49,10 @@ class MatMulW:
 class Linear:
     fwd: Callable  # (builder, D_in) -> D_out
     rev: Callable  # (builder, C_out) -> C_in
+    #: reverse mode: the cotangent is rev(C_out) times this elementwise factor (a forward-side tensor that broadcasts
+    #: to the input's shape, no K axis), left to the engine to multiply in together with the elementwise factors
+    #: that follow (a pooling's argmax mask and the relu mask before it: one product with the cotangent, not two)
+    rev_factor: object = None
 
 
 ONE = Scale(1.0)

@@ -312,10 +312,12 @@ def _max_pool(c):
 
     # windows that tile the input without overlap (stride = kernel, no padding or dilation: the usual pooling
     # layer): every input position is in at most one window, so the adjoint is g repeated over each window
-    # (Resize, nearest) times a 0/1 mask of the windows' argmax positions, built once per point from the indices
-    # and shared by the K directions. On this machine (10 directions x 100 images x 8 x 26 x 26) onnxruntime's
-    # Resize + broadcast Mul took 5.4 ms against 7.1 ms for ScatterElements and its zeros; Expand (13.8 ms) and a
-    # broadcast Where (15.5 ms) were slower. Like the other masks, a NaN or inf in g reaches the whole window
+    # (Resize, nearest) times a 0/1 mask of the windows' argmax positions. The mask is built once per point from
+    # the indices and is the term's rev_factor: the engine multiplies it into the K directions' cotangent together
+    # with the factors that follow (the mask of a relu before the pooling), in one product. On this machine (10
+    # directions x 100 images x 8 x 26 x 26) onnxruntime's Resize + broadcast Mul took 5.4 ms against 7.1 ms for
+    # ScatterElements and its zeros; Expand (13.8 ms) and a broadcast Where (15.5 ms) were slower. Like the other
+    # masks, a NaN or inf in g reaches the whole window
     kernel = list(c.attr("kernel_shape"))
     n = len(in_sp)
     strides = list(c.attr("strides") or [1] * n)
@@ -343,8 +345,7 @@ def _max_pool(c):
         argmax = b0.cast_float(b0.op("Equal", [repeat(b0, where_in_plane, -1.0), positions]))
 
     def rev_tiled(b, g):
-        gr = repeat(b, _fold_k(b, g, K, [ch] + out_sp), 0.0)
-        return b.op("Mul", [_unfold_k(b, gr, K, [ch] + in_sp), argmax], shape=(K,) + tuple(c.shape(x)))
+        return _unfold_k(b, repeat(b, _fold_k(b, g, K, [ch] + out_sp), 0.0), K, [ch] + in_sp)
 
     def rev(b, g):
         if tiled:
@@ -357,7 +358,7 @@ def _max_pool(c):
         r = b.op("ScatterElements", [zeros, iexp, gflat], axis=1, reduction="add", shape=(K, None))
         return b.op("Reshape", [r, b.k_shape(K, x)], shape=(K,) + tuple(c.shape(x)))
 
-    return [Linear(fwd=fwd, rev=rev)]
+    return [Linear(fwd=fwd, rev=rev, rev_factor=argmax if tiled else None)]
 
 
 @rule("GlobalAveragePool")

@@ -139,3 +139,56 @@ def test_companion_graph_node_count(tmp_path, act, n_in, widths, n_out, per_laye
     total, extra_elementwise = sum(comp.values()), _elementwise(comp) - _elementwise(fwd)
     assert total <= sum(fwd.values()) + per_layer * L + once, (fwd, comp)
     assert extra_elementwise <= per_layer_elementwise * L + once_elementwise, (fwd, comp)
+
+
+def _small_cnn(seed=0):
+    """[batch, 1, 9, 9] -> Conv 1->4 3x3 (pad 1) -> Relu -> MaxPool 2 (9 -> 4: the last row and column in no window)
+    -> Conv 4->6 3x3 (pad 1) -> Relu -> MaxPool 2 -> Flatten -> Gemm 24->3."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32) * k, n) for n, s, k in
+             [("w1", (4, 1, 3, 3), 0.5), ("b1", (4,), 0.1), ("w2", (6, 4, 3, 3), 0.3), ("b2", (6,), 0.1),
+              ("wd", (3, 24), 0.3), ("bd", (3,), 0.1)]]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p2"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "wd", "bd"], ["out"], transB=1)]
+    g = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 9, 9])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_cnn_companion_graph_passes():
+    """Reverse mode through convolutions and max-pooling: the adjoint of the 4-channel convolution is a Conv (the
+    1-channel one keeps ConvTranspose), the pooling adjoints scatter nothing, and each relu mask is multiplied with
+    its pooling's argmax mask on the forward side so the cotangent [K, batch, ...] takes one product per
+    relu + pooling pair, not two. Values against float64 finite differences."""
+    from nnpartials.onnx_reference import Float64Graph
+
+    model = _small_cnn()
+    jm, info = build_jacobian_model(model, mode="auto")
+    assert info["mode"] == "reverse"
+    ops = collections.Counter(n.op_type for n in jm.graph.node)
+    assert ops["ScatterElements"] == 0 and ops["ConvTranspose"] == 1 and ops["Conv"] == 3, ops
+    # the nodes on the cotangent's path: everything downstream of the seed constants
+    on_path = {i.name for i in jm.graph.initializer if "seed" in i.name}
+    muls = 0
+    for n in jm.graph.node:
+        if any(i in on_path for i in n.input):
+            on_path.update(n.output)
+            muls += n.op_type == "Mul"
+    assert muls == 2, [n.op_type for n in jm.graph.node]
+
+    x = np.random.default_rng(2).uniform(-1, 1, (64, 1, 9, 9)).astype(np.float32)
+    sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, J = sess.run(None, {"x": x})
+    fd, err = Float64Graph(model).fd_jacobian([x.astype(np.float64)])
+    J = J.reshape(fd.shape)
+    keep = err <= tolerances.CHECK_FD_KINK * max(1.0, float(np.abs(fd).max()))
+    assert keep.mean() > 0.95
+    assert tolerances.scaled_error(J * keep, fd * keep)[1] <= tolerances.JACOBIAN_F32
