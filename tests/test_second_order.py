@@ -281,6 +281,9 @@ SANDWICHED = [
      ["p_x", "", "scales"], 1),
     ("Conv", "Conv", [("x", (2, 5))], {"pads": [1, 1], "strides": [2]},
      {"w": np.random.default_rng(0).normal(size=(3, 2, 3)), "bias": np.array([0.1, -0.2, 0.3])}, 17, None, 1),
+    # stride 1 and two channels per group: the Jacobian graph's adjoint is a Conv with the flipped kernel
+    ("Conv-stride1", "Conv", [("x", (2, 5, 4))], {"pads": [1, 0, 1, 1]},
+     {"w": np.random.default_rng(3).normal(size=(3, 2, 3, 2)), "bias": np.array([0.1, -0.2, 0.3])}, 17, None, 1),
     ("ConvTranspose", "ConvTranspose", [("x", (2, 2, 2))], {"strides": [2, 2], "pads": [1, 0, 1, 1],
                                                              "output_padding": [1, 0]},
      _conv_transpose_weights(), 17, None, 1),
@@ -301,6 +304,10 @@ SANDWICHED = [
     ("Min", "Min", AB, {}, {}, 17, None, 1),
     ("Abs", "Abs", X3, {}, {}, 17, None, 1),
     ("MaxPool", "MaxPool", IMG, {"kernel_shape": [2, 2], "strides": [2, 2]}, {}, 17, None, 1),
+    # windows that leave the last row and column out (5 = 2 x 2 + 1): the adjoint spreads and pads, no scatter
+    ("MaxPool-uncovered", "MaxPool", [("x", (2, 5, 5))], {"kernel_shape": [2, 2], "strides": [2, 2]}, {}, 17, None, 1),
+    ("MaxPool-overlapping", "MaxPool", [("x", (1, 5, 5))], {"kernel_shape": [3, 3], "strides": [2, 2]}, {}, 17, None,
+     1),
     ("GlobalMaxPool", "GlobalMaxPool", IMG, {}, {}, 17, None, 1),
     ("ReduceMax", "ReduceMax", X23, {"keepdims": 0, "axes": [2]}, {}, 17, None, 1),
     ("ReduceMin", "ReduceMin", X23, {"keepdims": 1, "axes": [2]}, {}, 17, None, 1),
