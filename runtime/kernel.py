@@ -184,7 +184,7 @@ class Kernel:
         self._ws64_len = max(1, max(self._ws_len[o] for o in _F64_OPS))
         self._local = threading.local()
         # batch sizes from which forward() and jacobian() (by mode) split a call across threads
-        flops = sum(2 * r * c for r, c, *_ in self.layers)
+        flops = self._flops = sum(2 * r * c for r, c, *_ in self.layers)
         rows = {MODES["auto"]: 1 + min(self.n_in, self.n_out), MODES["forward"]: 1 + self.n_in,
                 MODES["reverse"]: 1 + self.n_out}
         self._par_fwd = self._par_min(flops)
@@ -252,13 +252,17 @@ class Kernel:
         return int(min(PARALLEL_MIN_BATCH, max(PARALLEL_FLOOR, -(-PARALLEL_MIN_FLOPS // max(1, flops_per_point)))))
 
     def _so_min_batch(self, op):
-        """Batches from this size are split across threads: PARALLEL_MIN_BATCH scaled down by the rows a point
-        carries through the matrix products (a forward pass carries one), as fd_jacobian scales it by its passes."""
+        """Batches from this size are split across threads, with ``rows`` the rows a point carries through the
+        matrix products (a forward pass carries one): from PARALLEL_MIN_BATCH / rows points, or from the counted
+        work of forward() and jacobian() (_par_min of the FLOPs of those rows) where that comes first. The first
+        keeps narrow networks right, whose second derivatives cost far more per point than their few FLOPs (16 and
+        8 units: a Hessian at 2,747 points takes 0.59 ms on one thread, 11 GFLOP/s counted); the second splits wide
+        ones sooner (the 4 x 256 physics network's Hessian at 100 points: 2.63 -> 1.43 ms on two threads)."""
         n, n_out = self.n_in, self.n_out
         pairs = n * (n + 1) // 2
         rows = {"hessian": 1 + n + min(n_out, pairs), "laplacian": 2 + n, "hvp": 2 + 2 * n,
-                "fd_hessian_f64": 4 * n * (n + 1) + n + 1}[op]
-        return max(1, PARALLEL_MIN_BATCH // rows)
+                "fd_hessian_f64": 4 * n * (n + 1) + n + 1, "fd_jacobian_f64": 4 * n + 1}[op]
+        return min(max(1, PARALLEL_MIN_BATCH // rows), self._par_min(self._flops * rows))
 
     def _get_pool(self):
         if self._pool is None:
@@ -459,8 +463,8 @@ class Kernel:
             self._check(lib.nnp_fd_jacobian_f64(m, b - a, xb + a * n_in, ffi.NULL, eb + a * jn, rb + a * jn,
                                                 self._work64(), wl))
 
-        # finite differences cost 4 * n_in forward passes per point: split smaller batches too
-        chunks_at = max(1, PARALLEL_MIN_BATCH // max(1, 4 * n_in))
+        # finite differences cost 4 * n_in + 1 forward passes per point: split by that work
+        chunks_at = self._so_min_batch("fd_jacobian_f64")
         if n >= chunks_at and (self.threads if threads is None else int(threads)) > 1:
             t = self.threads if threads is None else int(threads)
             parts = min(t, n)

@@ -495,6 +495,27 @@ def test_thread_split_equals_single_thread(act):
         k.hessian(x, threads=0)
 
 
+def test_second_order_thread_split_by_work():
+    """Second derivatives of wide layers are split across threads from the counted work (as forward and
+    jacobian), narrow ones from PARALLEL_MIN_BATCH / rows; the split gives the one-thread results."""
+    narrow = Kernel(write_nnp(make_layers("tanh", n_in=3, widths=(16, 8), n_out=2)), threads=2)
+    wide = Kernel(write_nnp(make_layers("tanh", n_in=3, widths=(256, 256), n_out=2)), threads=2)
+    flops = 2 * (3 * 256 + 256 * 256 + 256 * 2)
+    rows = {"hessian": 1 + 3 + 2, "laplacian": 2 + 3, "hvp": 2 + 6}
+    for op, r in rows.items():
+        by_work = max(kernel_mod.PARALLEL_FLOOR, -(-kernel_mod.PARALLEL_MIN_FLOPS // (r * flops)))
+        assert wide._so_min_batch(op) == by_work < kernel_mod.PARALLEL_MIN_BATCH // r, op
+        assert narrow._so_min_batch(op) == kernel_mod.PARALLEL_MIN_BATCH // r, op
+    n = 150  # below every op's former threshold (PARALLEL_MIN_BATCH / rows), above the work-based one
+    x, v = points(n, 3), points(n, 3, seed=5)
+    for name, call in [("hessian", lambda t: wide.hessian(x, threads=t)),
+                       ("laplacian", lambda t: wide.laplacian(x, threads=t)),
+                       ("hvp", lambda t: wide.hvp(x, v, threads=t))]:
+        assert wide._split(n, None, wide._so_min_batch(name)) is not None, name
+        for a, b in zip(call(1), call(None)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_input_validation():
     k = Kernel(write_nnp(make_layers("tanh")))
     good = points(4)
