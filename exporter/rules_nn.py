@@ -324,14 +324,17 @@ def _max_pool(c):
     dil = list(c.attr("dilations") or [1] * n)
     pb, pe = _conv_pads(c, in_sp, kernel, strides, dil)
     plane = int(np.prod(in_sp))
-    tiled = (b0.opset >= 11 and strides == kernel and all(v == 1 for v in dil) and not any(pb + pe) and plane < 2 ** 24
+    # (float32 models only: onnxruntime's CPU Resize has no float64 kernel, so those keep the scatter)
+    tiled = (b0.opset >= 11 and np.dtype(b0.np_float) == np.float32 and strides == kernel
+             and all(v == 1 for v in dil) and not any(pb + pe) and plane < 2 ** 24
              and all(out_sp[i] == in_sp[i] // kernel[i] for i in range(n)))
     crop = [in_sp[i] - out_sp[i] * kernel[i] for i in range(n)]  # rows and columns no window covers (at the end)
 
     def repeat(b, t, pad_value):
         # [M, ch, *out_sp] -> [M, ch, *in_sp]: each value over its window, the uncovered end padded
         roi = [] if b.opset >= 13 else [b.const(np.zeros(0))]
-        u = b.op("Resize", [t, *(roi or [""]), b.const([1.0, 1.0] + [float(k) for k in kernel])], mode="nearest",
+        scales = b.const([1.0, 1.0] + [float(k) for k in kernel], np.float32)
+        u = b.op("Resize", [t, *(roi or [""]), scales], mode="nearest",
                  coordinate_transformation_mode="asymmetric", nearest_mode="floor")
         if any(crop):
             u = b.op("Pad", [u, b.const([0] * (2 + n) + [0, 0] + crop, np.int64), b.const(pad_value)],

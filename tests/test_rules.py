@@ -79,7 +79,8 @@ def check_rule(model, feeds, modes=("forward", "reverse")):
         jm, info = build_jacobian_model(model, mode=mode)
         assert info["mode"] == mode
         sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
-        outs = sess.run(None, {k: v.astype(np.float32) for k, v in feeds.items()})
+        types = {i.name: helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) for i in model.graph.input}
+        outs = sess.run(None, {k: v.astype(types.get(k, np.float32)) for k, v in feeds.items()})
         np.testing.assert_allclose(outs[0], y_ref, rtol=1e-5, atol=1e-5)
         for name, j in zip(names, outs[1:]):
             a, rel, _ = tolerances.scaled_error(j, j_ref[name])
@@ -478,17 +479,22 @@ def test_pooling_rules(op, attrs, out):
 
 
 @pytest.mark.parametrize("xs,kernel", [((2, 7), [2]), ((2, 6, 5), [2, 2]), ((1, 4, 5, 4), [2, 2, 2])])
-@pytest.mark.parametrize("opset", [11, 17])
-def test_max_pool_tiled_windows(xs, kernel, opset):
+@pytest.mark.parametrize("opset,dtype", [(11, np.float32), (17, np.float32), (17, np.float64)])
+def test_max_pool_tiled_windows(xs, kernel, opset, dtype):
     """Windows that tile the input (stride = kernel): the adjoint spreads g over each window and masks it with
     the argmax (no scatter); uncovered rows at the end get zero. 1-D, 2-D and 3-D, odd sizes; opset 11 (Resize
-    with its region-of-interest input) and 17."""
+    with its region-of-interest input) and 17; a float64 model keeps the scatter (onnxruntime's CPU Resize has no
+    float64 kernel)."""
     n = len(kernel)
     out = (xs[0],) + tuple(xs[1 + i] // kernel[i] for i in range(n))
-    m = make_model("MaxPool", [("x", xs)], out, attrs={"kernel_shape": kernel, "strides": kernel}, opset=opset)
-    check_rule(m, {"x": u(xs)})
+    m = make_model("MaxPool", [("x", xs)], out, attrs={"kernel_shape": kernel, "strides": kernel}, opset=opset,
+                   dtype=dtype)
+    check_rule(m, {"x": u(xs).astype(dtype)})
     ops = {nd.op_type for nd in build_jacobian_model(m, mode="reverse")[0].graph.node}
-    assert "ScatterElements" not in ops and "Resize" in ops, ops
+    if dtype == np.float32:
+        assert "ScatterElements" not in ops and "Resize" in ops, ops
+    else:
+        assert "ScatterElements" in ops and "Resize" not in ops, ops
 
 
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
