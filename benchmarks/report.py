@@ -291,6 +291,13 @@ def section_machine(res, command):
         lines.append(f"- Measured float32 multiply-add peak of one core (`csrc/bench/fma_peak.c`, same run, same C "
                      f"flags; independent accumulator chains, median sample): **{fp['peak_gflops']:.3g} GFLOP/s** "
                      f"({fp.get('isa')}); per instruction set: {per_isa}")
+        end = (m.get("fma_peak_end") or {}).get("peak_gflops")
+        if end:
+            drift = end / fp["peak_gflops"] - 1
+            lines.append(f"- The same peak measured again at the end of the run: {end:.3g} GFLOP/s "
+                         f"({100 * drift:+.0f} %)" + (". **The machine slowed down during the run**: cases timed late ran on a slower machine "
+                            "than the fractions of peak (start value) assume." if drift < -0.05 else
+                            "; fractions of peak use the start value."))
     elif fp.get("unavailable"):
         lines.append(f"- Multiply-add peak not measured: {fp['unavailable']}")
     ts = m.get("thread_settings", {})

@@ -76,6 +76,9 @@ def test_every_benchmark_case_runs_or_skips_with_a_reason(tiny_record):
     # the machine's multiply-add peak, measured in the same run (csrc/bench/fma_peak.c), or why not
     peak = data["machine"]["fma_peak"]
     assert peak.get("peak_gflops", 0) > 0 or peak.get("unavailable"), peak
+    if peak.get("peak_gflops"):  # measured again at the end of the run, to show a machine that slowed down
+        end = data["machine"]["fma_peak_end"]
+        assert end.get("peak_gflops", 0) > 0 or end.get("unavailable"), end
 
 
 @pytest.mark.slow
@@ -192,6 +195,20 @@ def test_report_ratios_and_verdicts():
     assert "worst 1.00×" in got[-1][1]
     behind = report.behind(res)
     assert [(w, b) for w, b, _, _ in behind] == [("seed", 100000), ("physics", 1000)]
+
+
+@pytest.mark.parametrize("end,slowed", [(80.0, True), (98.0, False)])
+def test_report_shows_the_peak_measured_again_at_the_end(end, slowed):
+    """A machine that slows down during a run (the peak measured again at the end, 20 % lower) is said so in the
+    machine section; a small drift is only listed."""
+    from benchmarks import report
+
+    data = {"machine": {"fma_peak": {"peak_gflops": 100.0, "isa": "avx512", "isas": []},
+                        "fma_peak_end": {"peak_gflops": end}},
+            "results": [_rec("seed", 1, "ort_forward", 10e-6, "floor")]}
+    text = "\n".join(report.section_machine(report.Results(data), "cmd"))
+    assert f"{end:.3g} GFLOP/s" in text
+    assert ("slowed down during the run" in text) == slowed
 
 
 def test_report_finds_disturbed_groups_and_merges_k_expressions():
