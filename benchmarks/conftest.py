@@ -122,6 +122,7 @@ class BenchContext:
         self.tmp = tmp_dir
         self._workloads, self._bundles, self._inputs, self._refs = {}, {}, {}, {}
         self._c_exe = None
+        self._peak_exe = None
         self.records = {}
         self.exports = {}
         self.workload_info = {}
@@ -216,21 +217,24 @@ class BenchContext:
             from benchmarks import cbench
 
             reason = cbench.unavailable()
-            if reason:
-                self.machine["fma_peak"] = {"unavailable": reason}
-            else:
+            self.machine["fma_peak"] = {"unavailable": reason} if reason else self._measure_peak()
+        return self.machine["fma_peak"]
+
+    def _measure_peak(self):
+        """One measurement of the peak (the program built once per session), or ``{"unavailable": why}``."""
+        from benchmarks import cbench
+
+        try:
+            if self._peak_exe is None:
                 d = os.path.join(self.tmp, "c")
                 os.makedirs(d, exist_ok=True)
-                try:
-                    exe = cbench.build_peak(d)
-                    if config.TINY:
-                        self.machine["fma_peak"] = cbench.measure_peak(exe, min_sample_s=0.002, samples=3)
-                    else:
-                        self.gate.wait()
-                        self.machine["fma_peak"] = cbench.measure_peak(exe)
-                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-                    self.machine["fma_peak"] = {"unavailable": f"{type(exc).__name__}: {exc}"[:500]}
-        return self.machine["fma_peak"]
+                self._peak_exe = cbench.build_peak(d)
+            if config.TINY:
+                return cbench.measure_peak(self._peak_exe, min_sample_s=0.002, samples=3)
+            self.gate.wait()
+            return cbench.measure_peak(self._peak_exe)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+            return {"unavailable": f"{type(exc).__name__}: {exc}"[:500]}
 
     def peak_per_core(self):
         return self.fma_peak().get("peak_gflops")
@@ -240,20 +244,8 @@ class BenchContext:
         slow down during a run (another tenant of the host, a lower clock), which the start value alone would hide.
         The fractions of peak keep the start value; the report shows both."""
         start = self.machine.get("fma_peak") or {}
-        if not start.get("peak_gflops") or "fma_peak_end" in self.machine:
-            return
-        from benchmarks import cbench
-
-        d = os.path.join(self.tmp, "c")
-        try:
-            exe = cbench.build_peak(d)
-            if config.TINY:
-                self.machine["fma_peak_end"] = cbench.measure_peak(exe, min_sample_s=0.002, samples=3)
-            else:
-                self.gate.wait()
-                self.machine["fma_peak_end"] = cbench.measure_peak(exe)
-        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
-            self.machine["fma_peak_end"] = {"unavailable": f"{type(exc).__name__}: {exc}"[:500]}
+        if start.get("peak_gflops") and "fma_peak_end" not in self.machine:
+            self.machine["fma_peak_end"] = self._measure_peak()
 
     def suite_nnp(self, w):
         """A C weight file of workload ``w`` written with ``nnpartials.exporter.nnp`` (cached)."""

@@ -294,10 +294,11 @@ def section_machine(res, command):
         end = (m.get("fma_peak_end") or {}).get("peak_gflops")
         if end:
             drift = end / fp["peak_gflops"] - 1
+            reading = (". **The machine slowed down during the run**: cases timed late ran on a slower machine than "
+                       "the fractions of peak (start value) assume." if drift < -0.05 else
+                       "; fractions of peak use the start value.")
             lines.append(f"- The same peak measured again at the end of the run: {end:.3g} GFLOP/s "
-                         f"({100 * drift:+.0f} %)" + (". **The machine slowed down during the run**: cases timed late ran on a slower machine "
-                            "than the fractions of peak (start value) assume." if drift < -0.05 else
-                            "; fractions of peak use the start value."))
+                         f"({100 * drift:+.0f} %){reading}")
     elif fp.get("unavailable"):
         lines.append(f"- Multiply-add peak not measured: {fp['unavailable']}")
     ts = m.get("thread_settings", {})
