@@ -39,24 +39,31 @@ NNP_INLINE float dot8(size_t k, const float *a, const float *b)
 /* tanh(v) in float32, without a call to libm, so that the activation loops vectorize (tanhf, a call per unit, was
  * about a fifth of a Hessian of the 4 x 256 tanh physics network). |v| < 0.625: v + v^3 P(v^2), P fitted on
  * [0, 0.625] (relative error 1.4e-8); above: 1 - 2 / (e^2|v| + 1) with e^y = 2^k e^r, r = y - k ln 2 in two parts,
- * e^r to degree 7; the sign of v. Largest error 1.35 ulp over [2^-31, 20] (glibc 2.36's tanhf: 2.2 ulp); exact at 0
- * (either sign), +-1 from |v| = 9.01 on, NaN for NaN. */
+ * e^r to degree 7; both on |v|, then the sign of v put back as a bit (v itself where |v| is not a number). Largest
+ * error 1.35 ulp over [2^-31, 20] (glibc 2.36's tanhf: 2.2 ulp); exact at 0 (either sign), +-1 from |v| = 9.01 on,
+ * NaN for NaN. (Computed on |v| with one select and the sign as a bit, the loop has three compares and blends fewer
+ * than with v's sign carried through both branches: 9 % faster with AVX-512, 19 % with AVX2, every one of the 2^32
+ * inputs giving the same bits.) */
 NNP_INLINE float nnp_tanhf(float v)
 {
     const float ax = fabsf(v), t = v * v;
     const float p = -0.05376731332847701f + t * (0.020731528389333058f + t * -0.0058104671101367545f);
-    const float ps = v + (v * t) * (-0.33333293148976084f + t * (0.133317616524757f + t * p));
-    const float y = 2.0f * (ax < 20.0f ? ax : 20.0f);
+    const float ps = ax + (ax * t) * (-0.33333293148976084f + t * (0.133317616524757f + t * p));
+    const float y = 2.0f * (ax < 20.0f ? ax : 20.0f); /* NaN: 20, so that k stays finite */
     const float k = (y * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(y / ln 2), 0 .. 58 */
     const float r = (y - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
     const float q = 1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)));
     const float er = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6.0f + r * q)));
     const unsigned int bits = (unsigned int)((int)k + 127) << 23; /* 2^k */
-    float scale, pl;
+    float scale, a, res;
+    unsigned int ab, vb;
     memcpy(&scale, &bits, sizeof scale);
-    pl = 1.0f - 2.0f / (er * scale + 1.0f);
-    pl = v < 0.0f ? -pl : pl;
-    return ax < 0.625f ? (ax > 0.0f ? ps : v) : (ax >= 0.625f ? pl : v);
+    a = ax < 0.625f ? ps : 1.0f - 2.0f / (er * scale + 1.0f); /* tanh |v|, +0 at 0 */
+    memcpy(&ab, &a, sizeof ab);
+    memcpy(&vb, &v, sizeof vb);
+    ab |= vb & 0x80000000u;
+    memcpy(&res, &ab, sizeof res);
+    return ax == ax ? res : v;
 }
 
 /* e^y in float32 without libm, for the activations built on it (sigmoid, swish, softplus, gelu; the exponential
