@@ -1,6 +1,6 @@
 """The C core on its own: `make test valgrind sanitize` (the C tests cover every function of nnp.h, second derivatives
 included), a short libFuzzer run (every compute function), the plain-C (-DNNP_PLAIN_C, with and
-without run-time dispatch) and no-dispatch (-DNNP_NO_DISPATCH) builds' tests, warnings under both compilers, the
+without run-time dispatch) and no-dispatch (-DNNP_NO_DISPATCH, for the baseline and with -march=native) builds' tests, warnings under both compilers, the
 standalone example compiled with plain `cc` exactly as README.md says against Kernel's results, and the lists of the
 library's source files in its builds.
 
@@ -110,6 +110,9 @@ def test_make_test(flavours):
     ("plain-c-no-dispatch", "-DNNP_PLAIN_C -DNNP_NO_DISPATCH", None),
     # vector extensions built once for the target, without the AVX2 clones; at -O2, the warnings' level of old
     ("no-dispatch", "-DNNP_NO_DISPATCH", "-O2"),
+    # built once for this machine's CPU: on one with AVX-512 its kernels without dispatch; every expression may become
+    # a fused multiply-add, the test program's own arithmetic included
+    ("native-no-dispatch", "-DNNP_NO_DISPATCH -march=native", None),
 ])
 def test_make_test_variant(flavours, name, cflags, optflags):
     flavours.build(name, ["all"], cflags=cflags, optflags=optflags)
