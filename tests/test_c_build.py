@@ -1,8 +1,8 @@
 """The C core on its own: `make test valgrind sanitize` (the C tests cover every function of nnp.h, second derivatives
 included), a short libFuzzer run (every compute function), the plain-C (-DNNP_PLAIN_C, with and without run-time
 dispatch) and no-dispatch (-DNNP_NO_DISPATCH, for the baseline and with -march=native) builds' tests, warnings under
-both compilers, the standalone example compiled with plain `cc` exactly as README.md says against Kernel's results, and the lists of the
-library's source files in its builds.
+both compilers, the standalone example compiled with plain `cc` exactly as README.md says against Kernel's results,
+and the lists of the library's source files in its builds.
 
 Compiling the library (csrc/nnp*.c) takes from a few seconds to over a minute of CPU per flavour, so each flavour is
 built once per session, in its own out-<flavour> folder of one private copy of csrc/, and make's own dependency
