@@ -254,6 +254,28 @@ def test_unavailable_provider_is_a_clear_error(seed_bundle):
         nnpartials.Partials(seed_bundle, providers="cuda")
 
 
+def test_cuda_provider_without_tf32_unless_asked(monkeypatch):
+    """onnxruntime-gpu multiplies float32 matrices in TF32 by default on recent GPUs (the seed network's Jacobian came
+    out 4 % off on an H200): every way of asking for the CUDA provider gets use_tf32 = 0, unless the caller's own
+    options set it; other providers and options pass through unchanged."""
+    from nnpartials.runtime import serve
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    no_tf32 = ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert serve.resolve_providers("cuda") == [no_tf32, "CPUExecutionProvider"]
+    assert serve.resolve_providers("CUDAExecutionProvider") == [no_tf32]
+    assert serve.resolve_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [no_tf32,
+                                                                                          "CPUExecutionProvider"]
+    assert serve.resolve_providers([("CUDAExecutionProvider", {"device_id": 1})]) == [
+        ("CUDAExecutionProvider", {"device_id": 1, "use_tf32": "0"})]
+    assert serve.resolve_providers([("CUDAExecutionProvider", {"use_tf32": "1"})]) == [
+        ("CUDAExecutionProvider", {"use_tf32": "1"})]
+    assert serve.resolve_providers(None) == ["CPUExecutionProvider"]
+    assert serve.resolve_providers([("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]) == [
+        ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"})]
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                     reason="onnxruntime-gpu with a CUDA device is not installed")
 def test_cuda_provider_matches_cpu(seed_bundle, p):  # pragma: no cover - needs a GPU
