@@ -46,7 +46,9 @@ def prepare(d):
 
 
 def _scaled(J, R):
-    return float(np.max(np.abs(J.astype(np.float64) - R)) / max(1.0, float(np.max(np.abs(R)))))
+    from nnpartials import tolerances
+
+    return tolerances.scaled_error(J, R)[1]
 
 
 def _timed(p, x, reps=5):
@@ -85,7 +87,7 @@ def run(d, out):
         c = {"active": gpu.active_providers, "active_no_tf32": g32.active_providers}
         Jc, Jg, J3 = cpu.jacobian(xr)[1], gpu.jacobian(xr)[1], g32.jacobian(xr)[1]
         c["err_cpu"], c["err_gpu_default"], c["err_gpu_no_tf32"] = _scaled(Jc, R), _scaled(Jg, R), _scaled(J3, R)
-        c["gpu_vs_cpu"], c["gpu_no_tf32_vs_cpu"] = _scaled(Jg, Jc.astype(np.float64)), _scaled(J3, Jc.astype(np.float64))
+        c["gpu_vs_cpu"], c["gpu_no_tf32_vs_cpu"] = _scaled(Jg, Jc), _scaled(J3, Jc)
         for batch in ([1, 1000, 100000] if name != "cnn" else [1, 1000]):
             x = np.resize(xr, (batch,) + xr.shape[1:]).astype(np.float32)
             c[f"t_cpu_{batch}"], c[f"t_gpu_{batch}"], c[f"t_gpu_no_tf32_{batch}"] = (

@@ -282,7 +282,7 @@ static void gemm_packed_z(size_t m, size_t k, size_t n, const float *A, size_t l
     const size_t ps = k * NNP_PANEL, npan = (n + NNP_PANEL - 1) / NNP_PANEL;
     const size_t last_w = n - (npan - 1) * NNP_PANEL; /* columns of the last panel */
     float tmp[12 * 2 * NNP_PANEL], ap[NNP_KC * 12];
-    size_t i, q, r, t, p0, kc, p;
+    size_t i, q, r, t, p0, kc, p, e;
     for (i = 0; i < m; i += 12) {
         r = m - i < 12 ? m - i : 12;
         for (p0 = 0; p0 < k; p0 += kc) {
@@ -294,7 +294,7 @@ static void gemm_packed_z(size_t m, size_t k, size_t n, const float *A, size_t l
                     *(nnp_v16u *)(void *)(ap + t * NNP_KC + p) =
                         *(const nnp_v16u *)(const void *)(A + (i + t) * lda + p0 + p);
             for (t = 0; t < r; t++)
-                for (q = p; q < kc; q++) ap[t * NNP_KC + q] = A[(i + t) * lda + p0 + q];
+                for (e = p; e < kc; e++) ap[t * NNP_KC + e] = A[(i + t) * lda + p0 + e];
             for (q = 0; q < npan; q += 2) {
                 const size_t np = npan - q >= 2 ? 2 : 1, j = q * NNP_PANEL;
                 const float *Pq = P + q * ps + p0 * NNP_PANEL;
