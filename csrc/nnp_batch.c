@@ -339,6 +339,60 @@ NNP_INLINE void gemm_packed(int isa, size_t m, size_t k, size_t n, const float *
     }
 }
 
+/* Layers of at most NNP_THIN_COLS columns (a network's output layer, as a rule): a 16-column panel computes 16 sums
+ * per row to keep 1-4 of them. Instead each entry is a dot product of a row of A with a row of Wt (contiguous), r <= 4
+ * rows at a time (4 x n independent sums, the column's 8 floats loaded once for the r rows), in dot8's order: 8 lanes
+ * over k mod 8, combined ((0 + 4) + (1 + 5)) + ((2 + 6) + (3 + 7)), then the last k % 8 terms in order. The order is
+ * the same in every build that has vector extensions (AVX2 and AVX-512 agree bit for bit) and for any number of rows
+ * (a point's result does not depend on its batch). Wide network (256 -> 1 output layer), forward pass at 1,000
+ * points: the layer went from 0.06 ms (3.5 % of the pass) to about a twentieth of that. */
+#define NNP_THIN_COLS 4
+NNP_INLINE void thin_block(size_t r, size_t n, size_t k, const float *A, size_t lda, const float *Wt, float *C,
+                           size_t ldc)
+{
+#if NNP_VECTOR_EXT
+    nnp_v8 acc[4][NNP_THIN_COLS];
+    size_t p, q, t, c;
+    for (t = 0; t < r; t++)
+        for (c = 0; c < n; c++) acc[t][c] = (nnp_v8){0, 0, 0, 0, 0, 0, 0, 0};
+    for (p = 0; p + 8 <= k; p += 8) {
+        nnp_v8 a[4];
+        for (t = 0; t < r; t++) a[t] = NNP_LD(A + t * lda + p);
+        for (c = 0; c < n; c++) {
+            const nnp_v8 w = NNP_LD(Wt + c * k + p);
+            for (t = 0; t < r; t++) acc[t][c] += a[t] * w;
+        }
+    }
+    for (t = 0; t < r; t++)
+        for (c = 0; c < n; c++) {
+            const nnp_v8 v = acc[t][c];
+            float s = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+            for (q = p; q < k; q++) s = fmaf(A[t * lda + q], Wt[c * k + q], s);
+            C[t * ldc + c] = s;
+        }
+#else
+    size_t t, c;
+    for (t = 0; t < r; t++)
+        for (c = 0; c < n; c++) C[t * ldc + c] = dot8(k, A + t * lda, Wt + c * k);
+#endif
+}
+
+#define NNP_THIN_CASE(N)                                                                                       \
+    case N:                                                                                                    \
+        for (i = 0; i + 4 <= m; i += 4) thin_block(4, N, k, A + i * lda, lda, Wt, C + i * ldc, ldc);          \
+        for (; i < m; i++) thin_block(1, N, k, A + i * lda, lda, Wt, C + i * ldc, ldc);                       \
+        break;
+/* C = A W for n <= NNP_THIN_COLS columns, from Wt ([n][k]); each case with constant n, so that the sums stay in
+ * registers */
+NNP_INLINE void gemm_thin(size_t m, size_t k, size_t n, const float *A, size_t lda, const float *Wt, float *C,
+                          size_t ldc)
+{
+    size_t i = 0;
+    switch (n) {
+        NNP_THIN_CASE(1) NNP_THIN_CASE(2) NNP_THIN_CASE(3) NNP_THIN_CASE(4) default: break;
+    }
+}
+
 /* The batch paths' product with a layer's weights: x W (transposed: g W^T) from the packed copy, except for one row
  * with the split-sum kernels (split: the call has one point), which read W as stored. */
 NNP_INLINE void gemm_layer(int isa, size_t m, const nnp_layer *L, int transposed, const float *A, size_t lda, float *C,
@@ -347,6 +401,8 @@ NNP_INLINE void gemm_layer(int isa, size_t m, const nnp_layer *L, int transposed
     const size_t k = transposed ? L->cols : L->rows, n = transposed ? L->rows : L->cols;
     if (split && m == 1)
         gemm_f32(m, k, n, A, lda, transposed ? L->Wt : L->W, transposed ? L->W : L->Wt, C, ldc, split);
+    else if (!transposed && n <= NNP_THIN_COLS)
+        gemm_thin(m, k, n, A, lda, L->Wt, C, ldc);
     else
         gemm_packed(isa, m, k, n, A, lda, transposed ? L->Wtp : L->Wp, C, ldc);
 }
