@@ -112,10 +112,11 @@ CASES = [
     # to fold into W^T).
     ("tanh", 3, [32, 32, 32, 32], 2, 4, 3, 1, 0),
     # wide-like, reverse mode (K = 1): per layer the MatMul and gelu' = 0.5 erfc + c * (0.5 x) exp(-t^2) (t = -x /
-    # sqrt 2; the numbers of both paths folded into one coefficient and W^T): exp(-t^2) (Mul, Neg, Exp), its Mul
-    # with 0.5 x, erfc times a number, the Add, and one Mul with the cotangent: 8 nodes, 7 elementwise. Once: the
-    # Reshape, and the first Mul with the cotangent folded into W^T as for the seed network.
-    ("gelu", 16, [32, 32], 1, 8, 7, 0, -1),
+    # sqrt 2; the numbers of both paths folded into one coefficient and W^T): exp(-t^2) (-t^2 as the forward's
+    # Neg(x) times its 0.5 x: one Mul; then Exp), its Mul with 0.5 x, erfc times a number, the Add, and one Mul with
+    # the cotangent: 7 nodes, 6 elementwise. Once: the Reshape, and the first Mul with the cotangent folded into W^T
+    # as for the seed network.
+    ("gelu", 16, [32, 32], 1, 7, 6, 0, -1),
 ]
 
 
@@ -139,6 +140,32 @@ def test_companion_graph_node_count(tmp_path, act, n_in, widths, n_out, per_laye
     total, extra_elementwise = sum(comp.values()), _elementwise(comp) - _elementwise(fwd)
     assert total <= sum(fwd.values()) + per_layer * L + once, (fwd, comp)
     assert extra_elementwise <= per_layer_elementwise * L + once_elementwise, (fwd, comp)
+
+
+@pytest.mark.parametrize("k,shares", [(np.float32(1 / math.sqrt(2)), True), (np.float32(0.7), False)],
+                         ids=["k-squared-is-the-half", "other-k"])
+def test_erf_derivative_reuses_the_forward_half_only_where_it_is_k_squared(k, shares):
+    """y = erf(Neg(x) k) + 0.5 x: Erf's derivative needs -(k x)^2. With k = 1/sqrt 2 (gelu's), k^2 is the graph's
+    own 0.5 to float32 precision, and -(k x)^2 is Neg(x) times that 0.5 x, with no Neg of its own; with k = 0.7 it is
+    not, and the derivative keeps Neg(t * t). Both against the analytic derivative in float64."""
+    nodes = [helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Mul", ["n", "k"], ["t"]),
+             helper.make_node("Erf", ["t"], ["e"]), helper.make_node("Mul", ["half", "x"], ["h"]),
+             helper.make_node("Add", ["e", "h"], ["out"])]
+    inits = [numpy_helper.from_array(np.array(k, np.float32), "k"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    g = helper.make_graph(nodes, "erf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    jm, info = build_jacobian_model(model, mode="reverse")
+    new_negs = sum(n.op_type == "Neg" for n in jm.graph.node) - 1
+    assert new_negs == (0 if shares else 1), [n.op_type for n in jm.graph.node]
+    x = np.linspace(-6, 6, 241, dtype=np.float32).reshape(-1, 1)
+    sess = ort.InferenceSession(jm.SerializeToString(), providers=["CPUExecutionProvider"])
+    _, J = sess.run(None, {"x": x})
+    xd, kd = x.astype(np.float64), float(k)
+    want = -kd * 2 / math.sqrt(math.pi) * np.exp(-(kd * xd) ** 2) + 0.5
+    assert np.abs(J.reshape(-1) - want.reshape(-1)).max() <= 1e-6
 
 
 def _small_cnn(seed=0):
