@@ -66,6 +66,16 @@ NNP_INLINE float nnp_tanhf(float v)
     return ax == ax ? res : v;
 }
 
+/* e^yc = er * 2^k for a yc within nnp_expf's clamps: k = round(yc / ln 2) (returned in *k), er = e^r to degree 7 */
+NNP_INLINE float nnp_exp_reduced(float yc, float *k_out)
+{
+    const float k = (yc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(yc / ln 2) */
+    const float r = (yc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
+    const float q = 1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)));
+    *k_out = k;
+    return 1.0f + (r + (r * r) * (0.5f + r * (1.0f / 6.0f + r * q))); /* 1 + (...): one rounding near 1 */
+}
+
 /* e^y in float32 without libm, for the activations built on it (sigmoid, swish, softplus, gelu; the exponential
  * activation itself keeps libm's expf, within half an ulp), vectorizable as nnp_tanhf: at most 1 ulp.
  * y = k ln 2 + r, |r| <= ln 2 / 2, r in two parts, e^r to degree 7 (truncation 5e-9 relative), times 2^(k/2) and
@@ -74,10 +84,8 @@ NNP_INLINE float nnp_tanhf(float v)
 NNP_INLINE float nnp_expf(float y)
 {
     const float yc = y > -104.0f ? (y < 88.75f ? y : 88.75f) : -104.0f; /* NaN: -104, so that k stays finite */
-    const float k = (yc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(y / ln 2), -150 .. 128 */
-    const float r = (yc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-    const float q = 1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)));
-    const float er = 1.0f + (r + (r * r) * (0.5f + r * (1.0f / 6.0f + r * q))); /* 1 + (...): one rounding near 1 */
+    float k;
+    const float er = nnp_exp_reduced(yc, &k); /* k in -150 .. 128 */
     const int ki = (int)k, k1 = ki / 2, k2 = ki - k1; /* each in -75 .. 64 */
     const unsigned int b1 = (unsigned int)(k1 + 127) << 23, b2 = (unsigned int)(k2 + 127) << 23;
     float s1, s2, e;
@@ -95,10 +103,8 @@ NNP_INLINE float nnp_expf(float y)
 NNP_INLINE float nnp_exp_nonpos(float y)
 {
     const float yc = y > -87.0f ? y : -87.0f; /* NaN: -87, so that k stays finite */
-    const float k = (yc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(y / ln 2), -126 .. 0 */
-    const float r = (yc - k * 0.693145751953125f) - k * 1.428606765330187045e-06f;
-    const float q = 1.0f / 24.0f + r * (1.0f / 120.0f + r * (1.0f / 720.0f + r * (1.0f / 5040.0f)));
-    const float er = 1.0f + (r + (r * r) * (0.5f + r * (1.0f / 6.0f + r * q)));
+    float k;
+    const float er = nnp_exp_reduced(yc, &k); /* k in -126 .. 0 */
     const unsigned int bits = (unsigned int)((int)k + 127) << 23; /* 2^k */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
