@@ -72,6 +72,7 @@ class GraphBuilder:
         self.new_nodes: list = []
         self.new_inits: list = []
         self._const_cache: dict = {}
+        self._producers: dict | None = None  # output name -> node of the original graph, built at first use
         self._counter = 0
         self._read_graph()
 
@@ -131,6 +132,17 @@ class GraphBuilder:
     def value(self, name):
         """The numpy value of a constant tensor (initializer or Constant node), else None."""
         return self.const_values.get(name)
+
+    def scalar(self, name):
+        """The value of a one-element constant tensor as a float, else None."""
+        v = self.const_values.get(name)
+        return None if v is None or np.size(v) != 1 else float(np.asarray(v).reshape(-1)[0])
+
+    def producer(self, name):
+        """The node of the original graph that computes tensor ``name``, else None (new nodes are not looked at)."""
+        if self._producers is None:
+            self._producers = {o: n for n in self.graph.node for o in n.output}
+        return self._producers.get(name)
 
     # ----- writing -----------------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:

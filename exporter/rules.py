@@ -458,30 +458,15 @@ def _cos(c):
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
-def _producers(b) -> dict:
-    """Output name -> the node of the original graph that computes it (built once per builder)."""
-    got = getattr(b, "_nnp_producers", None)
-    if got is None:
-        got = {o: n for n in b.graph.node for o in n.output}
-        b._nnp_producers = got
-    return got
-
-
-def _scalar(b, name):
-    v = b.value(name)
-    return None if v is None or np.size(v) != 1 else float(np.asarray(v).reshape(-1)[0])
-
-
 def _neg_square(c, x) -> str:
     """-x^2, for Erf's derivative. Where x = Neg(z) * k with k a scalar constant (gelu's erf(-z / sqrt 2), as tf2onnx
     writes it) and the graph already computes z * h with h = k^2 to float32 precision (gelu's 0.5 z): -x^2 =
     Neg(z) * (h z), one product of two forward tensors instead of a product and a negation, so one elementwise
     pass fewer per gelu layer. Otherwise Neg(x * x)."""
-    prod = _producers(c.b)
-    nx = prod.get(x)
+    nx = c.b.producer(x)
     if nx is not None and nx.op_type == "Mul" and nx.domain in ("", "ai.onnx") and len(nx.input) == 2:
         for a, kname in (tuple(nx.input), tuple(reversed(nx.input))):
-            k, na = _scalar(c.b, kname), prod.get(a)
+            k, na = c.b.scalar(kname), c.b.producer(a)
             if k is None or na is None or na.op_type != "Neg" or na.domain not in ("", "ai.onnx"):
                 continue
             z, k2 = na.input[0], k * k
@@ -490,7 +475,7 @@ def _neg_square(c, x) -> str:
                     continue
                 if z not in node.input or node.input[0] == node.input[1]:
                     continue
-                h = _scalar(c.b, node.input[1] if node.input[0] == z else node.input[0])
+                h = c.b.scalar(node.input[1] if node.input[0] == z else node.input[0])
                 if h is not None and abs(h - k2) <= 2.0 ** -23 * k2:
                     return c.b.mul(a, node.output[0])
     return c.b.op("Neg", [c.b.mul(x, x)])
