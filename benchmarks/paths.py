@@ -104,7 +104,9 @@ def _have(module, extra_hint):
 
 
 # ----- onnxruntime ------------------------------------------------------------------------------------------
-def _ort_session(path):
+def _ort_session(path, profile_prefix=None, optimized_path=None):
+    """The suite's onnxruntime session; ``profile_prefix``: with onnxruntime's profiler on (``benchmarks.paired``);
+    ``optimized_path``: where to write the graph after onnxruntime's optimiser."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -112,6 +114,11 @@ def _ort_session(path):
     so.intra_op_num_threads = config.THREADS
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
     return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
 
 

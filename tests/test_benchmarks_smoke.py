@@ -293,3 +293,95 @@ def test_scale_script_runs(tmp_path, script_cache):
         assert heading in text
     assert "Quick run" in text
     assert not [f for f in os.listdir(script_cache) if f.startswith("scale-run-")]  # outputs removed
+
+
+# ---- the paired ratios (benchmarks.paired): both graphs of a target alternated in one process ----
+
+def test_paired_alternates_the_two_calls_round_by_round():
+    from benchmarks import paired
+
+    log = []
+    t = paired.alternate(lambda: log.append("a"), lambda: log.append("b"), rounds=4, pause_s=0, round_s=0)
+    assert len(t["a"]) == len(t["b"]) == 4 and t["iterations"] == [1, 1]
+    # calibration (one call, then two timed ones) per call, then per round: one untimed call and one timed call,
+    # in the order A B, B A, A B, B A
+    assert "".join(log) == "aaa" "bbb" "aabb" "bbaa" "aabb" "bbaa"
+    assert all(v >= 0 for v in t["a"] + t["b"])
+
+
+def test_paired_measures_a_cell_and_refuses_graphs_that_disagree(tmp_path):
+    """One cell at a tiny batch (the forward baseline: jax2onnx is an optional extra): the record has the ratio, its
+    spread and both profiles; a baseline graph computing something else is refused, not timed."""
+    import onnx
+    from onnx import numpy_helper
+
+    from benchmarks import paired, workloads
+
+    w = workloads.build("seed")
+    files = paired._Files(str(tmp_path))
+    rec = paired.measure(w, 8, "forward", 2.2, files, quiet=False, rounds=3, pause_s=0)
+    assert rec["status"] == "ok", rec
+    assert rec["ratio_min"] <= rec["ratio"] <= rec["ratio_max"] and rec["ratio"] > 0
+    for side in ("companion", "baseline"):
+        prof = rec["profile"][side]
+        assert 0 < prof["matrix_share"] <= 1 and prof["nodes_optimised"] > 0
+        assert sum(prof["share"].values()) == pytest.approx(1.0)
+        assert prof["matrix_share"] == pytest.approx(sum(v for k, v in prof["share"].items() if k in paired.MATRIX_OPS))
+    # the companion graph has more nodes than the forward graph it contains
+    assert rec["profile"]["companion"]["nodes_optimised"] > rec["profile"]["baseline"]["nodes_optimised"]
+    assert rec["floor"] == pytest.approx(rec["ratio"] * rec["profile"]["companion"]["matrix_share"])
+
+    # the same forward graph with 1e-3 added to y: the pair is refused
+    m = onnx.load(files.graph(w, "forward"))
+    out = m.graph.output[0].name
+    for node in m.graph.node:
+        node.output[:] = [o + "_before" if o == out else o for o in node.output]
+    m.graph.initializer.append(numpy_helper.from_array(np.float32([1e-3]), "shift"))
+    m.graph.node.append(onnx.helper.make_node("Add", [out + "_before", "shift"], [out]))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(m, str(bad))
+
+    class Wrong(paired._Files):
+        def graph(self, w, which):
+            return str(bad) if which == "forward" else super().graph(w, which)
+
+    rec = paired.measure(w, 8, "forward", 2.2, Wrong(str(tmp_path / "w")), quiet=False, rounds=3, pause_s=0)
+    assert rec["status"] == "failed" and "disagree" in rec["reason"], rec
+
+
+def _paired(w, b, base, ratio, limit, share_c=0.5, share_b=0.6):
+    prof = lambda m: {"matrix_share": m, "share": {"MatMul": m, "Mul": 1 - m}, "nodes_optimised": 9}
+    return {"workload": w, "batch": b, "baseline": base, "limit": limit, "status": "ok", "ratio": ratio,
+            "ratio_min": ratio * 0.9, "ratio_max": ratio * 1.1, "companion_s": ratio * 1e-3, "baseline_s": 1e-3,
+            "profile": {"companion": prof(share_c), "baseline": prof(share_b)}, "floor": ratio * share_c}
+
+
+def test_report_uses_the_paired_ratios_and_explains_a_miss():
+    """Where the run has a paired measurement the targets use it (the separately timed cases are shown beside it);
+    a missed target gets the profile's account: matrix products, other nodes, and the floor."""
+    from benchmarks import report
+
+    data = {"machine": {}, "workloads": {"seed": {"auto_mode": "reverse"}},
+            "results": [_rec("seed", 1, "ort_forward", 10e-6, "floor"),
+                        _rec("seed", 1, "ort_jac_reverse", 30e-6, "nnpartials"),  # 3.0x timed apart
+                        _rec("seed", 1000, "ort_jac_reverse", 1e-3, "nnpartials"),
+                        _rec("seed", 1000, "jax2onnx_jacrev", 2e-3, "peer"),  # 0.5x timed apart
+                        _rec("seed", 100000, "ort_jac_reverse", 1e-3, "nnpartials"),
+                        _rec("seed", 100000, "jax2onnx_jacrev", 2e-3, "peer")],  # 0.5x timed apart, no pair
+            "paired": [_paired("seed", 1, "forward", 2.0, 2.2),
+                       _paired("seed", 1000, "jax2onnx", 0.9, 0.8, share_c=0.6),
+                       _paired("seed", 1000, "forward", 2.5, 2.2, share_c=0.95)]}
+    res = report.Results(data)
+    got = {t: (m, v) for t, m, v in report.targets(res)}
+    fwd = next(k for k in got if "seed network, batch 1:" in k)
+    assert got[fwd][1] == "met" and "2.00×" in got[fwd][0] and "timed apart" in got[fwd][0] and "3.00×" in got[fwd][0]
+    j2o = next(k for k in got if "jax2onnx" in k)
+    assert got[j2o][1] == "not met" and "seed 1,000: 0.90×" in got[j2o][0] and "1 of 2 cells" in got[j2o][0]
+    text = "\n".join(report.section_paired(res))
+    assert "| seed | 1,000 | jax2onnx | 0.8× | 0.90× (0.81–0.99) | 0.50× | 9 / 9 | 60% / 60% | 0.54× |" in text
+    # the misses: floor 0.9 x 0.6 = 0.54x below 0.8x: the other nodes at (0.8 - 0.54) / (0.9 - 0.54) = 72 %
+    assert "seed 1,000, companion ÷ jax2onnx: 0.90× against 0.8× (+12%" in text
+    assert "would be at 0.54×; the target needs them at 72% of their present time" in text
+    # floor 2.5 x 0.95 = 2.38x above 2.2x
+    assert "would be at 2.38×, above the target" in text
+    assert text.count("- *") == 2  # the met target gets no account
