@@ -219,3 +219,18 @@ def test_cnn_companion_graph_passes():
     keep = err <= tolerances.CHECK_FD_KINK * max(1.0, float(np.abs(fd).max()))
     assert keep.mean() > 0.95
     assert tolerances.scaled_error(J * keep, fd * keep)[1] <= tolerances.JACOBIAN_F32
+
+
+@pytest.mark.parametrize("name", ["y", "dy_dx"])
+def test_a_value_named_like_a_companion_output_is_refused_with_the_fix(name):
+    """build_jacobian_model on a graph that already has a value called "y" or "dy_dx" (the companion graph's own
+    outputs) says so and how to fix it, instead of failing onnx.checker with a duplicate name."""
+    from nnpartials.errors import ExportError
+
+    model = _mlp("tanh", 3, [4], 1)
+    for node in model.graph.node:
+        node.output[:] = [name if o == "z0" else o for o in node.output]
+        node.input[:] = [name if i == "z0" else i for i in node.input]
+    onnx.checker.check_model(model)
+    with pytest.raises(ExportError, match=rf"already has a value named '{name}'.*rename it"):
+        build_jacobian_model(model, mode="auto")
