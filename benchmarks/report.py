@@ -1,6 +1,7 @@
 """Run the benchmark suite and write ``benchmarks/RESULTS.md`` with a chart of the ratios.
 
-    python -m benchmarks.report                 # run the full suite (about 5 minutes on a quiet 2-core machine)
+    python -m benchmarks.report                 # the full suite, then the paired ratios (about 12 minutes on a quiet
+                                                # 2-core machine)
     python -m benchmarks.report --no-run        # render again from benchmarks/results.json
     python -m benchmarks.report --tiny --out-dir /tmp/r   # tiny sizes, timing disabled (checks the machinery)
     python -m benchmarks.report --no-paired     # without the paired ratios (benchmarks.paired) after the suite
