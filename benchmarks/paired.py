@@ -68,8 +68,11 @@ class _Files:
 
     def graph(self, w, which):
         if which == "jax2onnx":
-            from benchmarks.paths import jax2onnx_file
+            from benchmarks.paths import BY_NAME, jax2onnx_file
 
+            reason = BY_NAME["jax2onnx_jacrev"].available()  # JAX and jax2onnx are an optional extra
+            if reason:
+                raise _Skip(reason)
             return jax2onnx_file(self, w)
         if w.name not in self._bundles:
             import nnpartials

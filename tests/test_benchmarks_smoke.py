@@ -385,3 +385,13 @@ def test_report_uses_the_paired_ratios_and_explains_a_miss():
     # floor 2.5 x 0.95 = 2.38x above 2.2x
     assert "would be at 2.38×, above the target" in text
     assert text.count("- *") == 2  # the met target gets no account
+
+
+def test_paired_skips_the_jax2onnx_cells_without_the_extra(tmp_path, monkeypatch):
+    """Without JAX or jax2onnx (an optional extra) the jax2onnx cells are skipped with the reason; the run goes on."""
+    from benchmarks import paired, paths, workloads
+
+    monkeypatch.setattr(paths.BY_NAME["jax2onnx_jacrev"], "available", lambda: "jax2onnx is not installed (test)")
+    rec = paired.measure(workloads.build("seed"), 8, "jax2onnx", 0.8, paired._Files(str(tmp_path)), quiet=False,
+                         rounds=1, pause_s=0)
+    assert rec["status"] == "skipped" and "not installed" in rec["reason"], rec
