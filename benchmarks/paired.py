@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from benchmarks import config
+from benchmarks.paths import _ort_session  # the suite's session options
 
 #: (workload, batch, limit): companion graph (the mode auto export ships) ÷ onnxruntime's forward graph.
 FORWARD_TARGETS = (("seed", 100000, 2.3), ("wide", 100000, 2.3), ("physics", 100000, 3.2),
@@ -88,12 +89,6 @@ class _Skip(Exception):
     pass
 
 
-def _session(path, profile_prefix=None):
-    from benchmarks.paths import _ort_session
-
-    return _ort_session(path, profile_prefix=profile_prefix)
-
-
 def _per_call(fn, n):
     t0 = time.perf_counter()
     for _ in range(n):
@@ -126,7 +121,7 @@ def profile(path, feed, runs=None):
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="nnp-paired-") as tmp:
-        sess = _session(path, profile_prefix=os.path.join(tmp, "prof"))
+        sess = _ort_session(path, profile_prefix=os.path.join(tmp, "prof"))
         t = _per_call(lambda: sess.run(None, feed), 1)
         runs = runs or max(3, min(30, int(0.3 / max(t, 1e-6))))
         for _ in range(runs):
@@ -134,8 +129,6 @@ def profile(path, feed, runs=None):
         with open(sess.end_profiling()) as f:
             events = json.load(f)
         opt = os.path.join(tmp, "opt.onnx")
-        from benchmarks.paths import _ort_session
-
         _ort_session(path, optimized_path=opt)
         nodes = len(onnx.load(opt, load_external_data=False).graph.node)
     ends = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
@@ -162,7 +155,7 @@ def measure(w, batch, baseline, limit, files, quiet=True, rounds=None, pause_s=P
     except _Skip as exc:
         return dict(rec, status="skipped", reason=str(exc))
     x = w.shaped(w.inputs(batch))
-    sa, sb = _session(comp), _session(base)
+    sa, sb = _ort_session(comp), _ort_session(base)
     fa = {sa.get_inputs()[0].name: x}
     fb = {sb.get_inputs()[0].name: x}
     ya, yb = sa.run(None, fa), sb.run(None, fb)
