@@ -562,9 +562,9 @@ def section_paired(res):
                 f"{r['limit']}× ({r['ratio'] / r['limit'] - 1:+.0%}; rounds {r['ratio_min']:.2f}–"
                 f"{r['ratio_max']:.2f}×).*")
         if b < 1000:
-            lines.append(f"{head} At this size onnxruntime's cost is per node (`python -m benchmarks.node_cost`): the "
-                         f"companion graph runs {pc['nodes_optimised']} nodes after onnxruntime's optimiser, {base} "
-                         f"{pb['nodes_optimised']}.")
+            lines.append(f"{head} The companion graph runs {pc['nodes_optimised']} nodes after onnxruntime's "
+                         f"optimiser, {base} {pb['nodes_optimised']} (`python -m benchmarks.node_cost` measures what "
+                         f"one node costs at this size).")
             continue
         rest = sorted(((k, v) for k, v in pc["share"].items() if k not in MATRIX_OPS), key=lambda kv: -kv[1])
         top = ", ".join(f"{k} {100 * v:.0f}%" for k, v in rest[:5])

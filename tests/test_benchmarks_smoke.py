@@ -395,3 +395,19 @@ def test_paired_skips_the_jax2onnx_cells_without_the_extra(tmp_path, monkeypatch
     rec = paired.measure(workloads.build("seed"), 8, "jax2onnx", 0.8, paired._Files(str(tmp_path)), quiet=False,
                          rounds=1, pause_s=0)
     assert rec["status"] == "skipped" and "not installed" in rec["reason"], rec
+
+
+def test_report_accounts_for_a_missed_one_point_target_by_node_counts():
+    """At one point the profile's shares are not used (the profiler's own cost per node dominates them): a miss
+    there is accounted for by the node counts, and no floor is printed."""
+    from benchmarks import report
+
+    data = {"machine": {}, "workloads": {"physics": {"auto_mode": "reverse"}},
+            "results": [_rec("physics", 1, "ort_forward", 10e-6, "floor"),
+                        _rec("physics", 1, "ort_jac_reverse", 23e-6, "nnpartials")],
+            "paired": [_paired("physics", 1, "forward", 2.3, 2.2)]}
+    text = "\n".join(report.section_paired(report.Results(data)))
+    assert "| physics | 1 | forward | 2.2× | 2.30× (2.07–2.53) | 2.30× | 9 / 9 | 50% / 60% | — | **not met** |" in text
+    assert "physics 1, companion ÷ forward: 2.30× against 2.2× (+5%" in text
+    assert "The companion graph runs 9 nodes after onnxruntime's optimiser, the forward graph 9" in text
+    assert "would be at" not in text
