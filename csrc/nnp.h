@@ -37,7 +37,8 @@
  * Inf inputs propagate; nothing traps. On x86-64 the compute loops are built for the baseline ISA, for AVX2+FMA
  * and (the batch kernels) for AVX-512, chosen at run time when the model is loaded; the AVX2 and AVX-512 batch
  * kernels give bit-identical results. The environment variable NNP_MAX_ISA=avx2 or =base, read by nnp_load(),
- * caps the choice for that model (for testing and comparisons).
+ * caps the choice of that model's batch and single-point kernels (for testing and comparisons); the second-order
+ * kernels are chosen by the CPU alone.
  */
 #ifndef NNP_H
 #define NNP_H

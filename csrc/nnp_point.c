@@ -2,8 +2,9 @@
  * nnp_point.c - the Jacobian of a single point, float32: reverse mode with kernels for one row, the bias,
  * activation and derivative applied to the sums while they are in registers. nnp.c takes this path for a call
  * of one point with few outputs (NNP_SP_MAX_OUT); its sums run in another order than the batch kernels', so its
- * results may differ from the same point's in a batch by float32 rounding (nnp.h). sp_jac is dispatched
- * (nnp_simd.h): the kernels below and those of nnp_kernels.h are inlined into both of its builds.
+ * results may differ from the same point's in a batch by float32 rounding (nnp.h). sp_jac is dispatched on the
+ * model's level (NNP_DISPATCHED_M, nnp_simd.h): the kernels below and those of nnp_kernels.h are inlined into both
+ * of its builds.
  */
 #include "nnp_kernels.h"
 
@@ -414,7 +415,7 @@ NNP_INLINE void sp_jac_body(const nnp_model *m, const float *x, float *y, float 
     }
 }
 
-NNP_DISPATCHED(sp_jac, (const nnp_model *m, const float *x, float *y, float *J, float *work), (m, x, y, J, work))
+NNP_DISPATCHED_M(sp_jac, (const nnp_model *m, const float *x, float *y, float *J, float *work), (m, x, y, J, work))
 
 void nnpi_point_jacobian(const nnp_model *m, const float *x, float *y, float *J, float *work)
 {

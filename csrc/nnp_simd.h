@@ -80,6 +80,20 @@ __attribute__((target("avx2,fma"))) static inline size_t nnp_layer_bytes_avx2(co
         b[u / 8] = (unsigned char)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(d + u), lv, _CMP_NEQ_UQ));
     return u;
 }
+/* As NNP_DISPATCHED, but the AVX2 build is taken only where the model's level allows it (m->isa, chosen at load:
+ * the CPU's, capped by NNP_MAX_ISA), so that a capped model runs the baseline build (PARAMS must name the model m).
+ * The single-point path (nnp_point.c), whose kernels are all inlined into its two builds. */
+#define NNP_DISPATCHED_M(NAME, PARAMS, ARGS)                                                                   \
+    static void NAME##_base PARAMS { NAME##_body ARGS; }                                                       \
+    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { NAME##_body ARGS; }                  \
+    static void NAME PARAMS                                                                                    \
+    {                                                                                                          \
+        if (m->isa >= 1)                                                                                       \
+            NAME##_avx2 ARGS;                                                                                  \
+        else                                                                                                   \
+            NAME##_base ARGS;                                                                                  \
+    }
+
 /* The batch kernels (nnp_batch.c) have a third build, for AVX-512: NNP_DISPATCHED_ISA(NAME, PARAMS, ARGS) is as
  * NNP_DISPATCHED, but NAME_body takes the level as its first argument (a constant in each build, so each keeps only
  * its own kernels) and the level comes from the model (m->isa, chosen at load; PARAMS must name the model m). */
@@ -105,6 +119,7 @@ static inline int nnp_cpu_isa(void) { return 0; }
 
 #define NNP_DISPATCHED(NAME, PARAMS, ARGS)                                                                     \
     static void NAME PARAMS { NAME##_body ARGS; }
+#define NNP_DISPATCHED_M(NAME, PARAMS, ARGS) NNP_DISPATCHED(NAME, PARAMS, ARGS)
 /* built once, for the target the compiler is told: the AVX-512 kernels where it may use them */
 #if defined(__AVX512F__) && defined(__FMA__)
 #define NNP_NATIVE_ISA 2

@@ -102,6 +102,17 @@ def test_make_test(flavours):
 
 
 @needs_cc
+@pytest.mark.skipif(shutil.which("clang") is None, reason="clang is not installed (apt-get install clang)")
+def test_make_test_with_clang(flavours):
+    """The C tests built by Clang, once per kernel set this CPU runs (NNP_MAX_ISA). Clang fuses multiply-adds such as
+    tanh's 1 - a * a in the AVX2+FMA build, so the baseline pass fails where a kernel ignores the cap (the single-point
+    path once did: its AVX2 results against the baseline batch path's, 24 failed checks)."""
+    flavours.build("clang", cc="clang")
+    r = flavours.make("clang", ["test"], "run the C tests", cc="clang", timeout=RUN_TIMEOUT)
+    assert r.stdout.count(" 0 failed") == 3, r.stdout[-2000:]
+
+
+@needs_cc
 @pytest.mark.parametrize("name, cflags, optflags", [
     # the plain C99 kernels instead of the vector-extension ones, in both builds of the run-time dispatch (on an
     # AVX2 machine the AVX2+FMA one runs)
