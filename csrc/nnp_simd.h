@@ -58,16 +58,18 @@ static inline int nnp_cpu_isa(void)
     return have_avx512f() ? 2 : (have_avx2_fma() ? 1 : 0);
 }
 
-#define NNP_DISPATCHED(NAME, PARAMS, ARGS)                                                                     \
+/* The two builds of NAME_body and NAME, which calls the AVX2 one where USE_AVX2 (an expression of PARAMS) holds */
+#define NNP_DISPATCHED_IF(NAME, PARAMS, ARGS, USE_AVX2)                                                        \
     static void NAME##_base PARAMS { NAME##_body ARGS; }                                                       \
     __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { NAME##_body ARGS; }                  \
     static void NAME PARAMS                                                                                    \
     {                                                                                                          \
-        if (have_avx2_fma())                                                                                   \
+        if (USE_AVX2)                                                                                          \
             NAME##_avx2 ARGS;                                                                                  \
         else                                                                                                   \
             NAME##_base ARGS;                                                                                  \
     }
+#define NNP_DISPATCHED(NAME, PARAMS, ARGS) NNP_DISPATCHED_IF(NAME, PARAMS, ARGS, have_avx2_fma())
 
 /* Activation-pattern bits (nnp_batch.c) of the units u < cols - cols % 8 of one layer: byte b[u / 8] gets, in bit
  * u % 8, whether d[u] != low (eight units per comparison and movemask). Returns the units done. */
@@ -83,16 +85,7 @@ __attribute__((target("avx2,fma"))) static inline size_t nnp_layer_bytes_avx2(co
 /* As NNP_DISPATCHED, but the AVX2 build is taken only where the model's level allows it (m->isa, chosen at load:
  * the CPU's, capped by NNP_MAX_ISA), so that a capped model runs the baseline build (PARAMS must name the model m).
  * The single-point path (nnp_point.c), whose kernels are all inlined into its two builds. */
-#define NNP_DISPATCHED_M(NAME, PARAMS, ARGS)                                                                   \
-    static void NAME##_base PARAMS { NAME##_body ARGS; }                                                       \
-    __attribute__((target("avx2,fma"))) static void NAME##_avx2 PARAMS { NAME##_body ARGS; }                  \
-    static void NAME PARAMS                                                                                    \
-    {                                                                                                          \
-        if (m->isa >= 1)                                                                                       \
-            NAME##_avx2 ARGS;                                                                                  \
-        else                                                                                                   \
-            NAME##_base ARGS;                                                                                  \
-    }
+#define NNP_DISPATCHED_M(NAME, PARAMS, ARGS) NNP_DISPATCHED_IF(NAME, PARAMS, ARGS, m->isa >= 1)
 
 /* The batch kernels (nnp_batch.c) have a third build, for AVX-512: NNP_DISPATCHED_ISA(NAME, PARAMS, ARGS) is as
  * NNP_DISPATCHED, but NAME_body takes the level as its first argument (a constant in each build, so each keeps only
