@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 import tempfile
@@ -98,13 +99,11 @@ def _per_call(fn, n):
 
 def alternate(call_a, call_b, rounds, pause_s=PAUSE_S, round_s=ROUND_S):
     """Time two calls in alternating rounds (A B, B A, A B, ...): ``{"a": [s per call], "b": [...]}`` per round."""
-    import numpy as np
-
     iters = []
     for fn in (call_a, call_b):
         fn()
         t = max(min(_per_call(fn, 1) for _ in range(2)), 1e-7)
-        iters.append(max(1, int(np.ceil(round_s / t))))
+        iters.append(max(1, math.ceil(round_s / t)))
     times = ([], [])
     for r in range(rounds):
         for k in ((0, 1) if r % 2 == 0 else (1, 0)):
@@ -121,15 +120,14 @@ def profile(path, feed, runs=None):
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="nnp-paired-") as tmp:
-        sess = _ort_session(path, profile_prefix=os.path.join(tmp, "prof"))
+        opt = os.path.join(tmp, "opt.onnx")  # the graph after onnxruntime's optimiser, for its node count
+        sess = _ort_session(path, profile_prefix=os.path.join(tmp, "prof"), optimized_path=opt)
         t = _per_call(lambda: sess.run(None, feed), 1)
         runs = runs or max(3, min(30, int(0.3 / max(t, 1e-6))))
         for _ in range(runs):
             sess.run(None, feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
-        opt = os.path.join(tmp, "opt.onnx")
-        _ort_session(path, optimized_path=opt)
         nodes = len(onnx.load(opt, load_external_data=False).graph.node)
     ends = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     after = ends[0] if len(ends) > runs else -1  # the session's first run (allocation) is left out

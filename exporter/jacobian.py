@@ -599,15 +599,14 @@ def fold_scales_into_matmul(b):
 
 def build_jacobian_model(model: onnx.ModelProto, mode: str = "auto") -> tuple[onnx.ModelProto, dict]:
     """Return ``(jacobian_model, info)``; info has the chosen mode, n_in, n_out, input/output names."""
-    g = model.graph
-    inputs = [i.name for i in g.input if i.name not in {t.name for t in g.initializer}]
-    taken = {n for node in g.node for n in node.output} | {t.name for t in g.initializer} | set(inputs)
-    clash = sorted(taken & {"y", *jacobian_output_names(inputs)})
+    eng = _Engine(model, mode)
+    g = eng.model.graph  # the engine's copy, before build() adds the companion graph's nodes
+    taken = {n for node in g.node for n in node.output} | {t.name for t in g.initializer} | set(eng.inputs)
+    clash = sorted(taken & {"y", *jacobian_output_names(eng.inputs)})
     if clash:
         raise ExportError(f"the graph already has a value named {', '.join(map(repr, clash))}, a name of the "
                           f"companion graph's own outputs; rename it first (nnpartials.export renames such outputs, "
                           f"e.g. 'y' to 'out_y')")
-    eng = _Engine(model, mode)
     jm = eng.build()
     try:
         onnx.checker.check_model(jm, full_check=True)
