@@ -10,8 +10,9 @@ on a shared VM onnxruntime's two-thread times move by up to 1.7x between minutes
 the two vCPUs changes), so a ratio of two cases timed minutes apart carries that drift. Here both graphs of a ratio
 run in the same rounds: A B B A A B ..., each round after a pause and one untimed call. The pause is long: after
 one session's calls, the other session's calls stay slow for a while (at one point, wide network: 38 against
-25 us after 50 ms, 24 us after 0.5 s; at 1,000 points the forward graph took up to 3x its time without a pause). The ratio is the median
-over rounds of the round's A ÷ B time; its spread is the lowest and highest round ratio.
+25 us after 50 ms, 24 us after 0.5 s; at 1,000 points the forward graph took up to 3x its time after a 10 ms
+pause). The ratio is the median over rounds of the round's A ÷ B time; its spread is the lowest and highest round
+ratio.
 
 Per cell, both graphs also run under onnxruntime's profiler (same session options): each operator type's share of
 the graph's kernel time, matrix products (MatMul, Gemm, FusedGemm, Einsum, Conv, ConvTranspose) apart from the rest.
